@@ -1,0 +1,251 @@
+"""The one configuration schema: dataclasses loaded from YAML, validated at load.
+
+A run is described by a YAML file in `configs/` plus `key.sub=value` overrides from the
+command line (values are parsed as YAML, so `l3.after_blocks=[1,3]` works). Loading
+rejects unknown keys, wrong types and inconsistent sizes with one message naming the
+key. The resolved config is written next to every checkpoint so a run can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from l3train.errors import L3TrainError
+from l3train.model.norms import NORM_KINDS
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder backbone."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # < n_heads gives grouped-query attention
+    ffn_hidden_size: int = 352  # SwiGLU inner size
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class L3Config:
+    """Large Lookup Layers inserted between decoder blocks."""
+
+    after_blocks: list[int] = field(default_factory=list)  # 0-based block indices; [] = dense model
+    d_emb: int = 128  # value width; must equal model.d_model when tied_kv
+    d_up: int = 512
+    tied_kv: bool = True
+    norm: str = "rms"
+    allocation: str = ""  # .npz written by tools/lzw_allocate.py
+    lr: float | None = None  # learning rate of the L³ rows (None: optimizer.lr)
+    weight_decay: float = 0.0  # weight decay of the L³ rows
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets (.bin/.idx) and the tokenizer that wrote them."""
+
+    prefixes: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # blend weights, one per prefix (None: equal)
+    split: str = "98,2,0"  # train,valid,test proportions
+    seq_length: int = 128
+    tokenizer: str = ""  # sentencepiece .model
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay to `min_lr`."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    eval_interval: int = 50
+    eval_batches: int = 4
+    log_interval: int = 10
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100  # steps; the final step is always saved
+    keep_last: int = 2  # older checkpoints are deleted (0 keeps all)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"  # checkpoints, tensorboard/, config.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    l3: L3Config = field(default_factory=L3Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are due."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except L3TrainError:
+                pass
+        raise L3TrainError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise L3TrainError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise L3TrainError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if not isinstance(values, dict):
+        raise L3TrainError(f"{where}: expected a mapping of keys, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise L3TrainError(f"{key}: unknown key; valid keys under {where} are {', '.join(names)}")
+    kwargs = {name: _coerce(values[name], hints[name], f"{prefix}.{name}" if prefix else name)
+              for name in names if name in values}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    m, l3, data, opt, tr = cfg.model, cfg.l3, cfg.data, cfg.optimizer, cfg.training
+    positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+                "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
+                "model.ffn_hidden_size": m.ffn_hidden_size, "model.max_seq_len": m.max_seq_len,
+                "l3.d_emb": l3.d_emb, "l3.d_up": l3.d_up, "data.seq_length": data.seq_length,
+                "training.steps": tr.steps, "training.micro_batch_size": tr.micro_batch_size,
+                "training.global_batch_size": tr.global_batch_size, "training.eval_interval": tr.eval_interval,
+                "training.eval_batches": tr.eval_batches, "training.log_interval": tr.log_interval,
+                "checkpoint.save_interval": cfg.checkpoint.save_interval,
+                "parallel.tensor_parallel": cfg.parallel.tensor_parallel}
+    for key, value in positive.items():
+        if value < 1:
+            raise L3TrainError(f"{key}: must be >= 1, got {value}")
+    checks = [
+        (m.d_model % m.n_heads == 0, "model.d_model", f"must be divisible by model.n_heads ({m.n_heads}), got {m.d_model}"),
+        ((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "head size d_model/n_heads must be even for RoPE"),
+        (m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"must divide model.n_heads ({m.n_heads}), got {m.n_kv_heads}"),
+        (data.seq_length <= m.max_seq_len, "data.seq_length", f"{data.seq_length} exceeds model.max_seq_len ({m.max_seq_len})"),
+        (len(set(l3.after_blocks)) == len(l3.after_blocks), "l3.after_blocks", f"has duplicates: {l3.after_blocks}"),
+        (all(0 <= b < m.n_layers for b in l3.after_blocks), "l3.after_blocks",
+         f"indices must be in 0..{m.n_layers - 1} (model.n_layers={m.n_layers}), got {l3.after_blocks}"),
+        (not l3.tied_kv or l3.d_emb == m.d_model, "l3.d_emb",
+         f"tied keys/values need l3.d_emb == model.d_model ({m.d_model}), got {l3.d_emb}; set l3.tied_kv=false or change l3.d_emb"),
+        (l3.norm in NORM_KINDS, "l3.norm", f"must be one of {NORM_KINDS}, got {l3.norm!r}"),
+        (not l3.after_blocks or l3.allocation, "l3.allocation",
+         "is required when l3.after_blocks is set; build one with tools/lzw_allocate.py"),
+        (data.weights is None or len(data.weights) == len(data.prefixes), "data.weights",
+         f"needs one weight per prefix ({len(data.prefixes)}), got {data.weights}"),
+        (tr.precision in ("fp32", "bf16"), "training.precision", f"must be fp32 or bf16, got {tr.precision!r}"),
+        (tr.global_batch_size % tr.micro_batch_size == 0, "training.global_batch_size",
+         f"{tr.global_batch_size} must be a multiple of training.micro_batch_size ({tr.micro_batch_size})"),
+        (0 <= cfg.parallel.zero_stage <= 3, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"),
+        (0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={opt.lr}], got {opt.min_lr}"),
+        (0 <= opt.warmup_steps <= tr.steps, "optimizer.warmup_steps",
+         f"must be in [0, training.steps={tr.steps}], got {opt.warmup_steps}"),
+        (opt.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables clipping), got {opt.grad_clip}"),
+        (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {cfg.checkpoint.keep_last}"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise L3TrainError(f"{key}: {message}")
+
+
+def _set_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise L3TrainError(f"override {assignment!r}: expected key.sub=value, e.g. training.steps=100")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise L3TrainError(f"override {dotted}: {'.'.join(keys[:depth + 1])} is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise L3TrainError(f"override {dotted}: cannot parse value {raw!r}: {err}") from None
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Build and validate a Config from nested dicts plus `key.sub=value` overrides."""
+    tree = copy.deepcopy(tree) if tree else {}
+    for assignment in overrides:
+        _set_override(tree, assignment)
+    cfg = _build(Config, tree, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply overrides, validate; errors name the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise L3TrainError(f"config file {path} not found; pass one of the files in configs/")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise L3TrainError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return config_from_dict(tree, overrides)

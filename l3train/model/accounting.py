@@ -1,0 +1,74 @@
+"""Exact parameter counts and forward FLOPs per token, from the config alone.
+
+Conventions (stated once, used by the sizing and report tools):
+- total parameters: everything stored (tied weights once). The `bounds` buffer is not a
+  parameter.
+- active parameters: those a single token touches. Dense parameters count fully
+  (embedding and output tables included, the usual convention for dense and MoE
+  models); an L³ layer counts only the token's own rows — d_t·d_in keys plus d_t·d_emb
+  values (values share the keys when tied) — at the corpus mean d_t (rows per token
+  *occurrence*, weighted by frequency), plus W_up, W_mix and its norms.
+- FLOPs: forward matmul FLOPs per token, 2 per multiply-accumulate. Attention scores use
+  the mean causal context (S+1)/2 for sequence length S: QKᵀ and AV together cost
+  2·d_model·(S+1) per layer. An L³ layer costs 2·d_t·(d_in + d_emb) for scores and the
+  weighted sum, plus its W_up and W_mix matmuls. Norms, softmax, RoPE and activation
+  functions are ignored (they are < 1% at these sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from l3train.config import L3Config, ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    total_params: int
+    active_params: float
+    l3_table_params: int  # the sparse part: all L³ key/value rows
+    flops_per_token: float  # forward
+
+    @property
+    def sparsity(self) -> float:
+        """total / active parameters."""
+        return self.total_params / self.active_params
+
+
+def _decoder_block_params(m: ModelConfig) -> int:
+    head_dim = m.d_model // m.n_heads
+    attention = 2 * m.d_model * m.n_heads * head_dim + 2 * m.d_model * m.n_kv_heads * head_dim
+    return attention + 3 * m.d_model * m.ffn_hidden_size + 2 * m.d_model
+
+
+def _l3_dense_params(m: ModelConfig, l3: L3Config) -> int:
+    """Per L³ block, everything but the tables: input RMSNorm, W_up, its norm, W_mix."""
+    up_norm = 2 * l3.d_up if l3.norm == "layer" else l3.d_up
+    return m.d_model + l3.d_emb * l3.d_up + up_norm + (l3.d_up + m.d_model) * m.d_model
+
+
+def _l3_row_width(m: ModelConfig, l3: L3Config) -> int:
+    """Parameters per L³ row: a key of d_in, plus a value of d_emb unless tied."""
+    return m.d_model if l3.tied_kv else m.d_model + l3.d_emb
+
+
+def model_stats(m: ModelConfig, l3: L3Config, seq_length: int, l3_rows: int = 0,
+                mean_rows_per_token: float = 0.0) -> ModelStats:
+    """Counts for a DecoderLM; `l3_rows` is v (rows per L³ layer), `mean_rows_per_token` the corpus mean d_t."""
+    num_l3 = len(l3.after_blocks)
+    embedding = m.vocab_size * m.d_model
+    output = 0 if m.tie_embeddings else m.vocab_size * m.d_model
+    blocks = m.n_layers * _decoder_block_params(m)
+    l3_dense = num_l3 * _l3_dense_params(m, l3)
+    l3_tables = num_l3 * l3_rows * _l3_row_width(m, l3)
+    total = embedding + output + blocks + l3_dense + l3_tables + m.d_model
+    active = total - l3_tables + num_l3 * mean_rows_per_token * _l3_row_width(m, l3)
+
+    head_dim = m.d_model // m.n_heads
+    block_matmuls = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * head_dim + 3 * m.d_model * m.ffn_hidden_size
+    attention_scores = 2 * m.d_model * (seq_length + 1)
+    l3_matmuls = (mean_rows_per_token * (m.d_model + l3.d_emb)
+                  + l3.d_emb * l3.d_up + (l3.d_up + m.d_model) * m.d_model)
+    flops = (m.n_layers * (2 * block_matmuls + attention_scores) + num_l3 * 2 * l3_matmuls
+             + 2 * m.vocab_size * m.d_model)
+    return ModelStats(total_params=total, active_params=active, l3_table_params=l3_tables, flops_per_token=flops)
