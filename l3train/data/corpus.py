@@ -1,0 +1,271 @@
+"""The default training corpus: docstrings of the running Python's standard library.
+
+l3train's main command has to work on a fresh machine that can reach nothing but package
+registries, and it has to train on real text (random tokens hide tokenizer, data and
+loss bugs). Every Python installation ships megabytes of carefully written English prose
+in its standard library docstrings, so the corpus is built from those: no download, no
+licence question beyond Python's own, and deterministic for a given Python version.
+
+Each module, class and function docstring is one document. Paragraphs are kept (one per
+line) but whitespace inside a paragraph is collapsed, because docstring indentation and
+hard line wraps are layout, not content. Files are visited in sorted order and every
+step is deterministic, so the same Python version always yields byte-identical output.
+
+This module also reads corpora back (`iter_documents`, `parse_document`) in the two
+input formats the tokenizer trainer and the preprocessor accept: plain text with one
+document per line, and JSONL with the document under a key (default "text").
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import platform
+import re
+import sysconfig
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from l3train.errors import L3TrainError
+from l3train.utils.atomic import atomic_path, atomic_write_text
+
+# Test suites are mostly fixtures, not prose; installed third-party packages would make
+# the corpus depend on what happens to be installed, not on the Python version.
+EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
+# Shorter docstrings are mostly one-liners like "Return self==value." repeated across
+# hundreds of methods; they add tokens but little language.
+MIN_CHARS = 80
+
+_BLANK_LINE = re.compile(r"\n\s*\n")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass
+class CorpusStats:
+    """What a corpus build produced; also written to the sidecar `.meta.json` file."""
+
+    documents: int
+    characters: int
+    bytes: int
+    files_parsed: int
+    files_skipped: int
+    duplicates_dropped: int
+    truncated_by_max_mb: bool
+    python_version: str
+    python_implementation: str
+    stdlib: str
+    sha256: str
+    seconds: float
+
+    @property
+    def megabytes(self) -> float:
+        return self.bytes / 1e6
+
+
+def default_stdlib_dir() -> Path:
+    """The standard library directory of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def meta_path(jsonl_path: str | os.PathLike) -> Path:
+    """The sidecar file recording how a corpus was built (`corpus.jsonl` -> `corpus.meta.json`)."""
+    path = Path(jsonl_path)
+    return path.with_name(path.stem + ".meta.json")
+
+
+def normalize_docstring(text: str) -> str:
+    """Collapse whitespace inside each paragraph; keep paragraphs, one per line."""
+    paragraphs = (_WHITESPACE.sub(" ", p).strip() for p in _BLANK_LINE.split(text))
+    return "\n".join(p for p in paragraphs if p)
+
+
+def iter_source_files(stdlib: Path) -> Iterator[Path]:
+    """Yield the stdlib's `.py` files in a deterministic (sorted) order."""
+    for root, dirs, files in os.walk(stdlib):
+        # Sorting in place also fixes the order os.walk descends in.
+        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield Path(root) / name
+
+
+def module_name(path: Path, stdlib: Path) -> str:
+    """Dotted module name of a stdlib file: `json/decoder.py` -> `json.decoder`."""
+    parts = list(path.relative_to(stdlib).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def iter_docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
+    """Yield `(qualname, raw docstring)` for the module and every class/function in it.
+
+    Definitions nested in `if`/`try` blocks count too (the stdlib defines many
+    platform-specific functions that way); the qualname only grows at class and
+    function boundaries, like Python's own `__qualname__`.
+    """
+    doc = ast.get_docstring(tree, clean=True)
+    if doc:
+        yield module, doc
+
+    def visit(node: ast.AST, prefix: str) -> Iterator[tuple[str, str]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                qualname = f"{prefix}.{child.name}"
+                child_doc = ast.get_docstring(child, clean=True)
+                if child_doc:
+                    yield qualname, child_doc
+                yield from visit(child, qualname)
+            else:
+                yield from visit(child, prefix)
+
+    yield from visit(tree, module)
+
+
+def build_corpus(
+    output: str | os.PathLike,
+    max_mb: float | None = None,
+    stdlib: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> CorpusStats:
+    """Write the stdlib-docstring corpus as JSONL (`{"text", "source"}` per line).
+
+    `max_mb` caps the JSONL size in megabytes (10^6 bytes); the build stops before the
+    document that would exceed it, so a capped corpus is a prefix of the full one.
+    The JSONL and its `.meta.json` sidecar are written atomically.
+    """
+    if max_mb is not None and max_mb <= 0:
+        raise L3TrainError(f"--max-mb must be positive, got {max_mb}")
+    stdlib_dir = Path(stdlib) if stdlib is not None else default_stdlib_dir()
+    if not stdlib_dir.is_dir():
+        raise L3TrainError(f"standard library directory not found: {stdlib_dir}")
+    cap = None if max_mb is None else int(max_mb * 1e6)
+    start = time.monotonic()
+    documents = characters = size = parsed = skipped = duplicates = 0
+    truncated = False
+    seen: set[str] = set()
+    digest = hashlib.sha256()
+    output = Path(output)
+    files = list(iter_source_files(stdlib_dir))
+    bar = tqdm(files, desc="corpus", unit="file", disable=not progress)
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for path in bar:
+            try:
+                with warnings.catch_warnings():
+                    # Old stdlib modules trigger SyntaxWarnings (invalid escapes); noise here.
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+                # A few stdlib files are deliberately unparsable (lib2to3 fixtures, py2).
+                skipped += 1
+                continue
+            parsed += 1
+            for source, raw in iter_docstrings(tree, module_name(path, stdlib_dir)):
+                text = normalize_docstring(raw)
+                if len(text) < MIN_CHARS:
+                    continue
+                # Re-exported and copy-pasted docstrings recur; one copy is enough.
+                if text in seen:
+                    duplicates += 1
+                    continue
+                line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+                encoded = line.encode("utf-8")
+                if cap is not None and size + len(encoded) > cap:
+                    truncated = True
+                    break
+                seen.add(text)
+                out.write(line)
+                digest.update(encoded)
+                documents += 1
+                characters += len(text)
+                size += len(encoded)
+            if truncated:
+                break
+            bar.set_postfix(docs=documents, MB=f"{size / 1e6:.2f}", refresh=False)
+        bar.close()
+        if documents == 0:
+            # Raised inside the atomic block so no empty corpus file is left behind.
+            raise L3TrainError(
+                f"no documents found under {stdlib_dir} "
+                f"(or --max-mb {max_mb} is smaller than one document)"
+            )
+    stats = CorpusStats(
+        documents=documents,
+        characters=characters,
+        bytes=size,
+        files_parsed=parsed,
+        files_skipped=skipped,
+        duplicates_dropped=duplicates,
+        truncated_by_max_mb=truncated,
+        python_version=platform.python_version(),
+        python_implementation=platform.python_implementation(),
+        stdlib=str(stdlib_dir),
+        sha256=digest.hexdigest(),
+        seconds=round(time.monotonic() - start, 2),
+    )
+    atomic_write_text(meta_path(output), json.dumps(asdict(stats), indent=2) + "\n")
+    return stats
+
+
+def detect_format(path: str | os.PathLike, fmt: str = "auto") -> str:
+    """`"jsonl"` or `"text"`; `auto` decides by extension (.jsonl/.json = JSONL)."""
+    if fmt not in ("auto", "text", "jsonl"):
+        raise L3TrainError(f"input format must be auto, text or jsonl, got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "text"
+
+
+def parse_document(raw: bytes, fmt: str, json_key: str, where: str) -> str:
+    """The document in one input line; `where` (`file:line`) prefixes any error.
+
+    Takes bytes so that undecodable input is reported with its line number, wherever
+    (main process or preprocessing worker) the line is parsed. Blank lines give "".
+    """
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise L3TrainError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if fmt == "text" or not line.strip():
+        return line
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise L3TrainError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict) or json_key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise L3TrainError(f"{where}: no {json_key!r} field (found {keys}); see --json-key")
+    text = record[json_key]
+    if not isinstance(text, str):
+        raise L3TrainError(f"{where}: field {json_key!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def check_input(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or `L3TrainError` if it is not a readable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise L3TrainError(
+            f"input file not found: {path} (build the default corpus with tools/build_corpus.py)"
+        )
+    return path
+
+
+def iter_documents(path: str | os.PathLike, fmt: str = "auto", json_key: str = "text") -> Iterator[str]:
+    """Yield the non-empty documents of a text or JSONL corpus, in file order."""
+    path = check_input(path)
+    fmt = detect_format(path, fmt)
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            text = parse_document(raw, fmt, json_key, f"{path}:{lineno}")
+            if text.strip():
+                yield text
