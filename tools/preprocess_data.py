@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Tokenize a corpus into a Megatron indexed dataset (<prefix>.bin/.idx) for training.
+
+Resumable: rerun the same command after an interruption and finished chunks are kept.
+Example (default corpus and tokenizer, see tools/build_corpus.py, tools/train_tokenizer.py):
+
+    python tools/preprocess_data.py --input data/stdlib_docs.jsonl \\
+        --tokenizer data/tokenizer.model --output-prefix data/stdlib_docs --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from l3train.data import CliArgumentParser
+from l3train.errors import run_cli
+
+DEFAULT_CHUNK_LINES = 100_000  # keep equal to l3train.data.indexed.DEFAULT_CHUNK_LINES
+
+
+def parse_args() -> argparse.Namespace:
+    parser = CliArgumentParser(
+        description=(
+            "Tokenize text (one document per line) or JSONL into <prefix>.bin/.idx with "
+            "megatron-core's IndexedDatasetBuilder, EOD after every document, plus a "
+            "<prefix>.meta.json naming the tokenizer. Output is identical for any "
+            "--workers and --chunk-size. Work is saved per chunk under <prefix>.parts/: "
+            "rerunning an interrupted command resumes it."
+        )
+    )
+    parser.add_argument("--input", required=True, help="corpus file (.jsonl/.json = JSONL)")
+    parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
+    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    parser.add_argument(
+        "--format", choices=["auto", "text", "jsonl"], default="auto", help="default: by extension"
+    )
+    parser.add_argument("--json-key", default="text", help="JSONL field with the text")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_LINES,
+        help=f"input lines per resumable chunk (default {DEFAULT_CHUNK_LINES})",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # Imported after parsing: it pulls in megatron-core, which takes seconds to import.
+    from l3train.data.indexed import preprocess
+
+    stats = preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        fmt=args.format,
+        json_key=args.json_key,
+        workers=args.workers,
+        chunk_lines=args.chunk_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {args.output_prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} "
+        f"tokens ({stats.tokens / stats.documents:.1f}/doc, {stats.dtype}) in {stats.seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
