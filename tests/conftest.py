@@ -26,6 +26,12 @@ TINY_CORPUS_MB = 0.5
 TINY_VOCAB = 512
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep megatron's sample-index caches of test datasets out of ~/.cache."""
+    os.environ["L3TRAIN_DATASET_CACHE"] = str(tmp_path_factory.mktemp("dataset_cache"))
+
+
 @dataclass(frozen=True)
 class TinyCorpus:
     jsonl_path: Path  # ~0.5 MB prefix of the default corpus: {"text", "source"} per line

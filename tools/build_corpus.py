@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from l3train.data import CliArgumentParser
 from l3train.data.corpus import MIN_CHARS, build_corpus, meta_path
-from l3train.errors import L3TrainError, run_cli
+from l3train.errors import run_cli
 
 DEFAULT_OUTPUT = "data/stdlib_docs.jsonl"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CliArgumentParser(
         description=(
             "Write one JSONL document per standard-library docstring (module, class, "
             f"function; at least {MIN_CHARS} characters) as "
@@ -46,7 +47,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    stats = build_corpus(args.output, max_mb=args.max_mb, stdlib=args.stdlib, progress=not args.quiet)
+    stats = build_corpus(
+        args.output, max_mb=args.max_mb, stdlib=args.stdlib, progress=not args.quiet
+    )
     capped = " (capped by --max-mb)" if stats.truncated_by_max_mb else ""
     print(
         f"wrote {args.output}: {stats.documents} documents, {stats.characters} characters, "

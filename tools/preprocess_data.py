@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 
 from l3train.data import CliArgumentParser
+from l3train.data.indexed import DEFAULT_CHUNK_LINES, preprocess
 from l3train.errors import run_cli
-
-DEFAULT_CHUNK_LINES = 100_000  # keep equal to l3train.data.indexed.DEFAULT_CHUNK_LINES
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,9 +47,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # Imported after parsing: it pulls in megatron-core, which takes seconds to import.
-    from l3train.data.indexed import preprocess
-
     stats = preprocess(
         args.input,
         args.output_prefix,

@@ -73,7 +73,8 @@ def main() -> None:
                 yield doc
 
     print(
-        f"training {args.model_type} tokenizer, vocab {args.vocab_size}, on {', '.join(args.input)}",
+        f"training {args.model_type} tokenizer, vocab {args.vocab_size}, "
+        f"on {', '.join(args.input)}",
         flush=True,
     )
     tokenizer = train_tokenizer(

@@ -77,9 +77,13 @@ def default_stdlib_dir() -> Path:
 
 
 def meta_path(jsonl_path: str | os.PathLike) -> Path:
-    """The sidecar file recording how a corpus was built (`corpus.jsonl` -> `corpus.meta.json`)."""
+    """The sidecar recording how a corpus was built: `corpus.jsonl.meta.json`.
+
+    The full name is kept so it cannot clash with the `<prefix>.meta.json` that
+    preprocessing writes when the data prefix is the corpus name without `.jsonl`.
+    """
     path = Path(jsonl_path)
-    return path.with_name(path.stem + ".meta.json")
+    return path.with_name(path.name + ".meta.json")
 
 
 def normalize_docstring(text: str) -> str:
@@ -260,7 +264,9 @@ def check_input(path: str | os.PathLike) -> Path:
     return path
 
 
-def iter_documents(path: str | os.PathLike, fmt: str = "auto", json_key: str = "text") -> Iterator[str]:
+def iter_documents(
+    path: str | os.PathLike, fmt: str = "auto", json_key: str = "text"
+) -> Iterator[str]:
     """Yield the non-empty documents of a text or JSONL corpus, in file order."""
     path = check_input(path)
     fmt = detect_format(path, fmt)

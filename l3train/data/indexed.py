@@ -40,7 +40,7 @@ from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
-DEFAULT_CHUNK_LINES = 100_000
+DEFAULT_CHUNK_LINES = 50_000  # a chunk's lines are held in memory while tokenized
 # Lines per Pool task: large enough to amortize inter-process overhead, small enough
 # that both workers stay busy on small chunks.
 _IMAP_CHUNKSIZE = 64
@@ -150,7 +150,9 @@ def _write_part(
     return documents, tokens
 
 
-def _prepare_parts_dir(parts_dir: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+def _prepare_parts_dir(
+    parts_dir: Path, manifest: dict[str, Any], log: Callable[[str], None]
+) -> None:
     """Keep finished parts only if they were made from the same input and settings."""
     manifest_path = parts_dir / "manifest.json"
     if parts_dir.exists():
@@ -160,7 +162,7 @@ def _prepare_parts_dir(parts_dir: Path, manifest: dict[str, Any], log: Callable[
             previous = None
         if previous == manifest:
             return
-        log(f"discarding partial results in {parts_dir}: made from a different input or settings")
+        log(f"discarding partial results in {parts_dir}: made from other input or settings")
         shutil.rmtree(parts_dir)
     parts_dir.mkdir(parents=True)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
@@ -226,20 +228,22 @@ def preprocess(
         + (f"; resuming, {reused} chunk(s) already done" if reused else "")
     )
     encoder_args = (str(tokenizer_path), fmt, json_key, str(path))
+    pool = None
     if workers > 1:
         # fork: workers start instantly and inherit imports; they only tokenize.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         pool = context.Pool(workers, initializer=_init_worker, initargs=encoder_args)
-        encode = lambda items: pool.imap(_encode_in_worker, items, chunksize=_IMAP_CHUNKSIZE)  # noqa: E731
     else:
-        pool = None
         encoder = _Encoder(*encoder_args)
-        encode = lambda items: map(encoder, items)  # noqa: E731
-
     bar = tqdm(total=total_lines, unit="doc", desc="tokenize", disable=not progress)
 
-    def counted(arrays: Iterator[np.ndarray | None]) -> Iterator[np.ndarray | None]:
+    def encode(lines: list[tuple[int, bytes]]) -> Iterator[np.ndarray | None]:
+        # Ordered results whatever the worker count: the output cannot depend on it.
+        if pool is not None:
+            arrays = pool.imap(_encode_in_worker, lines, chunksize=_IMAP_CHUNKSIZE)
+        else:
+            arrays = map(encoder, lines)
         for array in arrays:
             bar.update(1)
             yield array
@@ -252,9 +256,7 @@ def preprocess(
                 if done_path(k).exists():
                     bar.update(len(lines))
                     continue
-                documents, tokens = _write_part(
-                    builder_cls, part_path(k), counted(encode(lines)), dtype
-                )
+                documents, tokens = _write_part(builder_cls, part_path(k), encode(lines), dtype)
                 # The marker is written last: a chunk without it is redone on resume.
                 marker = json.dumps({"documents": documents, "tokens": tokens}) + "\n"
                 atomic_write_text(done_path(k), marker)

@@ -70,7 +70,10 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, id={self.tokenizer_id})"
+        return (
+            f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"tokenizer_id={self.tokenizer_id!r})"
+        )
 
 
 def train_tokenizer(

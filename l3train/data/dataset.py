@@ -1,0 +1,348 @@
+"""Training/validation datasets over preprocessed .bin/.idx files, and per-step batches.
+
+Datasets are megatron-core `GPTDataset`s (blended with `BlendedDataset` when several
+prefixes are given) built by `BlendedMegatronDatasetBuilder`, so sampling, splitting and
+blending behave exactly as in Megatron-LM.
+
+Batches are a pure function of (dataset, step): step `s` uses samples
+`s*global_batch_size + arange(global_batch_size)` (modulo the dataset length) and data
+parallel rank `r` takes the `r`-th contiguous slice. A resumed run therefore sees exactly
+the samples it would have seen, and the union over DP ranks is the single-process batch,
+without any sampler state to checkpoint.
+
+Megatron caches its sample indices on disk, and with `path_to_cache=None` it writes them
+under `<prefix>/cache/` beside the user's data, keyed only by path and config: a
+re-preprocessed file would silently reuse stale indices. Instead each build gets its own
+directory under the dataset cache (`$L3TRAIN_DATASET_CACHE`, default
+`~/.cache/l3train/datasets`), named by a hash of the data files' identity (path, size,
+mtime) and of every setting that shapes the indices. Megatron sees the prefixes through
+symlinks in that directory, so its cache lands there. A directory is used only once it
+is marked complete; an interrupted build is discarded and redone. With several ranks,
+rank 0 builds first (megatron's protocol) and the others load its indices, so the cache
+must be on storage all ranks see (a shared home, or set $L3TRAIN_DATASET_CACHE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from l3train.data.indexed import data_meta_path
+from l3train.data.tokenizer import Tokenizer
+from l3train.errors import L3TrainError
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, #sequences, #documents
+# megatron.core.datasets.indexed_dataset.DType codes -> item sizes.
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+_COMPLETE = "COMPLETE"
+_HOW_TO_FIX = "recreate it with tools/preprocess_data.py --output-prefix {prefix}"
+
+
+class DataSettings(Protocol):
+    """What `build_datasets` reads from the config's `data` section."""
+
+    prefixes: list[str]
+    weights: list[float] | None
+    split: str
+    seq_length: int
+    tokenizer: str
+
+
+class _MegatronTokenizer:
+    """The few tokenizer attributes megatron's GPTDataset reads from its config.
+
+    `eod` marks document ends; `pad = -1` (never a real id) is what megatron pads short
+    validation samples with and masks out of the loss; `unique_identifiers` enters the
+    hash megatron names its cached indices by, so it carries the tokenizer_id.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod_id
+        self.eos = tokenizer.eod_id
+        self.pad = -1
+        self.unique_identifiers = {
+            "class": "l3train.Tokenizer",
+            "tokenizer_id": tokenizer.tokenizer_id,
+        }
+
+
+@contextlib.contextmanager
+def _quiet_megatron() -> Iterator[None]:
+    """Silence megatron-core's import-time Apex/TE warnings and its dataset log notices.
+
+    Without logging configured, Python prints megatron's WARNING records such as "Cannot
+    save the BlendedDataset indexes because path_to_cache is None", which is expected
+    here (see the module docstring) and would only alarm users.
+    """
+    logger = logging.getLogger("megatron.core.datasets")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def dataset_cache_root() -> Path:
+    """Where built sample indices are cached (`$L3TRAIN_DATASET_CACHE` overrides)."""
+    configured = os.environ.get("L3TRAIN_DATASET_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "l3train" / "datasets"
+
+
+def check_indexed_dataset(prefix: str) -> tuple[int, np.ndarray]:
+    """Validate `<prefix>.idx/.bin`; return (token item size, per-document token counts).
+
+    Catches what otherwise surfaces as an assertion or a segfault deep inside megatron:
+    missing files, a file that is no Megatron index, truncation, and an .idx that does
+    not describe its .bin.
+    """
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise L3TrainError(
+                f"dataset file missing: {path}; {_HOW_TO_FIX.format(prefix=prefix)}"
+            )
+
+    def corrupt(why: str) -> L3TrainError:
+        return L3TrainError(
+            f"dataset index {idx_path} is corrupt ({why}); {_HOW_TO_FIX.format(prefix=prefix)}"
+        )
+
+    idx_size = idx_path.stat().st_size
+    with open(idx_path, "rb") as handle:
+        header = handle.read(_INDEX_HEADER_BYTES)
+    if len(header) < _INDEX_HEADER_BYTES:
+        raise corrupt(f"only {idx_size} bytes")
+    if header[:9] != _INDEX_MAGIC:
+        raise corrupt("wrong magic bytes: not a Megatron .idx file")
+    version, code, n_sequences, n_documents = struct.unpack("<QBQQ", header[9:])
+    if version != 1 or code not in _DTYPE_SIZES:
+        raise corrupt(f"unsupported version {version} or dtype code {code}")
+    expected = _INDEX_HEADER_BYTES + n_sequences * (4 + 8) + n_documents * 8
+    if idx_size != expected:
+        raise corrupt(f"{idx_size} bytes where its header implies {expected}: truncated?")
+    index = np.memmap(idx_path, mode="r", offset=_INDEX_HEADER_BYTES)
+    lengths = np.frombuffer(index, dtype=np.int32, count=n_sequences)
+    doc_bounds = np.frombuffer(index, dtype=np.int64, count=n_documents, offset=n_sequences * 12)
+    bounds_ok = n_documents >= 2 and doc_bounds[0] == 0 and doc_bounds[-1] == n_sequences
+    if not bounds_ok or np.any(np.diff(doc_bounds) < 0):
+        raise corrupt("inconsistent document boundaries or no documents")
+    itemsize = _DTYPE_SIZES[code]
+    bin_expected = int(lengths.sum(dtype=np.int64)) * itemsize
+    bin_size = bin_path.stat().st_size
+    if bin_size != bin_expected:
+        raise L3TrainError(
+            f"dataset {bin_path} has {bin_size} bytes but {idx_path} describes {bin_expected}: "
+            f"the pair is truncated or mismatched; {_HOW_TO_FIX.format(prefix=prefix)}"
+        )
+    return itemsize, np.array(lengths)
+
+
+def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
+    meta_path = data_meta_path(prefix)
+    if not meta_path.is_file():
+        return  # data from other tools (e.g. Megatron-LM's) carries no meta; trust it
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise L3TrainError(
+            f"{meta_path} is unreadable; {_HOW_TO_FIX.format(prefix=prefix)}"
+        ) from None
+    if meta.get("tokenizer_id") != tokenizer.tokenizer_id:
+        raise L3TrainError(
+            f"dataset {prefix} was tokenized with tokenizer {meta.get('tokenizer_id')} "
+            f"({meta.get('tokenizer')}), but data.tokenizer {tokenizer.path} is "
+            f"{tokenizer.tokenizer_id}; point data.tokenizer at the right model or "
+            f"{_HOW_TO_FIX.format(prefix=prefix)} --tokenizer {tokenizer.path}"
+        )
+
+
+def _parse_split(split: str) -> list[float]:
+    try:
+        parts = [float(p) for p in str(split).split(",")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or parts[0] <= 0:
+        raise L3TrainError(
+            f"data.split {split!r} must be up to three non-negative train,valid,test "
+            f"proportions with train > 0, e.g. \"98,2,0\""
+        )
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+def _check_split_sizes(prefix: str, lengths: np.ndarray, split: list[float]) -> None:
+    """Every non-empty split must get tokens from every prefix.
+
+    Megatron splits each prefix by document with the same rounding as here; a split
+    that ends up with no tokens would make it loop forever looking for samples.
+    """
+    bounds = np.concatenate([[0.0], np.cumsum(split)])
+    n = len(lengths)
+    for name, fraction, lo, hi in zip(("train", "valid", "test"), split, bounds[:-1], bounds[1:]):
+        begin, end = int(round(lo * n)), int(round(hi * n))
+        if fraction > 0 and lengths[begin:end].sum() == 0:
+            raise L3TrainError(
+                f"dataset {prefix} has {n} documents; its {name} split ({fraction:.1%}) gets "
+                f"none. Use more data or change data.split"
+            )
+
+
+def _cache_key(prefixes: list[str], fields: dict[str, Any]) -> str:
+    identity = []
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            path = Path(f"{prefix}{suffix}").resolve()
+            stat = path.stat()
+            identity.append([str(path), stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps({"files": identity, **fields}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _prepare_cache_dir(cache_dir: Path, prefixes: list[str]) -> None:
+    """Create (or reuse, if complete) `cache_dir` with symlinks `data<i>.bin/.idx`."""
+    if cache_dir.exists() and not (cache_dir / _COMPLETE).exists():
+        shutil.rmtree(cache_dir)  # an interrupted build: its index files may be partial
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for i, prefix in enumerate(prefixes):
+        for suffix in (".bin", ".idx"):
+            link = cache_dir / f"data{i}{suffix}"
+            if not link.is_symlink():
+                link.symlink_to(Path(f"{prefix}{suffix}").resolve())
+
+
+def build_datasets(
+    data: DataSettings, seed: int, train_samples: int, valid_samples: int
+) -> tuple[Any, Any]:
+    """Build the (train, valid) datasets; valid is None when the split gives it nothing.
+
+    `data` is any object with `prefixes`, `weights`, `split`, `seq_length`, `tokenizer`.
+    Each dataset yields dicts with `tokens` and `labels` (LongTensor[seq_length], labels
+    are tokens shifted by one) and `loss_mask`. Call on every rank when a process group
+    is initialized (megatron synchronizes the ranks inside).
+    """
+    prefixes = [str(p) for p in data.prefixes]
+    if not prefixes:
+        raise L3TrainError(
+            "data.prefixes is empty: give at least one preprocessed dataset prefix"
+        )
+    weights = None if data.weights is None else [float(w) for w in data.weights]
+    if weights is not None and (len(weights) != len(prefixes) or any(w <= 0 for w in weights)):
+        raise L3TrainError(
+            f"data.weights {data.weights} must be {len(prefixes)} positive numbers, one per "
+            f"prefix (or null for equal weights)"
+        )
+    if data.seq_length < 1:
+        raise L3TrainError(f"data.seq_length must be positive, got {data.seq_length}")
+    if train_samples < 1 or valid_samples < 0:
+        raise L3TrainError(
+            f"need train_samples >= 1 and valid_samples >= 0, got {train_samples}, {valid_samples}"
+        )
+    split = _parse_split(data.split)
+    if not data.tokenizer:
+        raise L3TrainError(
+            "data.tokenizer is not set: give the sentencepiece .model used for preprocessing"
+        )
+    tokenizer = Tokenizer.load(data.tokenizer)
+    for prefix in prefixes:
+        _, lengths = check_indexed_dataset(prefix)
+        _check_split_sizes(prefix, lengths, split)
+        _check_tokenizer_matches(prefix, tokenizer)
+    if len(prefixes) == 1:
+        weights = None  # a one-dataset "blend" is just that dataset
+    elif weights is None:
+        # Equal weights, as data.weights documents; megatron's None would weight by size.
+        weights = [1.0] * len(prefixes)
+
+    with _quiet_megatron():
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    settings = {
+        "seed": seed,
+        "seq_length": data.seq_length,
+        "split": split,
+        "weights": weights,
+        "samples": [train_samples, valid_samples],
+        "tokenizer_id": tokenizer.tokenizer_id,
+    }
+    cache_dir = dataset_cache_root() / _cache_key(prefixes, settings)
+    if rank == 0:
+        _prepare_cache_dir(cache_dir, prefixes)
+    if distributed:
+        torch.distributed.barrier()  # the symlinks must exist before any rank opens them
+    staged = [str(cache_dir / f"data{i}") for i in range(len(prefixes))]
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=data.seq_length,
+        blend=(staged, weights),
+        # Fixed-point: megatron parses the split with a [.0-9]+ regex (no exponents).
+        split=",".join(f"{p:.12f}" for p in split),
+        # None: GPTDataset caches under <staged prefix>/cache/ (inside cache_dir) and
+        # BlendedDataset builds its small index in memory on every rank; a path here
+        # would make BlendedDataset call get_rank() even without a process group.
+        path_to_cache=None,
+        tokenizer=_MegatronTokenizer(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # Models here apply causal masking themselves; a [1, s, s] mask per sample is waste.
+        create_attention_mask=False,
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    )
+    with _quiet_megatron():
+        train_ds, valid_ds, _ = builder.build()
+    if rank == 0:
+        (cache_dir / _COMPLETE).touch()
+    return train_ds, valid_ds
+
+
+def batch_for_step(
+    dataset: Any, step: int, global_batch_size: int, dp_rank: int, dp_size: int
+) -> dict[str, torch.Tensor]:
+    """This DP rank's share of the global batch for `step`, as stacked tensors.
+
+    Returns `tokens`, `labels` (LongTensor[b, seq]) and `loss_mask` (FloatTensor[b, seq])
+    with b = global_batch_size // dp_size.
+    """
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise L3TrainError(f"invalid data-parallel rank {dp_rank} of {dp_size}")
+    if global_batch_size % dp_size:
+        raise L3TrainError(
+            f"global batch size {global_batch_size} is not divisible by the {dp_size} "
+            f"data-parallel ranks"
+        )
+    size = len(dataset)
+    if size == 0:
+        raise L3TrainError("the dataset is empty: nothing to draw batches from")
+    local = global_batch_size // dp_size
+    first = step * global_batch_size + dp_rank * local
+    samples = [dataset[(first + i) % size] for i in range(local)]
+    return {
+        "tokens": torch.stack([s["tokens"] for s in samples]).long(),
+        "labels": torch.stack([s["labels"] for s in samples]).long(),
+        "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
+    }
