@@ -23,7 +23,7 @@ def parse_args() -> argparse.Namespace:
         description=(
             "Write one JSONL document per standard-library docstring (module, class, "
             f"function; at least {MIN_CHARS} characters) as "
-            '{"text": ..., "source": "module.qualname"}, plus a .meta.json sidecar '
+            '{"text": ..., "source": "module.qualname"}, plus <output>.meta.json '
             "recording the Python version. Output is deterministic for a given Python."
         )
     )
