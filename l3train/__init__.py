@@ -1,3 +1,9 @@
 """l3train: pretraining language models with Large Lookup Layers (L³)."""
 
 __version__ = "0.1.0"
+
+import warnings
+
+# megatron-core warns on every import that the optional apex/Transformer Engine kernels
+# are absent; l3train treats apex as optional by design, so the warning is noise.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -8,8 +8,9 @@ Entry points wrap their `main` with `run_cli`, which prints that message as a si
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class L3TrainError(Exception):
@@ -24,3 +25,14 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status or 0)
+
+
+class CliArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors follow the one-line convention.
+
+    Plain argparse prints the usage block plus a message; raising `L3TrainError`
+    instead lets `run_cli` print a single `error: ...` line (exit 2).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise L3TrainError(f"{message} (see {self.prog} --help)")

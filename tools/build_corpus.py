@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.data import CliArgumentParser
+from l3train.errors import CliArgumentParser
 from l3train.data.corpus import MIN_CHARS, build_corpus, meta_path
 from l3train.errors import run_cli
 

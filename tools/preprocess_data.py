@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.data import CliArgumentParser
+from l3train.errors import CliArgumentParser
 from l3train.data.indexed import DEFAULT_CHUNK_LINES, preprocess
 from l3train.errors import run_cli
 

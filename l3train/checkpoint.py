@@ -1,0 +1,117 @@
+"""Checkpoints: DeepSpeed engine state written atomically, a `latest` pointer, pruning, resume.
+
+Layout under `<run_dir>/checkpoints/`:
+    step_00000100/   DeepSpeed files (model, optimizer and scheduler states, every rank)
+                     + config.yaml (the resolved config) + client state (step)
+    latest           the tag of the newest complete checkpoint
+
+Every rank writes its shards into `.staging/<tag>` first; only when all ranks are done
+does rank 0 move the directory into place and then update `latest`. A run killed while
+saving therefore leaves the previous checkpoint as `latest`, never a half-written one.
+RNG state is not stored: all randomness during training is drawn from generators
+seeded by (seed, step, rank), and data order is a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from l3train.config import Config
+from l3train.errors import L3TrainError
+from l3train.utils.atomic import atomic_write_text
+
+# Sections whose change makes a checkpoint unloadable or meaningless.
+_ARCHITECTURE_SECTIONS = ("model", "l3")
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(root: Path) -> str | None:
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text().strip()
+    if not (root / tag).is_dir():
+        raise L3TrainError(f"{pointer} names checkpoint {tag!r}, which does not exist; "
+                           f"point it at one of: {', '.join(list_tags(root)) or 'none'}")
+    return tag
+
+
+def list_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir())
+
+
+def save_checkpoint(engine, cfg: Config, step: int, is_main: bool) -> Path:
+    """Save engine state for `step` (the number of optimizer steps completed)."""
+    root = checkpoint_root(cfg.run_dir)
+    staging = root / ".staging"
+    tag = tag_for_step(step)
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()
+    final = root / tag
+    if is_main:
+        atomic_write_text(staging / tag / "config.yaml", cfg.to_yaml())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / tag, final)
+        atomic_write_text(root / "latest", tag + "\n")
+        shutil.rmtree(staging, ignore_errors=True)
+        _prune(root, cfg.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last > 0:
+        for tag in list_tags(root)[:-keep_last]:
+            shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
+    """Refuse to resume a checkpoint written for another architecture, naming the first difference."""
+    saved_path = checkpoint_dir / "config.yaml"
+    if not saved_path.exists():
+        raise L3TrainError(f"{checkpoint_dir} has no config.yaml: it is not a complete l3train checkpoint")
+    saved = yaml.safe_load(saved_path.read_text())
+    current = cfg.to_dict()
+    for section in _ARCHITECTURE_SECTIONS:
+        for key, value in current[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise L3TrainError(
+                    f"cannot resume {checkpoint_dir}: it was written with {section}.{key}="
+                    f"{saved.get(section, {}).get(key)!r} but the config has {value!r}; "
+                    f"use the same config or a new run_dir")
+
+
+def load_latest_checkpoint(engine, cfg: Config) -> int | None:
+    """Load the newest checkpoint of `cfg.run_dir` into `engine`; returns its step, or None if none."""
+    root = checkpoint_root(cfg.run_dir)
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    check_compatible(cfg, root / tag)
+    try:
+        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError) as err:
+        raise L3TrainError(f"checkpoint {root / tag} is unreadable ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); delete it or point "
+                           f"{root / 'latest'} at an older one") from None
+    if path is None:
+        raise L3TrainError(f"checkpoint {root / tag} could not be loaded; delete it or point "
+                           f"{root / 'latest'} at an older one")
+    return int(client_state["step"])

@@ -1,0 +1,213 @@
+"""Pretrain a Llama-style model with L³ layers under DeepSpeed.
+
+    python -m l3train.train --config configs/tiny_l3.yaml [key.sub=value ...] [--resume]
+    torchrun --nproc_per_node 2 -m l3train.train --config ... (data parallel)
+
+One code path for 1 process, data parallel over gloo (CPU) or NCCL (GPU), and SLURM.
+Data order is a pure function of (seed, step), and per-step randomness is reseeded
+from (seed, step, rank), so the same config gives the same losses and `--resume`
+continues the exact trajectory of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from l3train.config import Config, load_config
+from l3train.distributed import World, init_distributed
+from l3train.errors import CliArgumentParser, L3TrainError, run_cli
+from l3train.utils.atomic import atomic_write_text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = CliArgumentParser(
+        prog="python -m l3train.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <run_dir>/checkpoints/latest if it exists (else start fresh)")
+    parser.add_argument("--exit-after-steps", type=int, default=0, metavar="N",
+                        help="save a checkpoint and exit after N optimizer steps of this invocation "
+                             "(e.g. to fit a job's time slot; continue with --resume)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. training.steps=50 l3.after_blocks=[1]")
+    return parser.parse_args(argv)
+
+
+def build_model(cfg: Config):
+    """The DecoderLM of `cfg`, with its L³ allocation loaded and checked against the tokenizer."""
+    from l3train.allocation.allocation import Allocation
+    from l3train.data.tokenizer import Tokenizer
+    from l3train.model.llama import DecoderLM
+
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise L3TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"vocabulary ({tokenizer.vocab_size}, {cfg.data.tokenizer})")
+    rows = None
+    if cfg.l3.after_blocks:
+        allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size,
+                                     expect_tokenizer_id=tokenizer.tokenizer_id)
+        rows = allocation.rows_per_token
+    torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
+    return DecoderLM(cfg.model, cfg.l3, rows)
+
+
+def deepspeed_config(cfg: Config, world: World) -> dict:
+    tr = cfg.training
+    per_step = tr.micro_batch_size * world.size
+    if tr.global_batch_size % per_step:
+        raise L3TrainError(f"training.global_batch_size={tr.global_batch_size} must be a multiple of "
+                           f"training.micro_batch_size × data-parallel ranks = {per_step}")
+    return {
+        "train_batch_size": tr.global_batch_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.global_batch_size // per_step,
+        # Explicit: DeepSpeed's default would silently clip at 1.0.
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": tr.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over unmasked positions, computed in fp32."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    mask = loss_mask.flatten().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.device):
+    for start in range(0, batch["tokens"].shape[0], size):
+        yield {k: v[start:start + size].to(device) for k, v in batch.items()}
+
+
+def evaluate(engine, valid_ds, cfg: Config, world: World) -> float:
+    from l3train.data.dataset import batch_for_step
+
+    engine.eval()
+    total = torch.zeros((), device=world.device)
+    with torch.no_grad():
+        for index in range(cfg.training.eval_batches):
+            batch = batch_for_step(valid_ds, index, cfg.training.global_batch_size, world.rank, world.size)
+            for micro in micro_batches(batch, cfg.training.micro_batch_size, world.device):
+                total += lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"])
+    engine.train()
+    per_rank_batches = cfg.training.eval_batches * engine.gradient_accumulation_steps()
+    return mean_over_ranks(total / per_rank_batches)
+
+
+def l3_entropies(model) -> dict[str, float]:
+    return {f"l3/entropy_after_block_{index}": block.lookup.last_entropy.item()
+            for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
+
+
+def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: float) -> str:
+    parts = [f"step {step:>6}/{cfg.training.steps}", f"loss {scalars['train/loss']:.4f}",
+             f"lr {scalars['train/lr']:.2e}"]
+    if "train/grad_norm" in scalars:
+        parts.append(f"grad_norm {scalars['train/grad_norm']:.3f}")
+    parts.append(f"{scalars['train/tokens_per_s']:,.0f} tok/s")
+    entropies = [v for k, v in scalars.items() if k.startswith("l3/entropy")]
+    if entropies:
+        parts.append("l3_entropy " + "/".join(f"{e:.2f}" for e in entropies))
+    parts.append(f"elapsed {elapsed:.0f}s")
+    return " | ".join(parts)
+
+
+def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> None:
+    world = init_distributed()
+    import deepspeed
+
+    from l3train.checkpoint import load_latest_checkpoint, save_checkpoint
+    from l3train.data.dataset import batch_for_step, build_datasets
+    from l3train.metrics import MetricsLogger
+    from l3train.optim import build_optimizer, build_scheduler
+
+    tr = cfg.training
+    ds_config = deepspeed_config(cfg, world)
+    model = build_model(cfg)
+    train_ds, valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
+                                        tr.eval_batches * tr.global_batch_size)
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config)
+    start_step = (load_latest_checkpoint(engine, cfg) if resume else None) or 0
+    run_dir = Path(cfg.run_dir)
+    if world.is_main:
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        params = sum(p.numel() for p in model.parameters())
+        print(f"[l3train] {world.size} rank(s) on {world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
+              f"{tr.precision}, {params / 1e6:.2f}M parameters, "
+              f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
+              f"run dir {run_dir}", flush=True)
+    metrics = MetricsLogger(run_dir, enabled=world.is_main, purge_step=start_step + 1 if start_step else None)
+    tokens_per_step = tr.global_batch_size * cfg.data.seq_length
+    if start_step == 0:
+        val_loss = evaluate(engine, valid_ds, cfg, world)
+        metrics.log(0, {"val/loss": val_loss}, f"step {0:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+
+    interval_loss, interval_steps, interval_start, run_start = 0.0, 0, time.time(), time.time()
+    for step in range(start_step, tr.steps):
+        torch.manual_seed(tr.seed * 1_000_003 + step * 1_009 + world.rank)
+        batch = batch_for_step(train_ds, step, tr.global_batch_size, world.rank, world.size)
+        step_loss = torch.zeros((), device=world.device)
+        for micro in micro_batches(batch, tr.micro_batch_size, world.device):
+            loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"])
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach()
+        interval_loss += mean_over_ranks(step_loss / engine.gradient_accumulation_steps())
+        interval_steps += 1
+        done = step + 1
+        if done % tr.log_interval == 0 or done == tr.steps:
+            elapsed = time.time() - interval_start
+            scalars = {"train/loss": interval_loss / interval_steps, "train/lr": scheduler.get_last_lr()[0],
+                       "train/tokens_per_s": tokens_per_step * interval_steps / max(elapsed, 1e-9),
+                       **l3_entropies(model)}
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = float(grad_norm)
+            metrics.log(done, scalars, format_line(done, cfg, scalars, time.time() - run_start))
+            interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+        if done % tr.eval_interval == 0 or done == tr.steps:
+            val_loss = evaluate(engine, valid_ds, cfg, world)
+            metrics.log(done, {"val/loss": val_loss}, f"step {done:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+        exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
+        if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting:
+            path = save_checkpoint(engine, cfg, done, world.is_main)
+            if world.is_main:
+                print(f"[l3train] saved checkpoint {path}", flush=True)
+        if exiting:
+            if world.is_main:
+                print(f"[l3train] exiting after {exit_after_steps} steps as asked; continue with --resume", flush=True)
+            break
+    metrics.close()
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.exit_after_steps < 0:
+        raise L3TrainError(f"--exit-after-steps must be >= 0, got {args.exit_after_steps}")
+    train(cfg, args.resume, args.exit_after_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Benchmark the core library in one run, side by side (this machine is noisy: read ratios).
+
+1. LZW codeword counting: the fast C trie against the paper's reference loop on the same
+   >= 5M tokens (identical output is asserted).
+2. L³ row attention forward+backward at an LZW allocation with cap k: the sorted
+   block-diagonal implementation against the naive baselines (gather-and-pad to the
+   batch's largest d_t, and the per-position loop). Peak memory is measured as the
+   growth of the peak resident set of a fresh child process per variant.
+
+Tokens come from a Megatron indexed dataset (`--data-prefix`, e.g. the default corpus
+built by launch/quickstart.sh), cycled until `--tokens` are reached.
+
+    python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings --vocab-size 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+
+
+def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents of an indexed dataset as (tokens, offsets), cycled to `total_tokens`."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    docs = [np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))]
+    chosen, count = [], 0
+    while count < total_tokens:
+        for doc in docs:
+            chosen.append(doc)
+            count += len(doc)
+            if count >= total_tokens:
+                break
+    lengths = np.array([len(d) for d in chosen])
+    return np.concatenate(chosen), np.concatenate([[0], np.cumsum(lengths)])
+
+
+def bench_lzw(tokens: np.ndarray, offsets: np.ndarray, vocab: int) -> None:
+    from l3train.allocation.lzw import fast_lzw_counts, reference_lzw_counts
+
+    fast_lzw_counts(tokens[:1000], vocab, offsets[offsets <= 1000])  # compile the helper outside the timing
+    start = time.perf_counter()
+    fast = fast_lzw_counts(tokens, vocab, offsets)
+    fast_s = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = reference_lzw_counts(tokens, vocab, offsets)
+    reference_s = time.perf_counter() - start
+    assert fast == reference, "fast LZW differs from the reference"
+    print(f"LZW on {len(tokens):,} tokens, {len(offsets) - 1:,} documents, {len(fast):,} codewords (identical)")
+    print(f"  reference loop  {reference_s:8.2f} s   {len(tokens) / reference_s / 1e6:8.2f} M tok/s")
+    print(f"  fast (C trie)   {fast_s:8.2f} s   {len(tokens) / fast_s / 1e6:8.2f} M tok/s")
+    print(f"  speed-up        {reference_s / fast_s:8.1f}x")
+
+
+def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int, queue) -> None:
+    import torch
+
+    from l3train.model import l3_attention
+    from l3train.model.l3_layer import bounds_from_rows
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bounds = bounds_from_rows(rows)
+    keys = torch.randn(int(bounds[-1]), d_model).mul_(0.02).requires_grad_()
+    x = torch.randn(len(ids), d_model, requires_grad=True)
+    token_ids = torch.from_numpy(ids)
+    fn = {"sorted": l3_attention.row_attention, "padded": l3_attention.row_attention_padded,
+          "loop": l3_attention.row_attention_loop}[variant]
+    with open("/proc/self/statm") as statm:
+        baseline_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x, token_ids, bounds, keys, keys).square().sum().backward()
+        times.append(time.perf_counter() - start)
+        x.grad = keys.grad = None
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((min(times), max(0, peak_kb - baseline_kb) / 1024))
+
+
+def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int) -> None:
+    context = mp.get_context("spawn")
+    results = {}
+    for variant in ("sorted", "padded", "loop"):
+        queue = context.Queue()
+        child = context.Process(target=_attention_child, args=(variant, rows, ids, d_model,
+                                                               1 if variant == "loop" else repeats, queue))
+        child.start()
+        results[variant] = queue.get()
+        child.join()
+    batch_rows = rows[ids]
+    print(f"L³ fwd+bwd: {len(ids):,} positions ({len(np.unique(ids)):,} unique ids), d={d_model}, tied, "
+          f"v={rows.sum():,}, k={rows.max()}, mean d_t over positions {batch_rows.mean():.1f}, "
+          f"max {batch_rows.max()}; 1 thread")
+    sorted_s, sorted_mb = results["sorted"]
+    for variant, (seconds, megabytes) in results.items():
+        print(f"  {variant:<7} {seconds * 1e3:9.1f} ms ({seconds / sorted_s:6.2f}x sorted)   "
+              f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-prefix", required=True, help="Megatron indexed dataset to take tokens from")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--tokens", type=int, default=5_000_000, help="tokens for the LZW benchmark")
+    parser.add_argument("--budget", type=int, default=0, help="rows v (default: 32 × vocab)")
+    parser.add_argument("--cap", type=int, default=512, help="rows per token cap k")
+    parser.add_argument("--positions", type=int, default=8192, help="positions per L³ batch")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from l3train.allocation.allocation import lzw_allocation
+    from l3train.allocation.lzw import fast_lzw_counts
+
+    tokens, offsets = load_documents(args.data_prefix, args.tokens)
+    bench_lzw(tokens, offsets, args.vocab_size)
+    codewords = fast_lzw_counts(tokens, args.vocab_size, offsets)
+    rows = lzw_allocation(codewords.counts, codewords.last_token, args.vocab_size,
+                          args.budget or 32 * args.vocab_size, args.cap)
+    bench_attention(rows, tokens[:args.positions].copy(), args.d_model, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

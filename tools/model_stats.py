@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Print exact parameter counts, forward FLOPs per token and sparsity for a config.
+
+The L³ figures need the allocation: its row count v and the corpus mean d_t (rows per
+token occurrence). They are read from `l3.allocation`; to plan a model before its
+allocation exists, pass `--rows` and `--mean-rows` instead.
+
+    python tools/model_stats.py --config configs/tiny_l3.yaml
+    python tools/model_stats.py --config configs/tiny_l3.yaml --rows 710000 --mean-rows 300 model.n_layers=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from l3train.config import load_config
+from l3train.errors import CliArgumentParser, L3TrainError, run_cli
+from l3train.model.accounting import ModelStats, model_stats
+
+
+def allocation_figures(allocation_path: str, vocab_size: int) -> tuple[int, float]:
+    from l3train.allocation.allocation import Allocation
+
+    if not Path(allocation_path).exists():
+        raise L3TrainError(f"l3.allocation {allocation_path} not found; build it with tools/lzw_allocate.py "
+                           f"or pass --rows and --mean-rows to plan without it")
+    allocation = Allocation.load(allocation_path, expect_vocab_size=vocab_size)
+    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
+
+
+def format_row(name: str, stats: ModelStats) -> str:
+    return (f"{name:<18} {stats.total_params / 1e6:>12.3f}M {stats.active_params / 1e6:>12.3f}M "
+            f"{stats.flops_per_token / 1e6:>14.3f}M {stats.sparsity:>9.2f}x")
+
+
+def main() -> int:
+    parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
+    parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args()
+    if (args.rows is None) != (args.mean_rows is None):
+        raise L3TrainError("--rows and --mean-rows go together")
+    cfg = load_config(args.config, args.overrides)
+    rows, mean_rows = 0, 0.0
+    if cfg.l3.after_blocks:
+        rows, mean_rows = ((args.rows, args.mean_rows) if args.rows is not None
+                           else allocation_figures(cfg.l3.allocation, cfg.model.vocab_size))
+    seq = cfg.data.seq_length
+    print(f"config {args.config}: {len(cfg.l3.after_blocks)} L³ layer(s) after blocks {cfg.l3.after_blocks}, "
+          f"v={rows:,} rows per layer, corpus mean d_t={mean_rows:.2f}, sequence length {seq}")
+    print(f"{'model':<18} {'total params':>13} {'active params':>13} {'fwd FLOPs/token':>15} {'sparsity':>10}")
+    print(format_row("this config", model_stats(cfg.model, cfg.l3, seq, rows, mean_rows)))
+    if cfg.l3.after_blocks:
+        backbone = dataclasses.replace(cfg.l3, after_blocks=[])
+        print(format_row("backbone (no L³)", model_stats(cfg.model, backbone, seq)))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
