@@ -1,0 +1,33 @@
+"""Per-token row allocation for L³ layers: LZW counting (lzw.py) and allocations (allocation.py)."""
+
+from l3train.allocation.allocation import (
+    MODES,
+    Allocation,
+    check_budget,
+    frequency_allocation,
+    lzw_allocation,
+    tokenizer_id_of,
+    uniform_allocation,
+)
+from l3train.allocation.lzw import (
+    LZWCodewords,
+    LZWScanner,
+    fast_lzw_counts,
+    reference_lzw,
+    reference_lzw_counts,
+)
+
+__all__ = [
+    "MODES",
+    "Allocation",
+    "LZWCodewords",
+    "LZWScanner",
+    "check_budget",
+    "fast_lzw_counts",
+    "frequency_allocation",
+    "lzw_allocation",
+    "reference_lzw",
+    "reference_lzw_counts",
+    "tokenizer_id_of",
+    "uniform_allocation",
+]
