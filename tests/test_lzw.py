@@ -200,3 +200,12 @@ def test_missing_compiler_is_a_clear_error(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no C compiler found" in result.stdout and "install gcc" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_scanner_refuses_use():
+    scanner = LZWScanner(2)
+    scanner.close()
+    for use in (lambda: scanner.num_codewords, scanner.codewords,
+                lambda: scanner.add_documents(np.array([0]), np.array([0, 1]))):
+        with pytest.raises(ValueError, match="closed"):
+            use()

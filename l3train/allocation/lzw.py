@@ -204,8 +204,7 @@ class LZWScanner:
 
         `doc_offsets` starts at 0, never decreases and ends at `len(tokens)`.
         """
-        if self._trie is None:
-            raise ValueError("this LZWScanner was closed")
+        trie = self._open_trie()
         tokens = np.asarray(tokens)
         doc_offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -231,7 +230,7 @@ class LZWScanner:
         bad_position = self._lib.lzw_count_tokens(tokens, len(tokens), self.vocab_size, frequencies)
         if bad_position >= 0:
             self._raise_bad_token(tokens, int(tokens[bad_position]))
-        status = self._lib.lzw_scan(self._trie, tokens, doc_offsets, len(doc_offsets) - 1)
+        status = self._lib.lzw_scan(trie, tokens, doc_offsets, len(doc_offsets) - 1)
         if status:
             # The dictionary now holds part of this batch: unusable, so free it.
             self.close()
@@ -250,21 +249,24 @@ class LZWScanner:
             f"vocabulary [0, {self.vocab_size}); is the vocab size right?"
         )
 
+    def _open_trie(self) -> int:
+        if self._trie is None:
+            raise ValueError("this LZWScanner was closed")
+        return self._trie
+
     @property
     def num_codewords(self) -> int:
-        return int(self._lib.lzw_num_nodes(self._trie))
+        return int(self._lib.lzw_num_nodes(self._open_trie()))
 
     def codewords(self) -> LZWCodewords:
         """A copy of the dictionary, in insertion order."""
-        if self._trie is None:
-            raise ValueError("this LZWScanner was closed")
         n = self.num_codewords
         words = LZWCodewords(
             counts=np.empty(n, dtype=np.int64),
             last_token=np.empty(n, dtype=np.int64),
             parent=np.empty(n, dtype=np.int64),
         )
-        self._lib.lzw_export(self._trie, words.counts, words.parent, words.last_token)
+        self._lib.lzw_export(self._open_trie(), words.counts, words.parent, words.last_token)
         return words
 
     @property
