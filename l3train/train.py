@@ -111,6 +111,13 @@ def evaluate(engine, valid_ds, cfg: Config, world: World) -> float:
     return mean_over_ranks(total / per_rank_batches)
 
 
+def dense_grad_norm(model) -> float:
+    """Global gradient norm before clipping, for ZeRO-0 where DeepSpeed does not report it
+    (gradients are whole and already averaged over ranks after the boundary backward)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
 def l3_entropies(model) -> dict[str, float]:
     return {f"l3/entropy_after_block_{index}": block.lookup.last_entropy.item()
             for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
@@ -169,6 +176,8 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> None:
         for micro in micro_batches(batch, tr.micro_batch_size, world.device):
             loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"])
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                unclipped_norm = dense_grad_norm(model) if cfg.parallel.zero_stage == 0 else None
             engine.step()
             step_loss += loss.detach()
         interval_loss += mean_over_ranks(step_loss / engine.gradient_accumulation_steps())
@@ -179,7 +188,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> None:
             scalars = {"train/loss": interval_loss / interval_steps, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_per_step * interval_steps / max(elapsed, 1e-9),
                        **l3_entropies(model)}
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
             metrics.log(done, scalars, format_line(done, cfg, scalars, time.time() - run_start))

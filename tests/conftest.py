@@ -69,3 +69,23 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
         vocab_size=tokenizer.vocab_size,
         data_prefix=data_prefix,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_allocation(tiny_corpus: TinyCorpus) -> Path:
+    """An LZW allocation (v = 8 rows per token on average, k = 64) of the tiny corpus, made by the CLI."""
+    import subprocess
+    import sys
+
+    output = Path(tiny_corpus.data_prefix).with_name("allocation_lzw.npz")
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "lzw_allocate.py"),
+                    "--data-prefix", tiny_corpus.data_prefix, "--tokenizer", str(tiny_corpus.tokenizer_path),
+                    "--eod-id", str(_eod_id(tiny_corpus)), "--mode", "lzw", "--budget", str(8 * tiny_corpus.vocab_size),
+                    "--cap", "64", "--output", str(output)], check=True, capture_output=True)
+    return output
+
+
+def _eod_id(corpus: TinyCorpus) -> int:
+    from l3train.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(corpus.tokenizer_path).eod_id

@@ -1,0 +1,81 @@
+"""Run the real trainer in subprocesses (plain python or torchrun over gloo) and read its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get(
+                   "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/l3train/torch_extensions")))
+    return env
+
+
+def run_trainer(config: Path, *args: str, nproc: int = 0, check: bool = True,
+                timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m l3train.train` (nproc=0) or torchrun with `nproc` gloo ranks."""
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    else:
+        launcher = [sys.executable]
+    cmd = [*launcher, "-m", "l3train.train", "--config", str(config), *args]
+    result = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}): {' '.join(cmd)}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
+    return result
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def tiny_l3_config(run_dir: Path, corpus, allocation: Path) -> dict:
+    """A tiny L³ model on the test corpus: trains a step in well under a second."""
+    return {
+        "run_dir": str(run_dir),
+        "model": {"vocab_size": corpus.vocab_size, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "ffn_hidden_size": 128, "max_seq_len": 64},
+        "l3": {"after_blocks": [0], "d_emb": 64, "d_up": 128, "tied_kv": True, "allocation": str(allocation)},
+        "data": {"prefixes": [corpus.data_prefix], "split": "90,10,0", "seq_length": 64,
+                 "tokenizer": str(corpus.tokenizer_path)},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "grad_clip": 1.0},
+        "training": {"steps": 12, "micro_batch_size": 4, "global_batch_size": 8, "seed": 7,
+                     "eval_interval": 6, "eval_batches": 2, "log_interval": 1},
+        "parallel": {"zero_stage": 0},
+        "checkpoint": {"save_interval": 6, "keep_last": 2},
+    }
+
+
+def metrics(run_dir: Path, name: str) -> dict[int, float]:
+    """{step: value} of one scalar from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row[name] for row in rows if name in row}
+
+
+def assert_losses_close(actual: dict[int, float], expected: dict[int, float], rtol: float) -> None:
+    assert sorted(actual) == sorted(expected)
+    got = np.array([actual[s] for s in sorted(actual)])
+    want = np.array([expected[s] for s in sorted(expected)])
+    worst = float(np.max(np.abs(got - want) / np.abs(want)))
+    assert worst <= rtol, f"max relative loss difference {worst:.3g} > {rtol}: {got} vs {want}"
