@@ -17,8 +17,9 @@ Implementations, all with the same signature `(x, token_ids, bounds, keys, value
   a bucket is at most 2× per axis, never up to k. The autograd function stores only
   x, the output and the per-position log-sum-exp, and recomputes scores in backward
   (as FlashAttention does), so memory between forward and backward is O(N·d); scores
-  exist one bounded chunk at a time. On CUDA with Triton available the same function
-  dispatches to the fused kernel in `l3_triton.py`.
+  exist one bounded chunk at a time. For CUDA inputs with Triton available,
+  `row_attention_with_entropy` (hence `row_attention`) dispatches to the fused kernel in
+  `l3_triton.py` instead; `max_scores_per_chunk` does not apply there.
 """
 
 from __future__ import annotations
@@ -189,6 +190,11 @@ def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, key
     x: (N, d_in), token_ids: (N,), bounds: (vocab+1,), keys: (v, d_in), values: (v, d_emb).
     Returns (N, d_emb) outputs and (N,) entropies (no gradient).
     """
+    if x.is_cuda:
+        # Imported only here so CPU users never load Triton or compile its kernels.
+        from l3train.model.l3_triton import triton_available, triton_row_attention_with_entropy
+        if triton_available():
+            return triton_row_attention_with_entropy(x, token_ids, bounds, keys, values)
     plan = plan_blocks(token_ids, bounds, max_scores_per_chunk)
     return _SortedRowAttention.apply(x, keys, values, plan)
 
