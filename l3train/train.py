@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from l3train.config import Config, load_config
 from l3train.distributed import World, init_distributed
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
+from l3train.preemption import EXIT_REQUEUE, StopRequest
 from l3train.utils.atomic import atomic_write_text
 
 
@@ -136,7 +137,9 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
     return " | ".join(parts)
 
 
-def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> None:
+def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
+    """Run training; returns the process exit status (EXIT_REQUEUE when stopped by a signal)."""
+    stop = StopRequest()  # before the slow start-up, so an early signal is not lost
     world = init_distributed()
     import deepspeed
 
@@ -196,17 +199,25 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> None:
         if done % tr.eval_interval == 0 or done == tr.steps:
             val_loss = evaluate(engine, valid_ds, cfg, world)
             metrics.log(done, {"val/loss": val_loss}, f"step {done:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+        preempted = done < tr.steps and stop.agreed(world.device)
         exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
-        if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting:
+        if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting or preempted:
             path = save_checkpoint(engine, cfg, done, world.is_main)
             if world.is_main:
                 print(f"[l3train] saved checkpoint {path}", flush=True)
+        if preempted:
+            if world.is_main:
+                print(f"[l3train] stop signal ({stop.signal_name or 'on another rank'}) at step {done}: "
+                      f"checkpoint saved, exiting with status {EXIT_REQUEUE} for requeue", flush=True)
+            metrics.close()
+            return EXIT_REQUEUE
         if exiting:
             if world.is_main:
                 print(f"[l3train] exiting after {exit_after_steps} steps as asked; continue with --resume", flush=True)
             break
     metrics.close()
     dist.barrier()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.exit_after_steps < 0:
         raise L3TrainError(f"--exit-after-steps must be >= 0, got {args.exit_after_steps}")
-    train(cfg, args.resume, args.exit_after_steps)
-    return 0
+    return train(cfg, args.resume, args.exit_after_steps)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,27 @@ def test_incompatible_checkpoint_is_refused(reference_run, tmp_path):
     message = run_expecting_error("--config", str(config), f"run_dir={reference_dir}", "model.n_layers=3",
                                   "--resume")
     assert "model.n_layers=2" in message and "new run_dir" in message
+
+
+def test_stop_signal_saves_and_exits_for_requeue(reference_run, tmp_path):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint of that step is saved, exit status 75."""
+    import signal
+    import time
+
+    reference_dir, _, config = reference_run
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "l3train.train", "--config", str(config), f"run_dir={run_dir}",
+           "training.steps=400", "checkpoint.save_interval=1000"]
+    process = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len(metrics(run_dir, "train/loss")) < 2:
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "stop signal (SIGUSR1)" in stdout
+    stopped_at = max(metrics(run_dir, "train/loss"))
+    assert stopped_at < 400
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"

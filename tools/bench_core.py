@@ -25,11 +25,14 @@ import numpy as np
 
 
 def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents of an indexed dataset as (tokens, offsets), cycled to `total_tokens`."""
+    """Documents of an indexed dataset as (tokens, offsets), cycled to `total_tokens`.
+
+    The EOD token that preprocessing appends to every document is dropped, as
+    tools/lzw_allocate.py does."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix)
-    docs = [np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))]
+    docs = [np.asarray(dataset[i], dtype=np.int64)[:-1] for i in range(len(dataset))]
     chosen, count = [], 0
     while count < total_tokens:
         for doc in docs:
@@ -44,7 +47,8 @@ def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarr
 def bench_lzw(tokens: np.ndarray, offsets: np.ndarray, vocab: int) -> None:
     from l3train.allocation.lzw import fast_lzw_counts, reference_lzw_counts
 
-    fast_lzw_counts(tokens[:1000], vocab, offsets[offsets <= 1000])  # compile the helper outside the timing
+    warm = offsets[offsets <= 1000]
+    fast_lzw_counts(tokens[:warm[-1]], vocab, warm)  # compile the C helper outside the timing
     start = time.perf_counter()
     fast = fast_lzw_counts(tokens, vocab, offsets)
     fast_s = time.perf_counter() - start
@@ -111,8 +115,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=5_000_000, help="tokens for the LZW benchmark")
     parser.add_argument("--budget", type=int, default=0, help="rows v (default: 32 × vocab)")
     parser.add_argument("--cap", type=int, default=512, help="rows per token cap k")
-    parser.add_argument("--positions", type=int, default=8192, help="positions per L³ batch")
-    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--positions", type=int, default=4096, help="positions per L³ batch")
+    parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
