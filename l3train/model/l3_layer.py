@@ -43,6 +43,9 @@ class LargeLookupLayer(nn.Module):
         self.norm = make_norm(norm, d_up, norm_eps)
         self.mix = nn.Linear(d_up + d_in, d_out or d_in, bias=False)
         self.init_std = init_std
+        # The one seam for parallelism: l3train.parallel swaps in a sharded implementation
+        # with the same contract; the formula below never changes.
+        self.row_attention = row_attention_with_entropy
         # Mean softmax entropy of the last forward pass (nats), for monitoring only.
         self.last_entropy: Tensor | None = None
         self.reset_parameters()
@@ -63,7 +66,7 @@ class LargeLookupLayer(nn.Module):
     def lookup(self, x: Tensor, token_ids: Tensor) -> Tensor:
         """a = V_tᵀ softmax(K_t x) for every position (any leading shape)."""
         keys, values = self.tables()
-        flat, entropy = row_attention_with_entropy(
+        flat, entropy = self.row_attention(
             x.reshape(-1, x.shape[-1]), token_ids.reshape(-1), self.bounds, keys, values)
         self.last_entropy = entropy.mean().detach() if entropy.numel() else None
         return flat.reshape(*x.shape[:-1], flat.shape[-1])
