@@ -60,6 +60,18 @@ def test_zero_stages_on_two_ranks_match_one_process(stage, reference_run, tmp_pa
 
 
 @pytest.mark.slow
+def test_bf16_trains_on_two_ranks(reference_run, tmp_path):
+    """bf16 under ZeRO-2: finite, falling losses close to (not equal to) the fp32 reference."""
+    reference_dir, _, config = reference_run
+    run_dir = tmp_path / "run"
+    run_trainer(config, f"run_dir={run_dir}", "training.precision=bf16", "parallel.zero_stage=2",
+                "checkpoint.save_interval=100", nproc=2)
+    losses, reference = metrics(run_dir, "train/loss"), metrics(reference_dir, "train/loss")
+    assert losses[12] < losses[1] - 0.3
+    assert all(abs(losses[s] - reference[s]) < 0.1 * reference[s] for s in reference)
+
+
+@pytest.mark.slow
 def test_resume_continues_the_uninterrupted_trajectory(reference_run, tmp_path):
     """Stop after 5 steps (ZeRO-2, 2 ranks), resume: steps 6-12 equal an uninterrupted run."""
     _, _, config = reference_run
