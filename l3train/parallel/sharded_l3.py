@@ -1,0 +1,181 @@
+"""L³ rows partitioned by the static router over the tensor- and data-parallel groups.
+
+Every token's rows live on exactly one rank (a shard of the `ShardPlan`); shard s is held
+by the rank with data-parallel index s // TP and tensor-parallel index s % TP. Because
+routing depends on token ids only, each rank knows before the layer runs where each of
+its positions must go. Per L³ layer and step:
+
+1. TP split of the work: the TP ranks of one replica hold the same positions; TP rank j
+   handles only the positions whose token's shard has TP index j.
+2. DP routing: those positions (hidden state x and token id) travel to the DP rank that
+   owns their rows with one all-to-all over the DP group of TP index j (counts known
+   from the ids), are computed there with the ordinary `row_attention_with_entropy` on
+   the local table, and travel back with a second all-to-all.
+3. TP combine: each TP rank now holds the lookups of its positions and zeros elsewhere;
+   one all-reduce (sum) over the TP group gives every TP rank all N lookups. Its backward
+   is the identity, and the matching backward all-reduce on x sums the per-rank
+   contributions to dL/dx.
+
+Bytes per layer and step, for N positions per replica, fp32, d_in/d_emb widths:
+TP all-reduce of N·d_emb floats (ring: ~2·N·d_emb·4 bytes per rank), and per rank an
+all-to-all of ≈(N/TP)·(d_in·4 + 8) bytes out and (N/TP)·d_emb·4 bytes back (a fraction
+(DP-1)/DP of it leaves the rank), doubled in backward. Replicating the rows instead would
+cost every rank v·(d_in [+ d_emb]) parameters plus their gradient and 2 Adam moments
+(16 bytes per fp32 element), and a DP all-reduce of the whole table's gradient every
+step. Example, the paper's layer (v = 710K rows, tied, d = 2048) with N = 8K positions
+per replica: replicated, 1.45G elements = 23 GB per rank per layer; sharded over 8
+ranks, 2.9 GB per rank, for ~64 MB (TP all-reduce) or ~2·64 MB (DP all-to-all) of
+activations moved per layer per step instead of a 5.8 GB gradient all-reduce.
+
+Gradients: a shard's rows receive the gradient of every DP rank's loss (the positions
+came from all of them), i.e. Σ_r ∇L_r, whereas replicated parameters get DP's average
+(1/DP)·Σ_r ∇L_r. The tables are therefore scaled by 1/DP in backward, and they must not
+be all-reduced or partitioned over DP by ZeRO (their shapes even differ between ranks):
+`mark_as_rank_local` tags them the way DeepSpeed tags expert parameters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from l3train.model.l3_attention import row_attention_with_entropy
+from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
+from l3train.parallel.shard_plan import ShardPlan
+
+# DeepSpeed's name for the expert-parallel group whose data-parallel replicas number 1:
+# the group its MoE machinery reduces over, i.e. nothing leaves the rank.
+RANK_LOCAL_GROUP = "l3_rank_local"
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: all-reduce sum over `group`; backward: identity (the gradient is replicated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Forward: identity; backward: all-reduce sum over `group` (each rank used part of x)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable all-to-all of rows; backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        output = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+        dist.all_to_all_single(output, tensor.contiguous(), recv_counts, send_counts, group=group)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_input = grad.new_empty((sum(ctx.send_counts), *grad.shape[1:]))
+        dist.all_to_all_single(grad_input, grad.contiguous(), ctx.send_counts, ctx.recv_counts, group=ctx.group)
+        return grad_input, None, None, None
+
+
+def _exchange(tensor: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
+    """All-to-all of rows: rows [sum(send[:i]), sum(send[:i+1])) go to rank i of `group`."""
+    return _AllToAll.apply(tensor, send_counts, recv_counts, group)
+
+
+class ShardedRowAttention:
+    """Drop-in for `row_attention_with_entropy` when this rank holds one shard of the rows."""
+
+    def __init__(self, owner: np.ndarray, local_rows_per_token: np.ndarray, tp_rank: int, tp_size: int, tp_group,
+                 dp_size: int, dp_group, device: torch.device) -> None:
+        self.owner = torch.as_tensor(owner, dtype=torch.long, device=device)
+        self.local_bounds = bounds_from_rows(local_rows_per_token).to(device)
+        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+        self.dp_size, self.dp_group = dp_size, dp_group
+
+    def __call__(self, x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor,
+                 values: Tensor) -> tuple[Tensor, Tensor]:
+        """Same contract as `row_attention_with_entropy`; `bounds` (the global allocation) is
+        not needed: this rank's tables are laid out by `local_bounds`."""
+        if self.tp_size > 1:
+            x = _ReplicatedInput.apply(x, self.tp_group)
+        if self.dp_size > 1:
+            tied = values is keys
+            keys = _ScaleGradient.apply(keys, 1.0 / self.dp_size)
+            values = keys if tied else _ScaleGradient.apply(values, 1.0 / self.dp_size)
+        shard = self.owner[token_ids]
+        mine = torch.nonzero(shard % self.tp_size == self.tp_rank).flatten()
+        destination = shard[mine] // self.tp_size
+        order = torch.argsort(destination, stable=True)
+        positions = mine[order]
+        send_counts = torch.bincount(destination, minlength=self.dp_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.dp_group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        remote_ids = _exchange(token_ids[positions], send, recv, self.dp_group)
+        remote_x = _exchange(x[positions], send, recv, self.dp_group)
+        remote_out, remote_entropy = row_attention_with_entropy(remote_x, remote_ids, self.local_bounds, keys, values)
+        local_out = _exchange(remote_out, recv, send, self.dp_group)
+        local_entropy = _exchange(remote_entropy, recv, send, self.dp_group)
+        out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, positions, local_out)
+        entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, positions, local_entropy)
+        if self.tp_size > 1:
+            out = _SumOverGroup.apply(out, self.tp_group)
+            dist.all_reduce(entropy, group=self.tp_group)
+        return out, entropy
+
+
+def mark_as_rank_local(param: nn.Parameter) -> None:
+    """Tag a rank-local parameter the way DeepSpeed tags expert parameters (no DP reduction)."""
+    param.allreduce = False
+    param.group_name = RANK_LOCAL_GROUP
+
+
+def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, tp_rank: int, tp_size: int, tp_group,
+                       dp_rank: int, dp_size: int, dp_group) -> None:
+    """Keep only this rank's rows of `layer` (copied from its full initialisation, so a sharded
+    run starts from the single-process weights) and route its lookups to the owners.
+
+    This rank holds shard `dp_rank * tp_size + tp_rank`. The layer's `bounds` buffer keeps
+    the global allocation: it is what a checkpoint needs.
+    """
+    if plan.num_shards != tp_size * dp_size:
+        raise ValueError(f"shard plan has {plan.num_shards} shards, expected TP×DP = {tp_size * dp_size}")
+    shard = dp_rank * tp_size + tp_rank
+    rows = torch.as_tensor(plan.global_row_indices(shard), dtype=torch.long, device=layer.key_table.device)
+    layer.key_table = nn.Parameter(layer.key_table.detach()[rows].clone())
+    mark_as_rank_local(layer.key_table)
+    if not layer.tied_kv:
+        layer.value_table = nn.Parameter(layer.value_table.detach()[rows].clone())
+        mark_as_rank_local(layer.value_table)
+    layer.row_attention = ShardedRowAttention(plan.owner, plan.local_rows_per_token(shard), tp_rank, tp_size,
+                                              tp_group, dp_size, dp_group, layer.key_table.device)
