@@ -25,8 +25,10 @@ from l3train.config import Config
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
-# Sections whose change makes a checkpoint unloadable or meaningless.
+# Keys whose change makes a checkpoint unloadable or meaningless (the allocation itself
+# travels in the checkpoint as the `bounds` buffers, so its file path may change).
 _ARCHITECTURE_SECTIONS = ("model", "l3")
+_NOT_ARCHITECTURE = {("l3", "allocation"), ("l3", "lr"), ("l3", "weight_decay")}
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -71,15 +73,17 @@ def save_checkpoint(engine, cfg: Config, step: int, is_main: bool) -> Path:
         os.replace(staging / tag, final)
         atomic_write_text(root / "latest", tag + "\n")
         shutil.rmtree(staging, ignore_errors=True)
-        _prune(root, cfg.checkpoint.keep_last)
+        _prune(root, cfg.checkpoint.keep_last, keep=tag)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints, never the one just written (`keep`)."""
     if keep_last > 0:
         for tag in list_tags(root)[:-keep_last]:
-            shutil.rmtree(root / tag, ignore_errors=True)
+            if tag != keep:
+                shutil.rmtree(root / tag, ignore_errors=True)
 
 
 def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
@@ -91,11 +95,20 @@ def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
     current = cfg.to_dict()
     for section in _ARCHITECTURE_SECTIONS:
         for key, value in current[section].items():
-            if saved.get(section, {}).get(key) != value:
+            if (section, key) not in _NOT_ARCHITECTURE and saved.get(section, {}).get(key) != value:
                 raise L3TrainError(
                     f"cannot resume {checkpoint_dir}: it was written with {section}.{key}="
                     f"{saved.get(section, {}).get(key)!r} but the config has {value!r}; "
                     f"use the same config or a new run_dir")
+
+
+def refuse_existing_checkpoints(cfg: Config) -> None:
+    """A fresh (non --resume) run must not mix its checkpoints and logs with an older run's."""
+    root = checkpoint_root(cfg.run_dir)
+    tags = list_tags(root)
+    if tags:
+        raise L3TrainError(f"run_dir {cfg.run_dir} already holds checkpoints (newest {tags[-1]}); "
+                           f"pass --resume to continue that run, or choose another run_dir")
 
 
 def load_latest_checkpoint(engine, cfg: Config) -> int | None:

@@ -3,7 +3,8 @@
 Every problem caused by user input (configs, data, allocation files, checkpoints, CLI
 flags) raises `L3TrainError` with a message that names what is wrong and how to fix it.
 Entry points wrap their `main` with `run_cli`, which prints that message as a single
-`error: ...` line on stderr and exits with status 2 instead of a traceback.
+`error: ...` line on stderr and exits with status 2 instead of a traceback; so do
+operating-system errors (an unwritable output path names the path).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
         status = main()
     except L3TrainError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # unwritable output, missing directory, full disk: name the path
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status or 0)
 

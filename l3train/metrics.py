@@ -24,8 +24,7 @@ class MetricsLogger:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         jsonl_path = run_dir / "metrics.jsonl"
         if purge_step is not None and jsonl_path.exists():
-            kept = [line for line in jsonl_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] < purge_step]
+            kept = [line for line in jsonl_path.read_text().splitlines() if _step_of(line) < purge_step]
             atomic_write_text(jsonl_path, "".join(line + "\n" for line in kept))
         self.jsonl = open(jsonl_path, "a")
 
@@ -43,3 +42,11 @@ class MetricsLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash sorts last (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -18,7 +18,6 @@ from l3train.allocation import (
     lzw_allocation,
     reference_lzw,
     reference_lzw_counts,
-    tokenizer_id_of,
     uniform_allocation,
 )
 from l3train.errors import L3TrainError
@@ -165,7 +164,6 @@ def make_allocation(**changes) -> Allocation:
 
 def test_bounds_and_mean_rows_per_token_occurrence():
     allocation = make_allocation()
-    assert allocation.bounds().tolist() == [0, 4, 7, 9]
     assert allocation.mean_rows_per_token_occurrence() == pytest.approx((4 * 4 + 4 * 3) / 8)
     unknown = make_allocation(token_frequencies=np.zeros(3, dtype=np.int64))
     assert unknown.mean_rows_per_token_occurrence() == pytest.approx(3.0)
@@ -252,15 +250,6 @@ def test_invalid_allocations_cannot_be_built():
         make_allocation(mode="magic")
     with pytest.raises(L3TrainError, match="names no tokenizer"):
         make_allocation(tokenizer_id="")
-
-
-def test_tokenizer_id_of_matches_the_tokenizer(tiny_corpus, tmp_path):
-    assert tokenizer_id_of(tiny_corpus.tokenizer_path) == tiny_corpus.tokenizer_id
-    with pytest.raises(L3TrainError, match="cannot read tokenizer model"):
-        tokenizer_id_of(tmp_path / "missing.model")
-
-
-# --- tools/lzw_allocate.py -------------------------------------------------------------
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:

@@ -174,3 +174,20 @@ def test_allocation_is_saved_and_loaded_with_weights():
 def test_tied_layer_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="d_emb == d_in"):
         LargeLookupLayer(np.array([1, 2]), d_in=8, d_emb=4, d_up=8, tied_kv=True)
+
+
+def test_one_frequent_token_is_split_to_respect_the_chunk_budget():
+    rows = torch.tensor([512, 3, 7])
+    bounds = bounds_from_rows(rows)
+    ids = torch.cat([torch.zeros(600, dtype=torch.long), torch.tensor([1, 2, 2])])
+    budget = 512 * 64
+    plan = plan_blocks(ids, bounds, max_scores_per_chunk=budget)
+    assert max(c.positions.numel() * c.rows.shape[1] for c in plan.chunks) <= budget
+    covered = torch.cat([c.positions[c.position_valid] for c in plan.chunks])
+    assert torch.equal(covered.sort().values, torch.arange(len(ids)))
+    x = torch.randn(len(ids), 4, dtype=torch.float64)
+    keys = torch.randn(int(bounds[-1]), 4, dtype=torch.float64)
+    split = lambda *a: row_attention(*a, max_scores_per_chunk=budget)  # noqa: E731
+    for got, want in zip(outputs_and_grads(split, x, ids, bounds, keys, keys, True),
+                         outputs_and_grads(row_attention_loop, x, ids, bounds, keys, keys, True)):
+        assert_close_relative(got, want, 1e-10)

@@ -12,7 +12,7 @@
 Tokens come from a Megatron indexed dataset (`--data-prefix`, e.g. the default corpus
 built by launch/quickstart.sh), cycled until `--tokens` are reached.
 
-    python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings --vocab-size 2048
+    python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings_text_document --vocab-size 2048
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 
 
 def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,8 +117,8 @@ def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: in
               f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main() -> int:
+    parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-prefix", required=True, help="Megatron indexed dataset to take tokens from")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=5_000_000, help="tokens for the LZW benchmark")
@@ -130,13 +132,17 @@ def main() -> None:
     from l3train.allocation.allocation import lzw_allocation
     from l3train.allocation.lzw import fast_lzw_counts
 
+    if not Path(args.data_prefix + ".idx").is_file():
+        raise L3TrainError(f"--data-prefix {args.data_prefix}: no {args.data_prefix}.idx; build one with "
+                           f"tools/preprocess_data.py (launch/quickstart.sh makes the default corpus's)")
     tokens, offsets = load_documents(args.data_prefix, args.tokens)
     bench_lzw(tokens, offsets, args.vocab_size)
     codewords = fast_lzw_counts(tokens, args.vocab_size, offsets)
     rows = lzw_allocation(codewords.counts, codewords.last_token, args.vocab_size,
                           args.budget or 32 * args.vocab_size, args.cap)
     bench_attention(rows, tokens[:args.positions].copy(), args.d_model, args.repeats)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

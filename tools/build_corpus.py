@@ -4,7 +4,7 @@
 Needs no network: the text ships with every Python. See l3train/data/corpus.py for why
 and how. Example:
 
-    python tools/build_corpus.py --output data/stdlib_docs.jsonl
+    python tools/build_corpus.py --output data/corpus/stdlib_docstrings.jsonl
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from l3train.errors import CliArgumentParser
 from l3train.data.corpus import MIN_CHARS, build_corpus, meta_path
 from l3train.errors import run_cli
 
-DEFAULT_OUTPUT = "data/stdlib_docs.jsonl"
+DEFAULT_OUTPUT = "data/corpus/stdlib_docstrings.jsonl"
 
 
 def parse_args() -> argparse.Namespace:

@@ -14,7 +14,7 @@ Examples:
 
     # from preprocessed training data (tokenizer id, vocab size and EOD id are read
     # from <prefix>.meta.json when it exists)
-    python tools/lzw_allocate.py --data-prefix data/stdlib_docs -v 710000 \\
+    python tools/lzw_allocate.py --data-prefix data/indexed/stdlib_docstrings_text_document -v 710000 \\
         --max-tokens 50000000 --output data/allocation.npz
 
     # from raw text, one document per line, as in the paper's script
@@ -270,6 +270,11 @@ def open_corpus(args: argparse.Namespace) -> Corpus:
     total: int | None = None
     if args.data_prefix is not None:
         eod_id = args.eod_id if args.eod_id is not None else meta.get("eod_id")
+        if args.eod_id is not None and meta.get("eod_id") not in (None, args.eod_id):
+            raise L3TrainError(f"--eod-id {args.eod_id} disagrees with eod_id {meta['eod_id']} recorded in "
+                               f"{args.data_prefix}.meta.json; drop --eod-id")
+        if eod_id is not None and not 0 <= eod_id < vocab_size:
+            raise L3TrainError(f"--eod-id {eod_id} is outside the vocabulary [0, {vocab_size})")
         batches, total = dataset_batches(args.data_prefix, eod_id)
         description = f"{args.data_prefix}" + (f" (EOD {eod_id} stripped)" if eod_id is not None else "")
     elif args.text is not None:

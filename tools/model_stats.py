@@ -44,6 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     if (args.rows is None) != (args.mean_rows is None):
         raise L3TrainError("--rows and --mean-rows go together")
+    if args.rows is not None and not 1 <= args.mean_rows <= args.rows:
+        raise L3TrainError(f"--mean-rows must be in [1, --rows={args.rows}], got {args.mean_rows}")
     cfg = load_config(args.config, args.overrides)
     rows, mean_rows = 0, 0.0
     if cfg.l3.after_blocks:

@@ -4,8 +4,8 @@
 Resumable: rerun the same command after an interruption and finished chunks are kept.
 Example (default corpus and tokenizer, see tools/build_corpus.py, tools/train_tokenizer.py):
 
-    python tools/preprocess_data.py --input data/stdlib_docs.jsonl \\
-        --tokenizer data/tokenizer.model --output-prefix data/stdlib_docs --workers 2
+    python tools/preprocess_data.py --input data/corpus/stdlib_docstrings.jsonl \\
+        --tokenizer data/tokenizer/spm_bpe_2048.model --output-prefix data/indexed/stdlib_docstrings_text_document --workers 2
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 
 Example (the default corpus, see tools/build_corpus.py):
 
-    python tools/train_tokenizer.py --input data/stdlib_docs.jsonl \\
-        --output-prefix data/tokenizer --vocab-size 8000
+    python tools/train_tokenizer.py --input data/corpus/stdlib_docstrings.jsonl \\
+        --output-prefix data/tokenizer/spm_bpe_2048 --vocab-size 2048
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from l3train.allocation.allocation import (
     check_budget,
     frequency_allocation,
     lzw_allocation,
-    tokenizer_id_of,
     uniform_allocation,
 )
 from l3train.allocation.lzw import (
@@ -28,6 +27,5 @@ __all__ = [
     "lzw_allocation",
     "reference_lzw",
     "reference_lzw_counts",
-    "tokenizer_id_of",
     "uniform_allocation",
 ]

@@ -22,7 +22,6 @@ unrelated rule. A budget above V*k is impossible under the cap and is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -38,15 +37,6 @@ FORMAT_NAME = "l3train-allocation"
 FORMAT_VERSION = 1
 MODES = ("lzw", "lzw-reference", "uniform", "frequency")
 _REBUILD_HINT = "rebuild it with tools/lzw_allocate.py"
-
-
-def tokenizer_id_of(path: str | os.PathLike) -> str:
-    """Identity of a tokenizer model file: the first 16 hex digits of its sha256."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise L3TrainError(f"cannot read tokenizer model {path}: {err.strerror or err}") from err
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def check_budget(vocab_size: int, budget_v: int, cap_k: int) -> None:
@@ -244,10 +234,6 @@ class Allocation:
         if low < 1 or high > self.cap_k:
             return f"rows per token range over [{low}, {high}], outside [1, k={self.cap_k}]"
         return None
-
-    def bounds(self) -> np.ndarray:
-        """Row offsets: token t owns rows bounds[t]:bounds[t+1]; np.int64[vocab + 1]."""
-        return np.concatenate([[0], np.cumsum(self.rows_per_token)]).astype(np.int64)
 
     def mean_rows_per_token_occurrence(self) -> float:
         """Σ f_t d_t / Σ f_t: the mean d_t a corpus token sees (plain mean of d_t when the

@@ -24,7 +24,7 @@ from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_path, atomic_write_text
 
 _HOW_TO_MAKE = (
-    "train one with: python tools/train_tokenizer.py --input data/stdlib_docs.jsonl "
+    "train one with: python tools/train_tokenizer.py --input data/corpus/stdlib_docstrings.jsonl "
     "--output-prefix data/tokenizer"
 )
 

@@ -83,14 +83,25 @@ def plan_blocks(token_ids: Tensor, bounds: Tensor, max_scores_per_chunk: int = D
 
     Unique tokens are bucketed by (⌈log2 d_t⌉, ⌈log2 count⌉) so a bucket pads each axis
     by less than 2×; each bucket is cut into chunks of at most `max_scores_per_chunk`
-    score entries (a single block larger than that is its own chunk).
+    score entries. A token whose own block is larger is first split by positions, so the
+    only block that can exceed the budget is a single position with d_t > budget rows.
     """
     token_ids = token_ids.reshape(-1)
     sorted_ids, order = torch.sort(token_ids, stable=True)
-    unique_ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    row_starts = bounds[unique_ids]
-    row_counts = bounds[unique_ids + 1] - row_starts
-    position_starts = torch.cumsum(counts, 0) - counts
+    unique_ids, token_counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    token_row_counts = bounds[unique_ids + 1] - bounds[unique_ids]
+    token_position_starts = torch.cumsum(token_counts, 0) - token_counts
+    # A frequent token with many rows alone can exceed the budget: split its positions into
+    # pieces that each fit (pieces of one token share its rows; their gradients add up).
+    per_piece = (max_scores_per_chunk // token_row_counts).clamp_min(1)
+    pieces = (token_counts + per_piece - 1) // per_piece
+    piece_token = torch.repeat_interleave(torch.arange(len(unique_ids), device=token_ids.device), pieces)
+    piece_index = torch.arange(len(piece_token), device=token_ids.device) - torch.repeat_interleave(
+        torch.cumsum(pieces, 0) - pieces, pieces)
+    position_starts = token_position_starts[piece_token] + piece_index * per_piece[piece_token]
+    counts = torch.minimum(per_piece[piece_token], token_counts[piece_token] - piece_index * per_piece[piece_token])
+    row_starts = bounds[unique_ids][piece_token]
+    row_counts = token_row_counts[piece_token]
     # ceil(log2(n)) for n >= 1, computed exactly on integers.
     row_bucket = torch.ceil(torch.log2(row_counts.double())).long()
     count_bucket = torch.ceil(torch.log2(counts.double())).long()
