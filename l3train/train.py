@@ -2,10 +2,16 @@
 
     python -m l3train.train --config configs/tiny_l3.yaml [key.sub=value ...] [--resume]
     torchrun --nproc_per_node 2 -m l3train.train --config ... (data parallel)
+    torchrun --nproc_per_node 4 -m l3train.train --config ... parallel.tensor_parallel=2 (TP=2 × DP=2)
 
 One code path for 1 process, data parallel over gloo (CPU) or NCCL (GPU), and SLURM.
+With `parallel.tensor_parallel` > 1 the backbone is sharded Megatron-style over groups of
+that many consecutive ranks (l3train.parallel.tensor_parallel); the ranks of one group see
+the same batch, and DeepSpeed reduces gradients and partitions ZeRO state over the
+data-parallel groups only.
+
 Data order is a pure function of (seed, step), and per-step randomness is reseeded
-from (seed, step, rank), so the same config gives the same losses and `--resume`
+from (seed, step, data-parallel rank), so the same config gives the same losses and `--resume`
 continues the exact trajectory of an uninterrupted run.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,9 @@ from l3train.distributed import World, init_distributed
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.preemption import EXIT_REQUEUE, StopRequest
 from l3train.utils.atomic import atomic_write_text
+
+if TYPE_CHECKING:  # imported lazily at run time: megatron-core is slow to import
+    from l3train.parallel.state import ParallelState
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,9 +69,9 @@ def build_model(cfg: Config):
     return DecoderLM(cfg.model, cfg.l3, rows)
 
 
-def deepspeed_config(cfg: Config, world: World) -> dict:
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     tr = cfg.training
-    per_step = tr.micro_batch_size * world.size
+    per_step = tr.micro_batch_size * dp_size
     if tr.global_batch_size % per_step:
         raise L3TrainError(f"training.global_batch_size={tr.global_batch_size} must be a multiple of "
                            f"training.micro_batch_size × data-parallel ranks = {per_step}")
@@ -79,17 +89,47 @@ def deepspeed_config(cfg: Config, world: World) -> dict:
     }
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over unmasked positions, computed in fp32."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+def check_resume_tensor_parallel(cfg: Config) -> None:
+    """Refuse to resume a checkpoint written with another tensor-parallel size: it holds one
+    model file per TP rank with that rank's shards, and l3train does not reshard them
+    (DeepSpeed would fail deep inside its Megatron-GPT merge code)."""
+    import yaml
+
+    from l3train.checkpoint import checkpoint_root, latest_tag
+
+    root = checkpoint_root(cfg.run_dir)
+    tag = latest_tag(root)
+    if tag is None or not (root / tag / "config.yaml").exists():
+        return  # nothing to resume, or an incomplete checkpoint that the loader itself refuses
+    saved = yaml.safe_load((root / tag / "config.yaml").read_text())
+    saved_tp = saved.get("parallel", {}).get("tensor_parallel", 1)
+    if saved_tp != cfg.parallel.tensor_parallel:
+        raise L3TrainError(f"cannot resume {root / tag}: it was written with parallel.tensor_parallel={saved_tp} "
+                           f"but the config has {cfg.parallel.tensor_parallel}; checkpoints are not resharded, "
+                           f"use the same tensor_parallel or a new run_dir")
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+            vocab_parallel: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over unmasked positions, computed in fp32.
+
+    `vocab_parallel`: the logits are this tensor-parallel rank's slice of the vocabulary; the
+    loss is then megatron's vocab-parallel cross entropy, whole and equal on every TP rank."""
+    if vocab_parallel:
+        from l3train.parallel.tensor_parallel import vocab_parallel_token_losses
+
+        losses = vocab_parallel_token_losses(logits, labels).flatten()
+    else:
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
     mask = loss_mask.flatten().to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp_min(1)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
+def mean_over_replicas(value: torch.Tensor, parallel: ParallelState) -> float:
+    """Mean over the data-parallel ranks (the TP ranks of one replica hold the same value)."""
     value = value.detach().float().clone()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+    dist.all_reduce(value, group=parallel.dp_group)
+    return value.item() / parallel.dp_size
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.device):
@@ -97,24 +137,29 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.devic
         yield {k: v[start:start + size].to(device) for k, v in batch.items()}
 
 
-def evaluate(engine, valid_ds, cfg: Config, world: World) -> float:
+def evaluate(engine, valid_ds, cfg: Config, world: World, parallel: ParallelState) -> float:
     from l3train.data.dataset import batch_for_step
 
     engine.eval()
     total = torch.zeros((), device=world.device)
     with torch.no_grad():
         for index in range(cfg.training.eval_batches):
-            batch = batch_for_step(valid_ds, index, cfg.training.global_batch_size, world.rank, world.size)
+            batch = batch_for_step(valid_ds, index, cfg.training.global_batch_size, parallel.dp_rank,
+                                   parallel.dp_size)
             for micro in micro_batches(batch, cfg.training.micro_batch_size, world.device):
-                total += lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"])
+                total += lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"], parallel.tp_size > 1)
     engine.train()
     per_rank_batches = cfg.training.eval_batches * engine.gradient_accumulation_steps()
-    return mean_over_ranks(total / per_rank_batches)
+    return mean_over_replicas(total / per_rank_batches, parallel)
 
 
-def dense_grad_norm(model) -> float:
+def dense_grad_norm(model, parallel: ParallelState) -> float:
     """Global gradient norm before clipping, for ZeRO-0 where DeepSpeed does not report it
     (gradients are whole and already averaged over ranks after the boundary backward)."""
+    if parallel.tp_size > 1:
+        from l3train.parallel.tensor_parallel import tensor_parallel_grad_norm
+
+        return tensor_parallel_grad_norm(model, parallel)
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
@@ -140,7 +185,15 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
 def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     """Run training; returns the process exit status (EXIT_REQUEUE when stopped by a signal)."""
     stop = StopRequest()  # before the slow start-up, so an early signal is not lost
+    from l3train.parallel.state import DeepSpeedMPU, initialize_parallel, seed_parallel
+    from l3train.parallel.tensor_parallel import check_tensor_parallel, parallelize_tensor
+
+    tp = cfg.parallel.tensor_parallel
+    check_tensor_parallel(cfg.model, tp)  # config errors should not wait for the start-up
+    if resume:
+        check_resume_tensor_parallel(cfg)
     world = init_distributed()
+    parallel = initialize_parallel(tp)
     import deepspeed
 
     from l3train.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -149,41 +202,47 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     from l3train.optim import build_optimizer, build_scheduler
 
     tr = cfg.training
-    ds_config = deepspeed_config(cfg, world)
+    ds_config = deepspeed_config(cfg, parallel.dp_size)
     model = build_model(cfg)
+    if tp > 1:
+        model = parallelize_tensor(model, parallel)
     train_ds, valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
                                         tr.eval_batches * tr.global_batch_size)
     optimizer = build_optimizer(model, cfg)
+    # Without an mpu DeepSpeed treats every rank as data parallel, which is exact at TP=1.
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config)
+                                                   lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config,
+                                                   mpu=DeepSpeedMPU() if tp > 1 else None)
     start_step = (load_latest_checkpoint(engine, cfg) if resume else None) or 0
     run_dir = Path(cfg.run_dir)
     if world.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         params = sum(p.numel() for p in model.parameters())
-        print(f"[l3train] {world.size} rank(s) on {world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
-              f"{tr.precision}, {params / 1e6:.2f}M parameters, "
+        layout = f" (TP={tp} × DP={parallel.dp_size})" if tp > 1 else ""
+        print(f"[l3train] {world.size} rank(s){layout} on {world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
+              f"{tr.precision}, {params / 1e6:.2f}M parameters{' per rank' if tp > 1 else ''}, "
               f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
               f"run dir {run_dir}", flush=True)
     metrics = MetricsLogger(run_dir, enabled=world.is_main, purge_step=start_step + 1 if start_step else None)
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
     if start_step == 0:
-        val_loss = evaluate(engine, valid_ds, cfg, world)
+        val_loss = evaluate(engine, valid_ds, cfg, world, parallel)
         metrics.log(0, {"val/loss": val_loss}, f"step {0:>6}/{tr.steps} | val_loss {val_loss:.4f}")
 
     interval_loss, interval_steps, interval_start, run_start = 0.0, 0, time.time(), time.time()
     for step in range(start_step, tr.steps):
-        torch.manual_seed(tr.seed * 1_000_003 + step * 1_009 + world.rank)
-        batch = batch_for_step(train_ds, step, tr.global_batch_size, world.rank, world.size)
+        # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
+        seed_parallel(tr.seed * 1_000_003 + step * 1_009 + parallel.dp_rank)
+        batch = batch_for_step(train_ds, step, tr.global_batch_size, parallel.dp_rank, parallel.dp_size)
         step_loss = torch.zeros((), device=world.device)
         for micro in micro_batches(batch, tr.micro_batch_size, world.device):
-            loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"])
+            loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"], tp > 1)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
-                unclipped_norm = dense_grad_norm(model) if cfg.parallel.zero_stage == 0 else None
+                unclipped_norm = dense_grad_norm(model, parallel) if cfg.parallel.zero_stage == 0 else None
             engine.step()
             step_loss += loss.detach()
-        interval_loss += mean_over_ranks(step_loss / engine.gradient_accumulation_steps())
+        interval_loss += mean_over_replicas(step_loss / engine.gradient_accumulation_steps(), parallel)
         interval_steps += 1
         done = step + 1
         if done % tr.log_interval == 0 or done == tr.steps:
@@ -197,7 +256,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
             metrics.log(done, scalars, format_line(done, cfg, scalars, time.time() - run_start))
             interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
         if done % tr.eval_interval == 0 or done == tr.steps:
-            val_loss = evaluate(engine, valid_ds, cfg, world)
+            val_loss = evaluate(engine, valid_ds, cfg, world, parallel)
             metrics.log(done, {"val/loss": val_loss}, f"step {done:>6}/{tr.steps} | val_loss {val_loss:.4f}")
         preempted = done < tr.steps and stop.agreed(world.device)
         exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
