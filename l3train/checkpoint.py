@@ -25,10 +25,13 @@ from l3train.config import Config
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
-# Keys whose change makes a checkpoint unloadable or meaningless (the allocation itself
-# travels in the checkpoint as the `bounds` buffers, so its file path may change).
+# Keys whose change makes a checkpoint unloadable or meaningless: the model and L³
+# architecture (the allocation itself travels in the checkpoint as the `bounds` buffers,
+# so its file path may change), and the tensor-parallel size (each TP rank's file holds
+# its shards; l3train does not reshard them).
 _ARCHITECTURE_SECTIONS = ("model", "l3")
 _NOT_ARCHITECTURE = {("l3", "allocation"), ("l3", "lr"), ("l3", "weight_decay")}
+_LAYOUT_KEYS = (("parallel", "tensor_parallel"),)
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -93,13 +96,14 @@ def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
         raise L3TrainError(f"{checkpoint_dir} has no config.yaml: it is not a complete l3train checkpoint")
     saved = yaml.safe_load(saved_path.read_text())
     current = cfg.to_dict()
-    for section in _ARCHITECTURE_SECTIONS:
-        for key, value in current[section].items():
-            if (section, key) not in _NOT_ARCHITECTURE and saved.get(section, {}).get(key) != value:
-                raise L3TrainError(
-                    f"cannot resume {checkpoint_dir}: it was written with {section}.{key}="
-                    f"{saved.get(section, {}).get(key)!r} but the config has {value!r}; "
-                    f"use the same config or a new run_dir")
+    keys = [(section, key) for section in _ARCHITECTURE_SECTIONS for key in current[section]
+            if (section, key) not in _NOT_ARCHITECTURE] + list(_LAYOUT_KEYS)
+    for section, key in keys:
+        value, saved_value = current[section][key], saved.get(section, {}).get(key)
+        if saved_value != value:
+            raise L3TrainError(
+                f"cannot resume {checkpoint_dir}: it was written with {section}.{key}={saved_value!r} "
+                f"but the config has {value!r}; use the same config or a new run_dir")
 
 
 def refuse_existing_checkpoints(cfg: Config) -> None:

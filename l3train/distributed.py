@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from l3train.errors import L3TrainError
+
 
 def select_accelerator() -> torch.device:
     """The device this process trains on; tells DeepSpeed to use the CPU when there is no GPU."""
@@ -42,12 +44,30 @@ class World:
         return self.rank == 0
 
 
-def init_distributed() -> World:
-    """Initialise torch.distributed through DeepSpeed (which also sets up its own comm)."""
-    device = select_accelerator()
-    if "RANK" not in os.environ:  # not launched by torchrun/srun: a single process
+def _rank_environment_without_torchrun() -> None:
+    """Fill torch.distributed's variables for a process not started by torchrun.
+
+    Started by `srun` with several tasks, each task is one rank (SLURM_PROCID/NTASKS/
+    LOCALID) and MASTER_ADDR/MASTER_PORT must name rank 0's node; otherwise this is a
+    world of one.
+    """
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks > 1 and "SLURM_PROCID" in os.environ:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise L3TrainError("launched by srun with several tasks but MASTER_ADDR/MASTER_PORT are not set; "
+                               "export them (rank 0's node address and a free port) or use launch/slurm/pretrain.sbatch")
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=str(tasks),
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    else:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+
+
+def init_distributed() -> World:
+    """Initialise torch.distributed through DeepSpeed (which also sets up its own comm)."""
+    if "RANK" not in os.environ:
+        _rank_environment_without_torchrun()
+    device = select_accelerator()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

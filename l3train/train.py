@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from l3train.checkpoint import refuse_existing_checkpoints
 from l3train.config import Config, load_config
 from l3train.distributed import World, init_distributed
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
@@ -89,26 +90,6 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
-def check_resume_tensor_parallel(cfg: Config) -> None:
-    """Refuse to resume a checkpoint written with another tensor-parallel size: it holds one
-    model file per TP rank with that rank's shards, and l3train does not reshard them
-    (DeepSpeed would fail deep inside its Megatron-GPT merge code)."""
-    import yaml
-
-    from l3train.checkpoint import checkpoint_root, latest_tag
-
-    root = checkpoint_root(cfg.run_dir)
-    tag = latest_tag(root)
-    if tag is None or not (root / tag / "config.yaml").exists():
-        return  # nothing to resume, or an incomplete checkpoint that the loader itself refuses
-    saved = yaml.safe_load((root / tag / "config.yaml").read_text())
-    saved_tp = saved.get("parallel", {}).get("tensor_parallel", 1)
-    if saved_tp != cfg.parallel.tensor_parallel:
-        raise L3TrainError(f"cannot resume {root / tag}: it was written with parallel.tensor_parallel={saved_tp} "
-                           f"but the config has {cfg.parallel.tensor_parallel}; checkpoints are not resharded, "
-                           f"use the same tensor_parallel or a new run_dir")
-
-
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             vocab_parallel: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over unmasked positions, computed in fp32.
@@ -137,9 +118,12 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.devic
         yield {k: v[start:start + size].to(device) for k, v in batch.items()}
 
 
-def evaluate(engine, valid_ds, cfg: Config, world: World, parallel: ParallelState) -> float:
+def evaluate(engine, valid_ds, cfg: Config, world: World, parallel: ParallelState) -> float | None:
+    """Mean validation loss over `training.eval_batches` fixed batches; None without a validation split."""
     from l3train.data.dataset import batch_for_step
 
+    if valid_ds is None:
+        return None
     engine.eval()
     total = torch.zeros((), device=world.device)
     with torch.no_grad():
@@ -190,8 +174,8 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
 
     tp = cfg.parallel.tensor_parallel
     check_tensor_parallel(cfg.model, tp)  # config errors should not wait for the start-up
-    if resume:
-        check_resume_tensor_parallel(cfg)
+    if not resume:
+        refuse_existing_checkpoints(cfg)
     world = init_distributed()
     parallel = initialize_parallel(tp)
     import deepspeed
@@ -225,12 +209,20 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
               f"run dir {run_dir}", flush=True)
     metrics = MetricsLogger(run_dir, enabled=world.is_main, purge_step=start_step + 1 if start_step else None)
     tokens_per_step = tr.global_batch_size * cfg.data.seq_length
-    if start_step == 0:
-        val_loss = evaluate(engine, valid_ds, cfg, world, parallel)
-        metrics.log(0, {"val/loss": val_loss}, f"step {0:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+    if valid_ds is None and world.is_main:
+        print(f"[l3train] data.split={cfg.data.split!r} has no validation part: validation is skipped", flush=True)
 
-    interval_loss, interval_steps, interval_start, run_start = 0.0, 0, time.time(), time.time()
+    def log_validation(step: int) -> None:
+        val_loss = evaluate(engine, valid_ds, cfg, world, parallel)
+        if val_loss is not None:
+            metrics.log(step, {"val/loss": val_loss}, f"step {step:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+
+    if start_step == 0:
+        log_validation(0)
+    # tokens/s counts training steps only, not validation or checkpointing.
+    interval_loss, interval_steps, interval_seconds, run_start = 0.0, 0, 0.0, time.time()
     for step in range(start_step, tr.steps):
+        step_start = time.time()
         # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
         seed_parallel(tr.seed * 1_000_003 + step * 1_009 + parallel.dp_rank)
         batch = batch_for_step(train_ds, step, tr.global_batch_size, parallel.dp_rank, parallel.dp_size)
@@ -244,20 +236,19 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
             step_loss += loss.detach()
         interval_loss += mean_over_replicas(step_loss / engine.gradient_accumulation_steps(), parallel)
         interval_steps += 1
+        interval_seconds += time.time() - step_start
         done = step + 1
         if done % tr.log_interval == 0 or done == tr.steps:
-            elapsed = time.time() - interval_start
             scalars = {"train/loss": interval_loss / interval_steps, "train/lr": scheduler.get_last_lr()[0],
-                       "train/tokens_per_s": tokens_per_step * interval_steps / max(elapsed, 1e-9),
+                       "train/tokens_per_s": tokens_per_step * interval_steps / max(interval_seconds, 1e-9),
                        **l3_entropies(model)}
             grad_norm = engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
             metrics.log(done, scalars, format_line(done, cfg, scalars, time.time() - run_start))
-            interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+            interval_loss, interval_steps, interval_seconds = 0.0, 0, 0.0
         if done % tr.eval_interval == 0 or done == tr.steps:
-            val_loss = evaluate(engine, valid_ds, cfg, world, parallel)
-            metrics.log(done, {"val/loss": val_loss}, f"step {done:>6}/{tr.steps} | val_loss {val_loss:.4f}")
+            log_validation(done)
         preempted = done < tr.steps and stop.agreed(world.device)
         exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
         if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting or preempted:

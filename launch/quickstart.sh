@@ -24,4 +24,4 @@ ALLOCATION=data/allocation/lzw_v32768_k128.npz
 [ -f "$ALLOCATION" ] || $PY tools/lzw_allocate.py --data-prefix "$INDEXED" --tokenizer "$TOKENIZER.model" \
     --mode lzw --budget 32768 --cap 128 --output "$ALLOCATION"
 $PY tools/model_stats.py --config configs/tiny_l3.yaml
-$PY -m l3train.train --config configs/tiny_l3.yaml "$@"
+$PY -m l3train.train --config configs/tiny_l3.yaml --resume "$@"

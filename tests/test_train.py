@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from training_harness import (REPO, assert_losses_close, metrics, run_trainer, tiny_l3_config,
-                              trainer_env, write_config)
+from training_harness import (REPO, assert_losses_close, metrics, run_expecting_error, run_trainer,
+                              tiny_l3_config, trainer_env, write_config)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +92,6 @@ def test_resume_continues_the_uninterrupted_trajectory(reference_run, tmp_path):
     assert sorted(e.step for e in events.Scalars("train/loss"))[-7:] == list(range(6, 13))
 
 
-def run_expecting_error(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "l3train.train", *args], cwd=REPO, env=trainer_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_bad_configs_and_data_give_one_line(reference_run, tmp_path):
     _, _, config = reference_run
     assert "model.d_modle: unknown key" in run_expecting_error("--config", str(config), "model.d_modle=3")
@@ -151,3 +142,19 @@ def test_stop_signal_saves_and_exits_for_requeue(reference_run, tmp_path):
     stopped_at = max(metrics(run_dir, "train/loss"))
     assert stopped_at < 400
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(reference_run):
+    reference_dir, _, config = reference_run
+    before = sorted(p.name for p in (reference_dir / "checkpoints").iterdir())
+    message = run_expecting_error("--config", str(config), f"run_dir={reference_dir}")
+    assert "already holds checkpoints" in message and "--resume" in message
+    assert sorted(p.name for p in (reference_dir / "checkpoints").iterdir()) == before
+
+
+def test_training_without_a_validation_split(reference_run, tmp_path):
+    _, _, config = reference_run
+    run_dir = tmp_path / "run"
+    result = run_trainer(config, f"run_dir={run_dir}", "data.split=100,0,0", "training.steps=2")
+    assert "validation is skipped" in result.stdout
+    assert sorted(metrics(run_dir, "train/loss")) == [1, 2] and metrics(run_dir, "val/loss") == {}

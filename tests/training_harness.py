@@ -45,6 +45,16 @@ def run_trainer(config: Path, *args: str, nproc: int = 0, check: bool = True,
     return result
 
 
+def run_expecting_error(*args: str) -> str:
+    """Run the trainer expecting a user error: exit status 2 and exactly one stderr line (returned)."""
+    result = subprocess.run([sys.executable, "-m", "l3train.train", *args], cwd=REPO, env=trainer_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def write_config(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
