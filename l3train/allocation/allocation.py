@@ -22,16 +22,13 @@ unrelated rule. A budget above V*k is impossible under the cap and is refused.
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from l3train.errors import L3TrainError
-from l3train.utils.atomic import atomic_path
+from l3train.utils.npz import load_npz, save_npz
 
 FORMAT_NAME = "l3train-allocation"
 FORMAT_VERSION = 1
@@ -258,14 +255,8 @@ class Allocation:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz atomically (exactly at `path`, no suffix is added)."""
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    rows_per_token=self.rows_per_token,
-                    token_frequencies=self.token_frequencies,
-                    metadata=np.array(json.dumps(self.metadata())),
-                )
+        save_npz(path, {"rows_per_token": self.rows_per_token, "token_frequencies": self.token_frequencies},
+                 self.metadata())
 
     @classmethod
     def load(
@@ -275,26 +266,11 @@ class Allocation:
         expect_tokenizer_id: str | None = None,
     ) -> "Allocation":
         """Read and validate an allocation file; any problem is one-line L3TrainError."""
-        path = Path(path)
-        if not path.is_file():
-            raise L3TrainError(f"allocation file {path} does not exist; build one with tools/lzw_allocate.py")
+        arrays, metadata = load_npz(path, ("rows_per_token", "token_frequencies"), "allocation file",
+                                    _REBUILD_HINT)
+        rows, frequencies = arrays["rows_per_token"], arrays["token_frequencies"]
         not_allocation = f"{path} is not an l3train allocation file or is corrupt"
-        try:
-            archive = np.load(path, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise L3TrainError(f"{not_allocation} (a bare .npy array); {_REBUILD_HINT}")
-            with archive:
-                if not {"rows_per_token", "token_frequencies", "metadata"} <= set(archive.files):
-                    raise L3TrainError(f"{not_allocation} (missing arrays); {_REBUILD_HINT}")
-                rows = archive["rows_per_token"]
-                frequencies = archive["token_frequencies"]
-                metadata = json.loads(str(archive["metadata"]))
-        except L3TrainError:
-            raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            # json.JSONDecodeError is a ValueError.
-            raise L3TrainError(f"{not_allocation} ({type(err).__name__}: {err}); {_REBUILD_HINT}") from err
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        if metadata.get("format") != FORMAT_NAME:
             raise L3TrainError(f"{not_allocation} (no allocation metadata); {_REBUILD_HINT}")
         if metadata.get("format_version") != FORMAT_VERSION:
             raise L3TrainError(

@@ -59,17 +59,14 @@ so a checkpoint can store it and a loader can refuse it for another allocation.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from l3train.errors import L3TrainError
-from l3train.utils.atomic import atomic_path
+from l3train.utils.npz import load_npz, save_npz
 
 FORMAT_NAME = "l3train-shard-plan"
 FORMAT_VERSION = 1
@@ -244,35 +241,14 @@ class ShardPlan:
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz atomically (exactly at `path`, no suffix is added)."""
         state = self.state_dict()
-        arrays = {key: state.pop(key) for key in ("owner", "rows_per_token")}
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays, metadata=np.array(json.dumps(state)))
+        save_npz(path, {key: state.pop(key) for key in ("owner", "rows_per_token")}, state)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_rows_per_token: np.ndarray | None = None,
              expect_num_shards: int | None = None) -> "ShardPlan":
         """Read and verify a plan file; any problem is a one-line L3TrainError."""
-        path = Path(path)
-        if not path.is_file():
-            raise L3TrainError(f"shard plan file {path} does not exist; build one with tools/shard_plan.py")
-        not_plan = f"{path} is not an l3train shard plan file or is corrupt"
-        try:
-            archive = np.load(path, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise L3TrainError(f"{not_plan} (a bare .npy array); {_REBUILD_HINT}")
-            with archive:
-                if not {"owner", "rows_per_token", "metadata"} <= set(archive.files):
-                    raise L3TrainError(f"{not_plan} (missing arrays); {_REBUILD_HINT}")
-                state = json.loads(str(archive["metadata"]))
-                if not isinstance(state, dict):
-                    raise L3TrainError(f"{not_plan} (no plan metadata); {_REBUILD_HINT}")
-                state.update(owner=archive["owner"], rows_per_token=archive["rows_per_token"])
-        except L3TrainError:
-            raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            # json.JSONDecodeError is a ValueError.
-            raise L3TrainError(f"{not_plan} ({type(err).__name__}: {err}); {_REBUILD_HINT}") from err
+        arrays, state = load_npz(path, ("owner", "rows_per_token"), "shard plan file", _REBUILD_HINT)
+        state.update(arrays)
         return cls.from_state_dict(state, expect_rows_per_token, expect_num_shards, source=f"shard plan {path}")
 
 
