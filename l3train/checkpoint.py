@@ -3,6 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
     step_00000100/   DeepSpeed files (model, optimizer and scheduler states, every rank)
                      + config.yaml (the resolved config) + client state (step)
+                     + l3_rows_rank<rank>.pt per rank when the L³ rows are sharded
+                       (l3train.parallel.sharded_optim)
     latest           the tag of the newest complete checkpoint
 
 Every rank writes its shards into `.staging/<tag>` first; only when all ranks are done
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 import yaml
@@ -24,6 +28,9 @@ import yaml
 from l3train.config import Config
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from l3train.parallel.sharded_optim import ShardedRows
 
 # Keys whose change makes a checkpoint unloadable or meaningless: the model and L³
 # architecture (the allocation itself travels in the checkpoint as the `bounds` buffers,
@@ -57,8 +64,11 @@ def list_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if p.is_dir())
 
 
-def save_checkpoint(engine, cfg: Config, step: int, is_main: bool) -> Path:
-    """Save engine state for `step` (the number of optimizer steps completed)."""
+def save_checkpoint(engine, cfg: Config, step: int, is_main: bool,
+                    save_extra: Callable[[Path], None] | None = None) -> Path:
+    """Save engine state for `step` (the number of optimizer steps completed). `save_extra`,
+    called on every rank with the staging directory of the checkpoint, writes state that
+    DeepSpeed does not hold (sharded L³ rows); it is moved into place with the rest."""
     root = checkpoint_root(cfg.run_dir)
     staging = root / ".staging"
     tag = tag_for_step(step)
@@ -67,6 +77,8 @@ def save_checkpoint(engine, cfg: Config, step: int, is_main: bool) -> Path:
         staging.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+    if save_extra is not None:
+        save_extra(staging / tag)
     dist.barrier()
     final = root / tag
     if is_main:
@@ -115,13 +127,17 @@ def refuse_existing_checkpoints(cfg: Config) -> None:
                            f"pass --resume to continue that run, or choose another run_dir")
 
 
-def load_latest_checkpoint(engine, cfg: Config) -> int | None:
-    """Load the newest checkpoint of `cfg.run_dir` into `engine`; returns its step, or None if none."""
+def load_latest_checkpoint(engine, cfg: Config, rows: ShardedRows | None = None, rank: int = 0) -> int | None:
+    """Load the newest checkpoint of `cfg.run_dir` into `engine` (and this rank's sharded L³
+    `rows`, if any); returns its step, or None if none."""
+    from l3train.parallel.sharded_optim import check_layout
+
     root = checkpoint_root(cfg.run_dir)
     tag = latest_tag(root)
     if tag is None:
         return None
     check_compatible(cfg, root / tag)
+    check_layout(root / tag, rows.plan.num_shards if rows is not None else None)
     try:
         path, client_state = engine.load_checkpoint(str(root), tag=tag)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as err:
@@ -131,4 +147,6 @@ def load_latest_checkpoint(engine, cfg: Config) -> int | None:
     if path is None:
         raise L3TrainError(f"checkpoint {root / tag} could not be loaded; delete it or point "
                            f"{root / 'latest'} at an older one")
+    if rows is not None:
+        rows.load(root / tag, rank)
     return int(client_state["step"])

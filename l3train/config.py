@@ -94,6 +94,9 @@ class TrainingConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    # Partition the L³ rows over the TP×DP ranks by the static router (when there are > 1
+    # ranks and L³ layers); their optimizer and checkpoints are then outside DeepSpeed.
+    shard_l3_rows: bool = True
 
 
 @dataclass

@@ -9,6 +9,10 @@ With `parallel.tensor_parallel` > 1 the backbone is sharded Megatron-style over 
 that many consecutive ranks (l3train.parallel.tensor_parallel); the ranks of one group see
 the same batch, and DeepSpeed reduces gradients and partitions ZeRO state over the
 data-parallel groups only.
+With more than one rank the L³ rows are partitioned over all TP×DP ranks by the static
+router (`parallel.shard_l3_rows`, l3train.parallel.sharded_l3): they are not parameters of
+the module DeepSpeed wraps, and have their own optimizer, global-norm clipping and per-rank
+checkpoint files (l3train.parallel.sharded_optim).
 
 Data order is a pure function of (seed, step), and per-step randomness is reseeded
 from (seed, step, data-parallel rank), so the same config gives the same losses and `--resume`
@@ -34,6 +38,7 @@ from l3train.preemption import EXIT_REQUEUE, StopRequest
 from l3train.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # imported lazily at run time: megatron-core is slow to import
+    from l3train.parallel.sharded_optim import ShardedRows
     from l3train.parallel.state import ParallelState
 
 
@@ -52,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(cfg: Config):
-    """The DecoderLM of `cfg`, with its L³ allocation loaded and checked against the tokenizer."""
+    """The DecoderLM of `cfg` and its L³ allocation (None for a dense model), loaded and
+    checked against the tokenizer."""
     from l3train.allocation.allocation import Allocation
     from l3train.data.tokenizer import Tokenizer
     from l3train.model.llama import DecoderLM
@@ -61,13 +67,25 @@ def build_model(cfg: Config):
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise L3TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"vocabulary ({tokenizer.vocab_size}, {cfg.data.tokenizer})")
-    rows = None
+    allocation = None
     if cfg.l3.after_blocks:
         allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size,
                                      expect_tokenizer_id=tokenizer.tokenizer_id)
-        rows = allocation.rows_per_token
     torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
-    return DecoderLM(cfg.model, cfg.l3, rows)
+    return DecoderLM(cfg.model, cfg.l3, allocation.rows_per_token if allocation else None), allocation
+
+
+def shard_rows(model, allocation, cfg: Config, parallel: ParallelState, device: torch.device) -> ShardedRows:
+    """Partition every L³ layer's rows over the TP×DP ranks by the static router's shard plan."""
+    from l3train.parallel.shard_plan import plan_shards
+    from l3train.parallel.sharded_l3 import shard_lookup_layer
+    from l3train.parallel.sharded_optim import ShardedRows
+
+    plan = plan_shards(allocation.rows_per_token, allocation.token_frequencies, parallel.tp_size * parallel.dp_size)
+    attentions = [shard_lookup_layer(layer, plan, parallel.tp_rank, parallel.tp_size, parallel.tp_group,
+                                     parallel.dp_rank, parallel.dp_size, parallel.dp_group, device)
+                  for layer in model.l3_layers()]
+    return ShardedRows(attentions, plan, parallel.dp_rank * parallel.tp_size + parallel.tp_rank, cfg)
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -137,17 +155,6 @@ def evaluate(engine, valid_ds, cfg: Config, world: World, parallel: ParallelStat
     return mean_over_replicas(total / per_rank_batches, parallel)
 
 
-def dense_grad_norm(model, parallel: ParallelState) -> float:
-    """Global gradient norm before clipping, for ZeRO-0 where DeepSpeed does not report it
-    (gradients are whole and already averaged over ranks after the boundary backward)."""
-    if parallel.tp_size > 1:
-        from l3train.parallel.tensor_parallel import tensor_parallel_grad_norm
-
-        return tensor_parallel_grad_norm(model, parallel)
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
 def l3_entropies(model) -> dict[str, float]:
     return {f"l3/entropy_after_block_{index}": block.lookup.last_entropy.item()
             for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
@@ -184,12 +191,19 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     from l3train.data.dataset import batch_for_step, build_datasets
     from l3train.metrics import MetricsLogger
     from l3train.optim import build_optimizer, build_scheduler
+    from l3train.parallel.sharded_optim import clip_global_norm, module_grad_norm
 
     tr = cfg.training
     ds_config = deepspeed_config(cfg, parallel.dp_size)
-    model = build_model(cfg)
+    model, allocation = build_model(cfg)
     if tp > 1:
         model = parallelize_tensor(model, parallel)
+    rows = None
+    if cfg.parallel.shard_l3_rows and allocation is not None and world.size > 1:
+        if tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
+            raise L3TrainError(f"sharded L³ rows in bf16 need parallel.zero_stage 2 or 3 (got "
+                               f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false")
+        rows = shard_rows(model, allocation, cfg, parallel, world.device)
     train_ds, valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
                                         tr.eval_batches * tr.global_batch_size)
     optimizer = build_optimizer(model, cfg)
@@ -197,12 +211,14 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config,
                                                    mpu=DeepSpeedMPU() if tp > 1 else None)
-    start_step = (load_latest_checkpoint(engine, cfg) if resume else None) or 0
+    start_step = (load_latest_checkpoint(engine, cfg, rows, world.rank) if resume else None) or 0
     run_dir = Path(cfg.run_dir)
     if world.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         params = sum(p.numel() for p in model.parameters())
         layout = f" (TP={tp} × DP={parallel.dp_size})" if tp > 1 else ""
+        if rows is not None:
+            layout += f", L³ rows sharded over {rows.plan.num_shards} ranks"
         print(f"[l3train] {world.size} rank(s){layout} on {world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
               f"{tr.precision}, {params / 1e6:.2f}M parameters{' per rank' if tp > 1 else ''}, "
               f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
@@ -230,9 +246,14 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         for micro in micro_batches(batch, tr.micro_batch_size, world.device):
             loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"], tp > 1)
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                unclipped_norm = dense_grad_norm(model, parallel) if cfg.parallel.zero_stage == 0 else None
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and rows is not None:
+                unclipped_norm = clip_global_norm(engine, model, parallel, rows, cfg.optimizer.grad_clip)
+            elif boundary:
+                unclipped_norm = module_grad_norm(model, parallel) if cfg.parallel.zero_stage == 0 else None
             engine.step()
+            if boundary and rows is not None:
+                rows.step()
             step_loss += loss.detach()
         interval_loss += mean_over_replicas(step_loss / engine.gradient_accumulation_steps(), parallel)
         interval_steps += 1
@@ -252,7 +273,8 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         preempted = done < tr.steps and stop.agreed(world.device)
         exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
         if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting or preempted:
-            path = save_checkpoint(engine, cfg, done, world.is_main)
+            path = save_checkpoint(engine, cfg, done, world.is_main,
+                                   None if rows is None else lambda directory: rows.save(directory, world.rank))
             if world.is_main:
                 print(f"[l3train] saved checkpoint {path}", flush=True)
         if preempted:

@@ -57,10 +57,11 @@ class LargeLookupLayer(nn.Module):
 
     @property
     def num_rows(self) -> int:
-        return self.key_table.shape[0]
+        return int(self.bounds[-1])  # the whole allocation, also once the rows are sharded
 
     def tables(self) -> tuple[Tensor, Tensor]:
-        """(K, V); the same tensor twice when tied."""
+        """(K, V); the same tensor twice when tied. (None, None) once l3train.parallel has moved
+        the rows into a sharded `row_attention`, which then uses its own tables."""
         return self.key_table, self.key_table if self.tied_kv else self.value_table
 
     def lookup(self, x: Tensor, token_ids: Tensor) -> Tensor:

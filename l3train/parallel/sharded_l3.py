@@ -30,8 +30,14 @@ activations moved per layer per step instead of a 5.8 GB gradient all-reduce.
 Gradients: a shard's rows receive the gradient of every DP rank's loss (the positions
 came from all of them), i.e. Σ_r ∇L_r, whereas replicated parameters get DP's average
 (1/DP)·Σ_r ∇L_r. The tables are therefore scaled by 1/DP in backward, and they must not
-be all-reduced or partitioned over DP by ZeRO (their shapes even differ between ranks):
-`mark_as_rank_local` tags them the way DeepSpeed tags expert parameters.
+be all-reduced or partitioned over DP by ZeRO (their shapes even differ between ranks).
+So the sharded tables are not parameters of the layer at all: `shard_lookup_layer` moves
+them into the `ShardedRowAttention` object (a plain object, not a module), the layer's
+`key_table`/`value_table` become None, and no ZeRO stage, hook or checkpoint of the
+wrapped module ever sees them. Their optimizer, clipping and checkpoints live in
+`l3train.parallel.sharded_optim`. The tables keep the dtype they were built in (fp32 in
+training: master weights) and are cast to the activations' dtype for the lookup, so bf16
+training keeps fp32 rows.
 """
 
 from __future__ import annotations
@@ -44,10 +50,6 @@ from torch import Tensor, nn
 from l3train.model.l3_attention import row_attention_with_entropy
 from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
 from l3train.parallel.shard_plan import ShardPlan
-
-# DeepSpeed's name for the expert-parallel group whose data-parallel replicas number 1:
-# the group its MoE machinery reduces over, i.e. nothing leaves the rank.
-RANK_LOCAL_GROUP = "l3_rank_local"
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -113,23 +115,35 @@ def _exchange(tensor: Tensor, send_counts: list[int], recv_counts: list[int], gr
 
 
 class ShardedRowAttention:
-    """Drop-in for `row_attention_with_entropy` when this rank holds one shard of the rows."""
+    """Drop-in for `row_attention_with_entropy` when this rank holds one shard of the rows.
 
-    def __init__(self, owner: np.ndarray, local_rows_per_token: np.ndarray, tp_rank: int, tp_size: int, tp_group,
-                 dp_size: int, dp_group, device: torch.device) -> None:
+    Owns this rank's tables (`keys`, and `values` when untied; leaf tensors, not module
+    parameters) laid out by `local_bounds`."""
+
+    def __init__(self, owner: np.ndarray, local_rows_per_token: np.ndarray, keys: nn.Parameter,
+                 values: nn.Parameter | None, tp_rank: int, tp_size: int, tp_group, dp_size: int, dp_group,
+                 device: torch.device) -> None:
         self.owner = torch.as_tensor(owner, dtype=torch.long, device=device)
         self.local_bounds = bounds_from_rows(local_rows_per_token).to(device)
+        self.keys, self.values = keys, values
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
         self.dp_size, self.dp_group = dp_size, dp_group
 
-    def __call__(self, x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor,
-                 values: Tensor) -> tuple[Tensor, Tensor]:
-        """Same contract as `row_attention_with_entropy`; `bounds` (the global allocation) is
-        not needed: this rank's tables are laid out by `local_bounds`."""
+    def tables(self) -> list[nn.Parameter]:
+        """This rank's row tensors (the key table, plus the value table when untied)."""
+        return [self.keys] if self.values is None else [self.keys, self.values]
+
+    def __call__(self, x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor | None = None,
+                 values: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Same contract as `row_attention_with_entropy`, except that `bounds`, `keys` and
+        `values` (the layer's, None once sharded) are ignored: the lookup uses this rank's
+        own tables, laid out by `local_bounds`."""
+        keys = self.keys.to(x.dtype)
+        values = keys if self.values is None else self.values.to(x.dtype)
         if self.tp_size > 1:
             x = _ReplicatedInput.apply(x, self.tp_group)
         if self.dp_size > 1:
-            tied = values is keys
+            tied = self.values is None
             keys = _ScaleGradient.apply(keys, 1.0 / self.dp_size)
             values = keys if tied else _ScaleGradient.apply(values, 1.0 / self.dp_size)
         shard = self.owner[token_ids]
@@ -154,28 +168,29 @@ class ShardedRowAttention:
         return out, entropy
 
 
-def mark_as_rank_local(param: nn.Parameter) -> None:
-    """Tag a rank-local parameter the way DeepSpeed tags expert parameters (no DP reduction)."""
-    param.allreduce = False
-    param.group_name = RANK_LOCAL_GROUP
-
-
 def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, tp_rank: int, tp_size: int, tp_group,
-                       dp_rank: int, dp_size: int, dp_group) -> None:
+                       dp_rank: int, dp_size: int, dp_group, device: torch.device | None = None) -> ShardedRowAttention:
     """Keep only this rank's rows of `layer` (copied from its full initialisation, so a sharded
     run starts from the single-process weights) and route its lookups to the owners.
 
-    This rank holds shard `dp_rank * tp_size + tp_rank`. The layer's `bounds` buffer keeps
-    the global allocation: it is what a checkpoint needs.
+    This rank holds shard `dp_rank * tp_size + tp_rank`. The rows move out of the module
+    into the returned `ShardedRowAttention` (on `device`, default: where the table was),
+    which becomes `layer.row_attention`. The layer's `bounds` buffer keeps the global
+    allocation: it is what a checkpoint needs.
     """
     if plan.num_shards != tp_size * dp_size:
         raise ValueError(f"shard plan has {plan.num_shards} shards, expected TP×DP = {tp_size * dp_size}")
     shard = dp_rank * tp_size + tp_rank
+    device = device or layer.key_table.device
     rows = torch.as_tensor(plan.global_row_indices(shard), dtype=torch.long, device=layer.key_table.device)
-    layer.key_table = nn.Parameter(layer.key_table.detach()[rows].clone())
-    mark_as_rank_local(layer.key_table)
-    if not layer.tied_kv:
-        layer.value_table = nn.Parameter(layer.value_table.detach()[rows].clone())
-        mark_as_rank_local(layer.value_table)
-    layer.row_attention = ShardedRowAttention(plan.owner, plan.local_rows_per_token(shard), tp_rank, tp_size,
-                                              tp_group, dp_size, dp_group, layer.key_table.device)
+
+    def local(table: Tensor) -> nn.Parameter:
+        return nn.Parameter(table.detach()[rows].to(device=device, copy=True))
+
+    keys = local(layer.key_table)
+    values = None if layer.tied_kv else local(layer.value_table)
+    layer.key_table = None
+    layer.value_table = None
+    layer.row_attention = ShardedRowAttention(plan.owner, plan.local_rows_per_token(shard), keys, values, tp_rank,
+                                              tp_size, tp_group, dp_size, dp_group, device)
+    return layer.row_attention

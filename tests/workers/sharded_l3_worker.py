@@ -72,16 +72,16 @@ def main() -> None:
     check("grad x", x_local.grad, x_full.grad[span] * dp_size)
     shard = dp_rank * tp_size + tp_rank
     own_rows = torch.as_tensor(plan.global_row_indices(shard))
-    check("grad key rows", sharded.key_table.grad, full.key_table.grad[own_rows])
+    check("grad key rows", sharded.row_attention.keys.grad, full.key_table.grad[own_rows])
     if not tied:
-        check("grad value rows", sharded.value_table.grad, full.value_table.grad[own_rows])
+        check("grad value rows", sharded.row_attention.values.grad, full.value_table.grad[own_rows])
+    if any(name.endswith("_table") for name, _ in sharded.named_parameters()):
+        failures.append("the sharded tables are still parameters of the layer")
     for name, param in sharded.named_parameters():
-        if name.endswith("_table"):
-            continue
         grad = param.grad.clone()
         dist.all_reduce(grad, group=dp_groups[tp_rank])  # what DDP/ZeRO does for replicated parameters
         check(f"grad {name}", grad / dp_size, dict(full.named_parameters())[name].grad)
-    stored = sharded.key_table.shape[0]
+    stored = sharded.row_attention.keys.shape[0]
     expected = int(plan.rows_per_shard()[shard])
     if stored != expected:
         failures.append(f"stores {stored} rows, plan says {expected}")

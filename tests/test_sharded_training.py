@@ -1,0 +1,239 @@
+"""Training with the L³ rows partitioned over TP×DP (parallel.shard_l3_rows, the default).
+
+The trainer on gloo ranks must reproduce one process with the same global batch: losses,
+validation losses and the global gradient norm (clipping active), and the final L³ rows,
+gathered from the per-rank checkpoint files through the shard plan, must equal the
+single-process table (relative Frobenius error ≤ 1e-5). Equal weights after 20 AdamW
+steps imply equal row gradients at every step (clipped, DP-averaged), since the rows and
+their optimizer state start equal too.
+Also: each rank stores its share of the rows, ZeRO never sees them, and resume is exact
+and refuses another TP×DP layout.
+
+Run as a script under torchrun, this file is the worker of the ZeRO-isolation test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from training_harness import (REPO, assert_losses_close, free_port, metrics, run_expecting_error, run_trainer,
+                              tiny_l3_config, trainer_env, write_config)
+
+GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
+TABLE = "lookups.0.lookup.key_table"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
+    root = tmp_path_factory.mktemp("sharded_reference")
+    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
+    tree["training"]["steps"] = 20
+    tree["optimizer"]["grad_clip"] = GRAD_CLIP
+    tree["checkpoint"]["save_interval"] = 100
+    return write_config(root / "config.yaml", tree)
+
+
+@pytest.fixture(scope="module")
+def reference_run(config) -> Path:
+    """One process, ZeRO-0: the rows are an ordinary parameter there."""
+    result = run_trainer(config)
+    assert "rows sharded" not in result.stdout
+    return config.parent / "run"
+
+
+@pytest.fixture(scope="module")
+def runs(config, tmp_path_factory) -> dict:
+    """Sharded runs by (ranks, TP, ZeRO stage), made on first use and shared between tests."""
+    made = {}
+
+    def run(nproc: int, tp: int, stage: int) -> Path:
+        key = (nproc, tp, stage)
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp(f"n{nproc}_tp{tp}_z{stage}") / "run"
+            result = run_trainer(config, f"run_dir={run_dir}", f"parallel.tensor_parallel={tp}",
+                                 f"parallel.zero_stage={stage}", nproc=nproc)
+            assert f"L³ rows sharded over {nproc} ranks" in result.stdout
+            made[key] = run_dir
+        return made[key]
+
+    return run
+
+
+def _final(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "step_00000020"
+
+
+def _reference_table(run_dir: Path):
+    import torch
+
+    state = torch.load(_final(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return state["module"][TABLE]
+
+
+def _rank_files(run_dir: Path) -> list[dict]:
+    import torch
+
+    files = sorted(_final(run_dir).glob("l3_rows_rank*.pt"))
+    return [torch.load(path, map_location="cpu", weights_only=False) for path in files]
+
+
+def _gathered_table(states: list[dict]):
+    """The whole key table from the per-rank shards, placed by the plan's global row indices."""
+    import torch
+
+    from l3train.parallel.shard_plan import ShardPlan
+
+    plan = ShardPlan.from_state_dict(states[0]["plan"])
+    table = torch.full((int(plan.rows_per_token.sum()), states[0]["rows"][0].shape[1]), float("nan"))
+    for state in states:
+        table[torch.as_tensor(plan.global_row_indices(state["shard"]))] = state["rows"][0]
+    return table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,tp,stage", [(2, 1, 0), (2, 2, 0), (4, 2, 1), (2, 1, 1), (2, 1, 2), (2, 1, 3)],
+                         ids=["dp2", "tp2", "tp2xdp2_zero1", "dp2_zero1", "dp2_zero2", "dp2_zero3"])
+def test_sharded_training_equals_one_process(nproc, tp, stage, reference_run, runs):
+    run_dir = runs(nproc, tp, stage)
+    reference_norms = metrics(reference_run, "train/grad_norm")
+    assert sum(norm > GRAD_CLIP for norm in reference_norms.values()) >= 5  # clipping does act
+    losses = metrics(run_dir, "train/loss")
+    assert losses[20] < losses[1] - 0.5
+    assert_losses_close(losses, metrics(reference_run, "train/loss"), rtol=1e-5)
+    assert_losses_close(metrics(run_dir, "val/loss"), metrics(reference_run, "val/loss"), rtol=1e-5)
+    norms = metrics(run_dir, "train/grad_norm")  # dense and all ranks' rows, counted once
+    assert norms.keys() == reference_norms.keys()
+    for step, norm in norms.items():
+        assert norm == pytest.approx(reference_norms[step], rel=1e-4)
+
+    states = _rank_files(run_dir)
+    assert sorted(state["shard"] for state in states) == list(range(nproc))
+    reference = _reference_table(reference_run)
+    gathered = _gathered_table(states)
+    assert not gathered.isnan().any()  # every row is stored by some rank
+    # Frobenius, not element-wise: Adam's update g/(√v + eps) amplifies fp32 rounding in
+    # elements whose gradient is ~0 (dense weights show the same max-element spread).
+    assert float((gathered - reference).norm() / reference.norm()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_each_rank_stores_its_share_of_the_rows(runs):
+    """TP=2 × DP=2: every rank holds 1/4 of the rows, within the plan's row imbalance."""
+    from l3train.parallel.shard_plan import ShardPlan
+
+    states = _rank_files(runs(4, 2, 1))
+    plan = ShardPlan.from_state_dict(states[0]["plan"], expect_num_shards=4)
+    stored = [state["rows"][0].shape[0] for state in states]
+    total = int(plan.rows_per_token.sum())
+    assert sum(stored) == total
+    assert stored == [int(plan.rows_per_shard()[state["shard"]]) for state in states]
+    imbalance = float(plan.rows_per_shard().max() / plan.rows_per_shard().mean())
+    assert max(stored) <= total / 4 * imbalance + 1e-9
+    assert imbalance < 1.5
+
+
+@pytest.mark.slow
+def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_path):
+    """DP=2, ZeRO-1: stop after 10 steps and --resume give the uninterrupted losses exactly;
+    resuming with another TP×DP (here one process) is refused in one line."""
+    whole = runs(2, 1, 1)
+    split = tmp_path / "split"
+    common = [f"run_dir={split}", "parallel.zero_stage=1"]
+    run_trainer(config, *common, "--exit-after-steps", "10", nproc=2)
+    assert len(list((split / "checkpoints" / "step_00000010").glob("l3_rows_rank*.pt"))) == 2
+    second = run_trainer(config, *common, "--resume", nproc=2)
+    assert "resuming at step 10" in second.stdout
+    assert metrics(split, "train/loss") == metrics(whole, "train/loss")
+    message = run_expecting_error("--config", str(config), *common, "--resume")
+    assert "its L³ rows are sharded over 2 ranks (TP×DP)" in message
+    assert "resharding checkpoints is not supported" in message
+
+
+@pytest.mark.slow
+def test_zero_never_sees_the_rows(tmp_path):
+    output = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), __file__, str(output)]
+    result = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads(output.read_text())
+    assert sorted(report) == ["0", "1", "2", "3"]
+    for stage, result in report.items():
+        assert result["failures"] == [], (stage, result)
+
+
+def _zero_isolation_worker(output: Path) -> None:
+    """For ZeRO 0-3 on 2 DP ranks: no engine or optimizer parameter is (or has the shape of)
+    a row table, the tables carry no DeepSpeed attributes, and after `engine.backward` their
+    gradients are exactly those of a plain backward on this rank's batch (not averaged over
+    DP: the ranks' row gradients differ)."""
+    import deepspeed
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from l3train.config import L3Config, ModelConfig
+    from l3train.model.llama import DecoderLM
+    from l3train.parallel.shard_plan import plan_shards
+    from l3train.parallel.sharded_l3 import shard_lookup_layer
+    from l3train.parallel.state import initialize_parallel
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    state = initialize_parallel(1)
+    rank = dist.get_rank()
+    report = {}
+    for stage in range(4):
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden_size=48,
+                          max_seq_len=16)
+        rows = np.random.default_rng(0).integers(1, 9, cfg.vocab_size)
+        torch.manual_seed(0)
+        model = DecoderLM(cfg, L3Config(after_blocks=[0], d_emb=32, d_up=48), rows)
+        plan = plan_shards(rows, None, 2)
+        attention = shard_lookup_layer(model.l3_layers()[0], plan, 0, 1, state.tp_group, state.dp_rank,
+                                       state.dp_size, state.dp_group)
+        table = attention.keys
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
+
+        model(tokens).float().square().mean().backward()  # plain autograd: this rank's row gradient
+        expected = table.grad.clone()
+        table.grad = None
+        model.zero_grad(set_to_none=True)
+
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            config={"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+                    "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                    "steps_per_print": 1 << 30})
+        failures = []
+        seen = list(engine.module.parameters()) + [p for group in engine.optimizer.param_groups
+                                                     for p in group["params"]]
+        if any(p is table for p in seen):
+            failures.append("a row table is an engine/optimizer parameter")
+        full_shapes = {tuple(getattr(p, "ds_shape", p.shape)) for p in seen}
+        if tuple(table.shape) in full_shapes:
+            failures.append(f"a parameter has the row table's shape {tuple(table.shape)}")
+        touched = [name for name in ("ds_id", "ds_tensor", "ds_status", "allreduce", "group_name")
+                   if hasattr(table, name)]
+        if touched:
+            failures.append(f"the row table carries DeepSpeed attributes {touched}")
+        engine.backward(engine(tokens).float().square().mean())
+        error = float((table.grad - expected).abs().max() / expected.abs().max())
+        if error > 1e-6:  # ZeRO-3's gathered forward may round differently, not more
+            failures.append(f"engine.backward changed the row gradient (relative {error:.2g}): reduced or scaled")
+        norms = [torch.zeros(1) for _ in range(2)]
+        dist.all_gather(norms, table.grad.norm().reshape(1))
+        if torch.equal(norms[0], norms[1]):
+            failures.append("the two ranks' row gradients have equal norms (were they all-reduced?)")
+        report[str(stage)] = {"failures": failures, "grad_error": error}
+        engine.destroy()
+    if rank == 0:
+        output.write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _zero_isolation_worker(Path(sys.argv[1]))
