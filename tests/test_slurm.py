@@ -1,0 +1,194 @@
+"""SLURM acceptance: launch/slurm/pretrain.sbatch and launch/sweep.py on a real two-node cluster.
+
+launch/slurm/cluster.sh starts munged, slurmctld and slurmd for nodes n1 and n2 on this
+machine (CPU_RECIPES.md, SLURM section); jobs are submitted with the real sbatch and
+run torchrun over gloo on both nodes. Checked: a 2-node run finishes with a checkpoint
+in its per-job run directory; a 3-point sweep finishes with its manifest; a job stopped
+with SIGUSR1 saves, requeues itself and resumes from its checkpoint under the same job id;
+a cancelled job saves and stays cancelled.
+Job state is polled with `scontrol show job` (sbatch --wait adds ~30 s per job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+from training_harness import REPO, metrics, tiny_l3_config, trainer_env, write_config
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SH = REPO / "launch" / "slurm" / "cluster.sh"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    conf: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**trainer_env(), "SLURM_CONF": str(self.conf), **extra}
+
+    def run(self, *cmd: str, **extra_env: str) -> str:
+        result = subprocess.run(cmd, cwd=REPO, env=self.env(**extra_env), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed: {result.stderr}{result.stdout}"
+        return result.stdout
+
+    def sbatch(self, *args: str, **extra_env: str) -> str:
+        return self.run("sbatch", "--parsable", *args, **extra_env).strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """The job's record (JobState, Restarts, ...) from `scontrol show job`."""
+        return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "-o", job_id)))
+
+    def wait(self, job_id: str, log: Path, timeout: float = 180) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while (record := self.job(job_id))["JobState"] not in FINAL_STATES:
+            if time.time() > deadline:
+                subprocess.run(["scancel", job_id], env=self.env(), timeout=30)
+                pytest.fail(f"job {job_id} still {record['JobState']} after {timeout} s; log:\n{tail(log)}")
+            time.sleep(1)
+        return record
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text().splitlines()[-lines:]) if log.exists() else f"({log} not written)"
+
+
+def live_pids(cluster_dir: Path) -> list[int]:
+    pids = [int(line.split()[1]) for line in (cluster_dir / "pids").read_text().splitlines()]
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if shutil.which("slurmctld") is None and not Path("/usr/sbin/slurmctld").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("slurmctld is not installed, but CI must run the SLURM tests (.ci/run installs slurm-wlm)")
+        pytest.skip("slurm-wlm is not installed (apt-get install -y slurm-wlm munge); CI runs these tests")
+    started = subprocess.run(["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, f"cluster.sh start failed:\n{started.stderr}"
+    conf = Path(started.stdout.strip().splitlines()[-1].split("=", 1)[1])
+    cluster_dir = conf.parent
+    pids = live_pids(cluster_dir)
+    assert len(pids) == 4  # munged, slurmctld, slurmd n1 and n2
+    try:
+        yield Cluster(conf)
+    finally:
+        stopped = subprocess.run(["bash", str(CLUSTER_SH), "stop", str(cluster_dir)], capture_output=True,
+                                 text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "cluster daemons still running"
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_corpus, tiny_allocation) -> dict:
+    return tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation)
+
+
+def test_two_node_job_trains_and_checkpoints(cluster, tiny_config, tmp_path):
+    """No run_dir in the config: the job trains in <root>/runs/<config name>-<job id>."""
+    del tiny_config["run_dir"]
+    config = write_config(tmp_path / "tiny.yaml", tiny_config)
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config),
+                            L3TRAIN_ROOT=str(tmp_path), L3TRAIN_PYTHON=sys.executable)
+    record = cluster.wait(job_id, log)
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED", tail(log)
+    assert record["NodeList"] == "n[1-2]"
+    assert "on 2 node(s) [n[1-2]], 1 process(es) per node" in text
+    assert "rendezvous localhost:" in text  # the node record's NodeAddr, not the name n1
+    assert "[l3train] 2 rank(s)" in text and "starting from scratch" in text
+    assert "trainer exit statuses: 0 x2" in text and "training finished" in text
+    run_dir = tmp_path / "runs" / f"tiny-{job_id}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    assert sorted(metrics(run_dir, "train/loss")) == list(range(1, 13))
+
+
+def test_sweep_of_three_learning_rates(cluster, tiny_config, tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"configs": [str(config)], "grid": {"optimizer.lr": [1.0e-3, 3.0e-3, 1.0e-2]},
+                                     "sbatch_args": ["--nodes=1"]}))
+    study = tmp_path / "study"
+    cluster.run(sys.executable, "launch/sweep.py", str(sweep), "--study-dir", str(study))
+    runs = json.loads((study / "study.json").read_text())["runs"]
+    assert [run["name"] for run in runs] == ["tiny-lr0.001", "tiny-lr0.003", "tiny-lr0.01"]
+    assert len({run["job_id"] for run in runs}) == 3
+    final_losses = []
+    for run in runs:
+        log = Path(run["log"].replace("%j", run["job_id"]))
+        assert cluster.wait(run["job_id"], log)["JobState"] == "COMPLETED", tail(log)
+        run_dir = Path(run["run_dir"])
+        assert run_dir.parent == study
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["lr"] == float(
+            run["name"].removeprefix("tiny-lr"))
+        final_losses.append(metrics(run_dir, "train/loss")[12])
+    assert len(set(final_losses)) == 3, final_losses  # three different trainings
+
+
+def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
+    """SIGUSR1 to the batch shell (as --signal=B:USR1 does before the time limit): the
+    trainers save and exit 75, the job requeues itself and resumes from that checkpoint."""
+    tiny_config["training"].update(steps=300, log_interval=10, eval_interval=1000)
+    tiny_config["checkpoint"]["save_interval"] = 1000
+    config = write_config(tmp_path / "long.yaml", tiny_config)
+    run_dir = Path(tiny_config["run_dir"])
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config))
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or max(metrics(run_dir, "train/loss"), default=0) < 20:
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, tail(log)
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    record = cluster.wait(job_id, log)
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED", tail(log)
+    assert record["Restarts"] == "1"
+    assert "received SIGUSR1" in text and "trainer exit statuses: 75 x2" in text and "requeueing job" in text
+    stopped_at = int(re.search(r"stop signal \(SIGUSR1\) at step (\d+)", text).group(1))
+    resumed_at = int(re.search(r"resuming at step (\d+)", text).group(1))
+    assert 20 <= stopped_at == resumed_at < 300
+    assert "(restart 1)" in text and text.count("starting from scratch") == 1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000300"
+    # The log continues where the first attempt stopped: every interval once, no restart from 0.
+    assert sorted(metrics(run_dir, "train/loss")) == list(range(10, 301, 10))
+    assert sorted(metrics(run_dir, "val/loss")) == [0, 300]
+
+
+def test_cancelled_job_saves_and_stays_cancelled(cluster, tiny_config, tmp_path):
+    """scancel sends SIGTERM: the trainers save and exit 75, but the job must not requeue
+    itself (that would undo the cancel); the run resumes only when submitted again."""
+    tiny_config["training"].update(steps=2000, log_interval=10, eval_interval=10000)
+    tiny_config["checkpoint"]["save_interval"] = 10000
+    config = write_config(tmp_path / "long.yaml", tiny_config)
+    run_dir = Path(tiny_config["run_dir"])
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config))
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or max(metrics(run_dir, "train/loss"), default=0) < 10:
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, tail(log)
+        time.sleep(0.2)
+    cluster.run("scancel", job_id)
+    record = cluster.wait(job_id, log)  # CANCELLED at once; the shell goes on until the trainers exit
+    deadline = time.time() + 60
+    while "not requeueing" not in (text := log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert record["JobState"] == "CANCELLED" and record["Restarts"] == "0", tail(log)
+    assert "received SIGTERM" in text and "not requeueing" in text and "requeued" not in text, tail(log)
+    stopped_at = int(re.search(r"stop signal \(SIGTERM\) at step (\d+)", text).group(1))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
