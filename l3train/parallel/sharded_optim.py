@@ -33,7 +33,7 @@ from torch import nn
 
 from l3train.config import Config
 from l3train.errors import L3TrainError
-from l3train.optim import lr_multiplier
+from l3train.optim import build_scheduler
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.sharded_l3 import ShardedRowAttention
 
@@ -56,7 +56,7 @@ class ShardedRows:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.l3.lr if cfg.l3.lr is not None else opt.lr,
                                            betas=(opt.beta1, opt.beta2), eps=opt.eps,
                                            weight_decay=cfg.l3.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, cfg))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def squared_grad_norm(self) -> torch.Tensor:
         """Σ of squared row gradients on this rank (rows without gradient count as zero)."""
