@@ -24,7 +24,9 @@ fi
 echo "[setup] installing requirements.txt and l3train (editable)"
 $PIP install -r requirements.txt
 $PIP install --no-deps --no-build-isolation -e .
-"$VENV/bin/python" - <<'PY'
+DS_ACCELERATOR=${DS_ACCELERATOR:-$("$VENV/bin/python" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")} \
+  "$VENV/bin/python" - <<'PY'
+import l3train  # noqa: F401  (silences megatron-core's apex/TE import warnings)
 import torch, deepspeed, megatron.core, sentencepiece, triton  # noqa: F401
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), "
       f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}")
