@@ -120,6 +120,20 @@ def _segment_positions(order_ptr, segments_ptr, token, first, BLOCK_P: tl.conste
 
 
 @triton.jit
+def _position_tile(tiles_ptr, order_ptr, segments_ptr, scratch_ptr, scratch_width, BLOCK_P: tl.constexpr):
+    """This program's tile: its positions and mask, its scratch block (BLOCK_P × scratch_width),
+    and its token's rows (start, count)."""
+    tile = tl.program_id(0)
+    token = tl.load(tiles_ptr + 3 * tile)
+    positions, pos_mask = _segment_positions(order_ptr, segments_ptr, token, tl.load(tiles_ptr + 3 * tile + 1),
+                                             BLOCK_P)
+    scratch_ptr += tl.load(tiles_ptr + 3 * tile + 2) * (BLOCK_P * scratch_width)
+    row_start = tl.load(segments_ptr + 4 * token + 2)
+    row_count = tl.load(segments_ptr + 4 * token + 3)
+    return positions, pos_mask, scratch_ptr, row_start, row_count
+
+
+@triton.jit
 def _row_products(a_ptr, b_ptr, positions, pos_mask, rows, row_mask, WIDTH,
                   BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
@@ -141,13 +155,8 @@ def _forward_kernel(x_ptr, keys_ptr, values_ptr, out_ptr, lse_ptr, entropy_ptr, 
                     order_ptr, segments_ptr, tiles_ptr, D_IN, D_EMB,
                     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DI: tl.constexpr,
                     BLOCK_DE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    token = tl.load(tiles_ptr + 3 * tile)
-    positions, pos_mask = _segment_positions(order_ptr, segments_ptr, token, tl.load(tiles_ptr + 3 * tile + 1),
-                                             BLOCK_P)
-    scratch_ptr += tl.load(tiles_ptr + 3 * tile + 2) * (BLOCK_P * D_EMB)
-    row_start = tl.load(segments_ptr + 4 * token + 2)
-    row_count = tl.load(segments_ptr + 4 * token + 3)
+    positions, pos_mask, scratch_ptr, row_start, row_count = _position_tile(
+        tiles_ptr, order_ptr, segments_ptr, scratch_ptr, D_EMB, BLOCK_P)
     slots = tl.arange(0, BLOCK_P)
 
     running_max = tl.full((BLOCK_P,), float("-inf"), COMPUTE)
@@ -191,13 +200,8 @@ def _grad_x_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delta_ptr
                    order_ptr, segments_ptr, tiles_ptr, D_IN, D_EMB,
                    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DI: tl.constexpr,
                    BLOCK_DE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    token = tl.load(tiles_ptr + 3 * tile)
-    positions, pos_mask = _segment_positions(order_ptr, segments_ptr, token, tl.load(tiles_ptr + 3 * tile + 1),
-                                             BLOCK_P)
-    scratch_ptr += tl.load(tiles_ptr + 3 * tile + 2) * (BLOCK_P * D_IN)
-    row_start = tl.load(segments_ptr + 4 * token + 2)
-    row_count = tl.load(segments_ptr + 4 * token + 3)
+    positions, pos_mask, scratch_ptr, row_start, row_count = _position_tile(
+        tiles_ptr, order_ptr, segments_ptr, scratch_ptr, D_IN, BLOCK_P)
     slots = tl.arange(0, BLOCK_P)
     lse = tl.load(lse_ptr + positions, mask=pos_mask, other=0.0)
     delta = tl.load(delta_ptr + positions, mask=pos_mask, other=0.0)
