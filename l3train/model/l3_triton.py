@@ -134,6 +134,22 @@ def _position_tile(tiles_ptr, order_ptr, segments_ptr, scratch_ptr, scratch_widt
 
 
 @triton.jit
+def _accumulate_rows(weights_t, source_ptr, positions, pos_mask, WIDTH, scratch_ptr, out_ptr, local_rows, rows,
+                     row_mask, first, last, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+                     COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """out[rows] (+)= weights_tᵀ-weighted sum of source[positions], feature chunk by chunk,
+    carrying partial sums through this program's scratch across position blocks."""
+    for f0 in range(0, WIDTH, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        col_mask = cols < WIDTH
+        source = tl.load(source_ptr + positions[:, None] * WIDTH + cols[None, :],
+                         mask=pos_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
+        partial = _mm(weights_t, source, tl.zeros((BLOCK_R, BLOCK_F), COMPUTE), PRECISION)
+        _carry(partial, 1.0, 1.0, scratch_ptr + local_rows[:, None] * WIDTH + cols[None, :],
+               out_ptr + rows[:, None] * WIDTH + cols[None, :], row_mask[:, None] & col_mask[None, :], first, last)
+
+
+@triton.jit
 def _row_products(a_ptr, b_ptr, positions, pos_mask, rows, row_mask, WIDTH,
                   BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
@@ -260,24 +276,11 @@ def _grad_tables_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delt
         probs_t = tl.trans(probs)
         first = p0 == 0
         last = p0 + BLOCK_P >= pos_count
-        for i0 in range(0, D_IN, BLOCK_DI):
-            cols = i0 + tl.arange(0, BLOCK_DI)
-            col_mask = cols < D_IN
-            x = tl.load(x_ptr + positions[:, None] * D_IN + cols[None, :],
-                        mask=pos_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
-            partial = _mm(grad_scores_t, x, tl.zeros((BLOCK_R, BLOCK_DI), COMPUTE), PRECISION)
-            _carry(partial, 1.0, 1.0, keys_scratch_ptr + local_rows[:, None] * D_IN + cols[None, :],
-                   grad_keys_ptr + rows[:, None] * D_IN + cols[None, :], row_mask[:, None] & col_mask[None, :],
-                   first, last)
-        for e0 in range(0, D_EMB, BLOCK_DE):
-            cols = e0 + tl.arange(0, BLOCK_DE)
-            col_mask = cols < D_EMB
-            grad_out = tl.load(grad_out_ptr + positions[:, None] * D_EMB + cols[None, :],
-                               mask=pos_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
-            partial = _mm(probs_t, grad_out, tl.zeros((BLOCK_R, BLOCK_DE), COMPUTE), PRECISION)
-            _carry(partial, 1.0, 1.0, values_scratch_ptr + local_rows[:, None] * D_EMB + cols[None, :],
-                   grad_values_ptr + rows[:, None] * D_EMB + cols[None, :], row_mask[:, None] & col_mask[None, :],
-                   first, last)
+        # dK = dSᵀ·X and dV = Pᵀ·dA for this block of rows.
+        _accumulate_rows(grad_scores_t, x_ptr, positions, pos_mask, D_IN, keys_scratch_ptr, grad_keys_ptr,
+                         local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DI, COMPUTE, PRECISION)
+        _accumulate_rows(probs_t, grad_out_ptr, positions, pos_mask, D_EMB, values_scratch_ptr, grad_values_ptr,
+                         local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
         tl.debug_barrier()
 
 
