@@ -193,7 +193,7 @@ def _validate(cfg: Config) -> None:
         (len(set(l3.after_blocks)) == len(l3.after_blocks), "l3.after_blocks", f"has duplicates: {l3.after_blocks}"),
         (all(0 <= b < m.n_layers for b in l3.after_blocks), "l3.after_blocks",
          f"indices must be in 0..{m.n_layers - 1} (model.n_layers={m.n_layers}), got {l3.after_blocks}"),
-        (not l3.tied_kv or l3.d_emb == m.d_model, "l3.d_emb",
+        (not l3.after_blocks or not l3.tied_kv or l3.d_emb == m.d_model, "l3.d_emb",
          f"tied keys/values need l3.d_emb == model.d_model ({m.d_model}), got {l3.d_emb}; set l3.tied_kv=false or change l3.d_emb"),
         (l3.norm in NORM_KINDS, "l3.norm", f"must be one of {NORM_KINDS}, got {l3.norm!r}"),
         (not l3.after_blocks or l3.allocation, "l3.allocation",

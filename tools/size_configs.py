@@ -103,13 +103,9 @@ def l3_figures(cfg: Config, rows: int | None, mean_rows: float | None) -> tuple[
 
 def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flops: float,
                rows: int, mean_rows: float, output: Path) -> str:
-    """The dense config: the L³ file's settings with the new backbone and no L³ layers.
-
-    `l3.d_emb` is set to d_model only because config validation checks the (default)
-    tied K/V width even when there are no L³ layers.
-    """
+    """The dense config: the L³ file's settings with the new backbone and no L³ layers."""
     tree: dict[str, Any] = yaml.safe_load(config_path.read_text())
-    tree["l3"] = {"after_blocks": [], "d_emb": dense.d_model}
+    tree["l3"] = {"after_blocks": []}
     tree["run_dir"] = f"runs/{output.stem}"
     tree["model"] = {**tree.get("model", {}), "d_model": dense.d_model, "n_layers": dense.n_layers,
                      "n_heads": dense.n_heads, "n_kv_heads": dense.n_kv_heads,
@@ -117,7 +113,7 @@ def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flop
     config_from_dict(tree)  # the file must load
     header = (f"# Iso-FLOP dense baseline of {config_path.name}, written by tools/size_configs.py:\n"
               f"#   {dense.n_layers} blocks, d_model {dense.d_model}, {dense.n_heads} heads ({dense.n_kv_heads} KV), "
-              f"SwiGLU {dense.ffn_hidden_size}; no L³ layers (l3.d_emb only satisfies the tied-K/V check).\n"
+              f"SwiGLU {dense.ffn_hidden_size}; no L³ layers.\n"
               f"#   Forward FLOPs/token {stats.flops_per_token / l3_flops:.4f}x the L³ model's "
               f"(at its v = {rows:,}, mean d_t = {mean_rows:.2f}).\n"
               f"{sizes_line(stats, 0, 0.0)}\n")
