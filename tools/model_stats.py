@@ -13,21 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from l3train.config import load_config
-from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-from l3train.model.accounting import ModelStats, model_stats
-
-
-def allocation_figures(allocation_path: str, vocab_size: int) -> tuple[int, float]:
-    from l3train.allocation.allocation import Allocation
-
-    if not Path(allocation_path).exists():
-        raise L3TrainError(f"l3.allocation {allocation_path} not found; build it with tools/lzw_allocate.py "
-                           f"or pass --rows and --mean-rows to plan without it")
-    allocation = Allocation.load(allocation_path, expect_vocab_size=vocab_size)
-    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
+from l3train.errors import CliArgumentParser, run_cli
+from l3train.model.accounting import ModelStats, l3_figures, model_stats
 
 
 def format_row(name: str, stats: ModelStats) -> str:
@@ -42,15 +31,8 @@ def main() -> int:
     parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    if (args.rows is None) != (args.mean_rows is None):
-        raise L3TrainError("--rows and --mean-rows go together")
-    if args.rows is not None and not 1 <= args.mean_rows <= args.rows:
-        raise L3TrainError(f"--mean-rows must be in [1, --rows={args.rows}], got {args.mean_rows}")
     cfg = load_config(args.config, args.overrides)
-    rows, mean_rows = 0, 0.0
-    if cfg.l3.after_blocks:
-        rows, mean_rows = ((args.rows, args.mean_rows) if args.rows is not None
-                           else allocation_figures(cfg.l3.allocation, cfg.model.vocab_size))
+    rows, mean_rows = l3_figures(cfg, args.rows, args.mean_rows) if cfg.l3.after_blocks else (0, 0.0)
     seq = cfg.data.seq_length
     print(f"config {args.config}: {len(cfg.l3.after_blocks)} L³ layer(s) after blocks {cfg.l3.after_blocks}, "
           f"v={rows:,} rows per layer, corpus mean d_t={mean_rows:.2f}, sequence length {seq}")

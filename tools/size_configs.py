@@ -25,7 +25,7 @@ import yaml
 
 from l3train.config import Config, ModelConfig, config_from_dict, load_config
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-from l3train.model.accounting import ModelStats, model_stats
+from l3train.model.accounting import ModelStats, l3_figures, model_stats
 from l3train.utils.atomic import atomic_write_text
 
 MOE_UNAVAILABLE = "not available: MoE baseline not implemented yet"
@@ -82,23 +82,6 @@ def iso_flop_dense(m: ModelConfig, seq_length: int, target_flops: float) -> Mode
         raise L3TrainError(f"no dense backbone up to {2 * m.n_layers} layers and {2 * m.n_heads} heads "
                            f"reaches {target_flops:,.0f} FLOPs/token")
     return best[2]
-
-
-def l3_figures(cfg: Config, rows: int | None, mean_rows: float | None) -> tuple[int, float]:
-    """(v, corpus mean d_t): from the flags, else from the allocation file."""
-    if (rows is None) != (mean_rows is None):
-        raise L3TrainError("--rows and --mean-rows go together")
-    if rows is not None:
-        if not 1 <= mean_rows <= rows:
-            raise L3TrainError(f"--mean-rows must be in [1, --rows={rows}], got {mean_rows}")
-        return rows, mean_rows
-    from l3train.allocation.allocation import Allocation
-
-    if not Path(cfg.l3.allocation).exists():
-        raise L3TrainError(f"l3.allocation {cfg.l3.allocation} not found; build it with tools/lzw_allocate.py "
-                           f"or pass --rows and --mean-rows to plan without it")
-    allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size)
-    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
 
 
 def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flops: float,

@@ -18,8 +18,10 @@ Conventions (stated once, used by the sizing and report tools):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from l3train.config import L3Config, ModelConfig
+from l3train.config import Config, L3Config, ModelConfig
+from l3train.errors import L3TrainError
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,21 @@ def model_stats(m: ModelConfig, l3: L3Config, seq_length: int, l3_rows: int = 0,
     flops = (m.n_layers * (2 * block_matmuls + attention_scores) + num_l3 * 2 * l3_matmuls
              + 2 * m.vocab_size * m.d_model)
     return ModelStats(total_params=total, active_params=active, l3_table_params=l3_tables, flops_per_token=flops)
+
+
+def l3_figures(cfg: Config, rows: int | None, mean_rows: float | None) -> tuple[int, float]:
+    """(v, corpus mean d_t) for the CLIs: from `--rows`/`--mean-rows`, else from the config's
+    allocation file; user errors are one-line L3TrainErrors."""
+    if (rows is None) != (mean_rows is None):
+        raise L3TrainError("--rows and --mean-rows go together")
+    if rows is not None:
+        if not 1 <= mean_rows <= rows:
+            raise L3TrainError(f"--mean-rows must be in [1, --rows={rows}], got {mean_rows}")
+        return rows, mean_rows
+    from l3train.allocation.allocation import Allocation
+
+    if not Path(cfg.l3.allocation).exists():
+        raise L3TrainError(f"l3.allocation {cfg.l3.allocation} not found; build it with tools/lzw_allocate.py "
+                           f"or pass --rows and --mean-rows to plan without it")
+    allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size)
+    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
