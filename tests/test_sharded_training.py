@@ -232,6 +232,9 @@ def _zero_isolation_worker(output: Path) -> None:
         engine.destroy()
     if rank == 0:
         output.write_text(json.dumps(report))
+    # No rank tears its gloo pairs down while the other still uses them (CI once saw rank 0
+    # abort at exit, "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
