@@ -54,6 +54,24 @@ class L3Config:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forwards: the iso-sparse baseline, and combinable with L³."""
+
+    blocks: list[int] = field(default_factory=list)  # 0-based blocks whose SwiGLU becomes experts; [] = none
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden_size: int = 176  # SwiGLU inner size of each expert
+    aux_loss_weight: float = 1e-2  # load-balancing loss (Switch Transformer), per MoE layer
+    z_loss_weight: float = 1e-3  # router z-loss (ST-MoE), per MoE layer
+    # None: dropless. Else each expert takes at most ceil(factor · tokens · top_k / num_experts)
+    # of a rank's micro-batch; the lowest-probability assignments over that are dropped.
+    capacity_factor: float | None = None
+    # Experts partitioned over groups of this many data-parallel ranks (all-to-all dispatch);
+    # 1 replicates them on every rank.
+    expert_parallel: int = 1
+
+
+@dataclass
 class DataConfig:
     """Megatron indexed datasets (.bin/.idx) and the tokenizer that wrote them."""
 
@@ -110,6 +128,7 @@ class Config:
     run_dir: str = "runs/tiny"  # checkpoints, tensorboard/, config.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
     l3: L3Config = field(default_factory=L3Config)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -172,7 +191,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    m, l3, data, opt, tr = cfg.model, cfg.l3, cfg.data, cfg.optimizer, cfg.training
+    m, l3, moe, data, opt, tr = cfg.model, cfg.l3, cfg.moe, cfg.data, cfg.optimizer, cfg.training
     positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
                 "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
                 "model.ffn_hidden_size": m.ffn_hidden_size, "model.max_seq_len": m.max_seq_len,
@@ -181,7 +200,9 @@ def _validate(cfg: Config) -> None:
                 "training.global_batch_size": tr.global_batch_size, "training.eval_interval": tr.eval_interval,
                 "training.eval_batches": tr.eval_batches, "training.log_interval": tr.log_interval,
                 "checkpoint.save_interval": cfg.checkpoint.save_interval,
-                "parallel.tensor_parallel": cfg.parallel.tensor_parallel}
+                "parallel.tensor_parallel": cfg.parallel.tensor_parallel, "moe.num_experts": moe.num_experts,
+                "moe.top_k": moe.top_k, "moe.expert_hidden_size": moe.expert_hidden_size,
+                "moe.expert_parallel": moe.expert_parallel}
     for key, value in positive.items():
         if value < 1:
             raise L3TrainError(f"{key}: must be >= 1, got {value}")
@@ -195,6 +216,19 @@ def _validate(cfg: Config) -> None:
          f"indices must be in 0..{m.n_layers - 1} (model.n_layers={m.n_layers}), got {l3.after_blocks}"),
         (not l3.after_blocks or not l3.tied_kv or l3.d_emb == m.d_model, "l3.d_emb",
          f"tied keys/values need l3.d_emb == model.d_model ({m.d_model}), got {l3.d_emb}; set l3.tied_kv=false or change l3.d_emb"),
+        (len(set(moe.blocks)) == len(moe.blocks), "moe.blocks", f"has duplicates: {moe.blocks}"),
+        (all(0 <= b < m.n_layers for b in moe.blocks), "moe.blocks",
+         f"indices must be in 0..{m.n_layers - 1} (model.n_layers={m.n_layers}), got {moe.blocks}"),
+        (moe.top_k <= moe.num_experts, "moe.top_k", f"must be <= moe.num_experts ({moe.num_experts}), got {moe.top_k}"),
+        (moe.aux_loss_weight >= 0 and moe.z_loss_weight >= 0, "moe.aux_loss_weight",
+         f"and moe.z_loss_weight must be >= 0, got {moe.aux_loss_weight} and {moe.z_loss_weight}"),
+        (moe.capacity_factor is None or moe.capacity_factor > 0, "moe.capacity_factor",
+         f"must be > 0, or null for dropless dispatch, got {moe.capacity_factor}"),
+        (moe.num_experts % moe.expert_parallel == 0, "moe.expert_parallel",
+         f"must divide moe.num_experts ({moe.num_experts}), got {moe.expert_parallel}"),
+        (moe.expert_parallel == 1 or cfg.parallel.tensor_parallel == 1, "moe.expert_parallel",
+         f"> 1 needs parallel.tensor_parallel=1 (got {cfg.parallel.tensor_parallel}); experts are "
+         f"replicated over TP ranks, so use moe.expert_parallel=1 with tensor parallelism"),
         (l3.norm in NORM_KINDS, "l3.norm", f"must be one of {NORM_KINDS}, got {l3.norm!r}"),
         (not l3.after_blocks or l3.allocation, "l3.allocation",
          "is required when l3.after_blocks is set; build one with tools/lzw_allocate.py"),

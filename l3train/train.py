@@ -72,7 +72,8 @@ def build_model(cfg: Config):
         allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size,
                                      expect_tokenizer_id=tokenizer.tokenizer_id)
     torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
-    return DecoderLM(cfg.model, cfg.l3, allocation.rows_per_token if allocation else None), allocation
+    rows_per_token = allocation.rows_per_token if allocation else None
+    return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe), allocation
 
 
 def shard_rows(model, allocation, cfg: Config, parallel: ParallelState, device: torch.device) -> ShardedRows:

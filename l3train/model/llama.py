@@ -2,8 +2,10 @@
 
     tokens → embedding → [block → (L³ if configured)] × n_layers → RMSNorm → logits
 
-Blocks are pre-norm: h += Attention(RMSNorm(h)); h += SwiGLU(RMSNorm(h)), with RoPE,
-grouped-query attention and no biases. An L³ layer after block i reads RMSNorm(h) and
+Blocks are pre-norm: h += Attention(RMSNorm(h)); h += FFN(RMSNorm(h)), with RoPE,
+grouped-query attention and no biases. FFN is a SwiGLU, or in the blocks listed in
+`moe.blocks` a mixture of SwiGLU experts (l3train.model.moe); a model may have both
+MoE blocks and L³ layers. An L³ layer after block i reads RMSNorm(h) and
 the token ids and adds its output to the residual stream, like any other sublayer, so
 a freshly initialised L³ perturbs the stream only slightly.
 
@@ -21,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from l3train.config import L3Config, ModelConfig
+from l3train.config import L3Config, ModelConfig, MoEConfig
 from l3train.model.l3_layer import LargeLookupLayer
+from l3train.model.moe import MoEFeedForward
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -74,12 +77,12 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden_size)
+        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden_size) if moe is None else MoEFeedForward(cfg.d_model, moe)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         h = h + self.attention(self.attention_norm(h), cos, sin)
@@ -103,16 +106,18 @@ class LookupBlock(nn.Module):
 class DecoderLM(nn.Module):
     """The language model: token ids (batch, seq) → logits (batch, seq, vocab)."""
 
-    def __init__(self, cfg: ModelConfig, l3: L3Config | None = None, rows_per_token: np.ndarray | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, l3: L3Config | None = None, rows_per_token: np.ndarray | None = None,
+                 moe: MoEConfig | None = None) -> None:
         super().__init__()
-        l3 = l3 or L3Config()
+        l3, moe = l3 or L3Config(), moe or MoEConfig()
         if l3.after_blocks and rows_per_token is None:
             raise ValueError("L³ layers need rows_per_token (the allocation)")
         if rows_per_token is not None and len(rows_per_token) != cfg.vocab_size:
             raise ValueError(f"allocation covers {len(rows_per_token)} tokens, model vocab is {cfg.vocab_size}")
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, moe if index in moe.blocks else None)
+                                    for index in range(cfg.n_layers))
         # Keyed by the block index they follow, so names read "lookups.3" for "after block 3".
         self.lookups = nn.ModuleDict({str(b): LookupBlock(cfg, l3, rows_per_token) for b in sorted(l3.after_blocks)})
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -132,11 +137,16 @@ class DecoderLM(nn.Module):
         for name, param in self.named_parameters():
             if param.is_meta or param.dim() < 2 or ".lookup." in name and "_table" in name:
                 continue  # norms keep ones; L³ tables were initialised by their layer
-            is_residual_out = name.endswith(("wo.weight", "w2.weight", "mix.weight"))
+            is_residual_out = name.endswith(("wo.weight", "w2.weight", "experts.w2", "mix.weight"))
             nn.init.normal_(param, std=residual_std if is_residual_out else std)
 
     def l3_layers(self) -> list[LargeLookupLayer]:
         return [block.lookup for block in self.lookups.values()]
+
+    def moe_layers(self) -> dict[int, MoEFeedForward]:
+        """The MoE feed-forwards by block index."""
+        return {index: block.feed_forward for index, block in enumerate(self.blocks)
+                if isinstance(block.feed_forward, MoEFeedForward)}
 
     def forward(self, tokens: Tensor) -> Tensor:
         seq = tokens.shape[1]
