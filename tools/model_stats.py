@@ -3,10 +3,13 @@
 
 The L³ figures need the allocation: its row count v and the corpus mean d_t (rows per
 token occurrence). They are read from `l3.allocation`; to plan a model before its
-allocation exists, pass `--rows` and `--mean-rows` instead.
+allocation exists, pass `--rows` and `--mean-rows` instead. MoE blocks (`moe.blocks`) are
+counted with their router and experts: all experts in the total, the router and top_k
+experts in the active parameters and FLOPs (dropless dispatch).
 
     python tools/model_stats.py --config configs/tiny_l3.yaml
     python tools/model_stats.py --config configs/tiny_l3.yaml --rows 710000 --mean-rows 300 model.n_layers=8
+    python tools/model_stats.py --config configs/tiny_moe.yaml
 """
 
 from __future__ import annotations
@@ -34,13 +37,21 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     rows, mean_rows = l3_figures(cfg, args.rows, args.mean_rows) if cfg.l3.after_blocks else (0, 0.0)
     seq = cfg.data.seq_length
+    moe = cfg.moe
     print(f"config {args.config}: {len(cfg.l3.after_blocks)} L³ layer(s) after blocks {cfg.l3.after_blocks}, "
           f"v={rows:,} rows per layer, corpus mean d_t={mean_rows:.2f}, sequence length {seq}")
+    if moe.blocks:
+        print(f"MoE in {len(moe.blocks)} block(s) {moe.blocks}: {moe.num_experts} experts of "
+              f"{moe.expert_hidden_size}, top-{moe.top_k}, "
+              + ("dropless" if moe.capacity_factor is None else
+                 f"capacity factor {moe.capacity_factor} (FLOPs counted dropless)"))
     print(f"{'model':<18} {'total params':>13} {'active params':>13} {'fwd FLOPs/token':>15} {'sparsity':>10}")
-    print(format_row("this config", model_stats(cfg.model, cfg.l3, seq, rows, mean_rows)))
+    print(format_row("this config", model_stats(cfg.model, cfg.l3, seq, rows, mean_rows, moe)))
     if cfg.l3.after_blocks:
         backbone = dataclasses.replace(cfg.l3, after_blocks=[])
-        print(format_row("backbone (no L³)", model_stats(cfg.model, backbone, seq)))
+        print(format_row("backbone (no L³)", model_stats(cfg.model, backbone, seq, moe=moe)))
+    if moe.blocks:
+        print(format_row("dense FFN instead", model_stats(cfg.model, cfg.l3, seq, rows, mean_rows)))
     return 0
 
 

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Size the baselines of an L³ config: the iso-FLOP dense model, sizes table for both.
+"""Size the baselines of an L³ config: the iso-FLOP dense model and the iso-sparse MoE.
 
 The paper compares an L³ model with a dense model of the same forward FLOPs per token
-(iso-FLOP) and with an MoE of the same sparsity and FLOPs (iso-sparse). This tool finds
-the dense backbone — same head size and grouped-query ratio, a search over n_layers and
-n_heads with the SwiGLU size solved for the FLOPs — and prints total/active parameters,
-FLOPs/token and sparsity from `l3train.model.accounting`. The MoE baseline does not exist
-in l3train yet, so its column says so instead of inventing numbers.
+(iso-FLOP) and with an MoE of the same FLOPs and sparsity (iso-sparse). This tool finds
+- the dense backbone: same head size and grouped-query ratio, a search over n_layers and
+  n_heads with the SwiGLU size solved for the FLOPs;
+- the MoE: every block an MoE block with top_k experts (--moe-top-k), a search over the
+  number of experts E and over backbones around the dense one, with the expert size solved
+  for the FLOPs (see `iso_sparse_moe`);
+and prints total/active parameters, FLOPs/token and sparsity of all three from
+`l3train.model.accounting` (MoE FLOPs assume dropless dispatch).
 
     python tools/size_configs.py --config configs/tiny_l3.yaml --output-dense configs/tiny_dense.yaml
-    python tools/size_configs.py --config configs/paper_800m_l3.yaml --rows 710000 --mean-rows 300
+    python tools/size_configs.py --config configs/paper_800m_l3.yaml --rows 710000 --mean-rows 300 \\
+        --output-moe configs/paper_800m_moe.yaml
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from typing import Any
 
 import yaml
 
-from l3train.config import Config, ModelConfig, config_from_dict, load_config
+from l3train.config import Config, ModelConfig, MoEConfig, config_from_dict, load_config
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.model.accounting import ModelStats, l3_figures, model_stats
 from l3train.utils.atomic import atomic_write_text
 
-MOE_UNAVAILABLE = "not available: MoE baseline not implemented yet"
+# The iso-sparse MoE search aims at both FLOPs and sparsity within this relative distance.
+MOE_GOAL = 0.01
+MAX_EXPERTS = 128
 # One machine-readable comment line per sized config; tests/test_configs.py recomputes it.
 SIZES_LINE = re.compile(r"^# sizes: v=([\d,]+) mean_d_t=([\d.]+) \| total ([\d,]+) \| active ([\d,]+) "
                         r"\| flops/token ([\d,]+) \| sparsity ([\d.]+)x$", re.MULTILINE)
@@ -84,6 +90,104 @@ def iso_flop_dense(m: ModelConfig, seq_length: int, target_flops: float) -> Mode
     return best[2]
 
 
+def moe_stats(m: ModelConfig, moe: MoEConfig, seq_length: int) -> ModelStats:
+    return model_stats(m, dataclasses.replace(Config().l3, after_blocks=[]), seq_length, moe=moe)
+
+
+def iso_sparse_moe(dense: ModelConfig, seq_length: int, target_flops: float, target_sparsity: float,
+                   top_k: int = 2) -> tuple[ModelConfig, MoEConfig]:
+    """An all-MoE model with the forward FLOPs/token and the sparsity (total/active) of the L³ model.
+
+    Every block is an MoE block of E experts, top_k active. For a backbone, FLOPs are linear
+    in the expert size h, so h is solved for `target_flops` and rounded to `ffn_multiple`;
+    the sparsity then follows from E. E runs over [top_k, MAX_EXPERTS]. Integer E and the
+    rounding of h make the iso-FLOP dense backbone alone miss the goals by a few percent
+    (FLOPs by up to 3% at paper sizes, where h moves in steps of 256), so backbones around
+    it are tried too: same head size and grouped-query ratio, n_layers within ±50% and
+    n_heads within ±25% of the dense backbone's. Candidates with FLOPs and sparsity both
+    within MOE_GOAL of the targets are ranked by how far the backbone moves from the dense
+    one (|log| of the layer and head ratios, summed), then by sparsity and FLOPs miss; if none
+    meets the goals, the ones missing them least win (FLOPs first, then sparsity).
+    `ffn_hidden_size` is kept from `dense` (unused: no block keeps a dense SwiGLU).
+    """
+    head_dim = dense.d_model // dense.n_heads
+    group = dense.n_heads // dense.n_kv_heads
+    layers0, heads0 = dense.n_layers, dense.n_heads
+    min_heads = max(group, -(-(heads0 - heads0 // 4) // group) * group)  # rounded up to the group size
+    best: tuple | None = None
+    for n_layers in range(max(1, layers0 - layers0 // 2), layers0 + layers0 // 2 + 1):
+        for n_heads in range(min_heads, heads0 + heads0 // 4 + 1, group):
+            shape = dataclasses.replace(dense, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads // group,
+                                        d_model=n_heads * head_dim)
+            step = ffn_multiple(shape.d_model)
+            distance = abs(math.log(n_layers / layers0)) + abs(math.log(n_heads / heads0))
+            for num_experts in range(top_k, MAX_EXPERTS + 1):
+                moe = MoEConfig(blocks=list(range(n_layers)), num_experts=num_experts, top_k=top_k,
+                                expert_hidden_size=0)
+                fixed = moe_stats(shape, moe, seq_length).flops_per_token
+                per_unit = moe_stats(shape, dataclasses.replace(moe, expert_hidden_size=1),
+                                     seq_length).flops_per_token - fixed
+                hidden = round((target_flops - fixed) / per_unit / step) * step
+                if hidden < step:
+                    continue
+                moe = dataclasses.replace(moe, expert_hidden_size=hidden)
+                stats = moe_stats(shape, moe, seq_length)
+                flops_miss = abs(stats.flops_per_token / target_flops - 1)
+                sparsity_miss = abs(stats.sparsity / target_sparsity - 1)
+                key = (max(flops_miss - MOE_GOAL, 0.0), max(sparsity_miss - MOE_GOAL, 0.0), distance,
+                       sparsity_miss, flops_miss)
+                if best is None or key < best[0]:
+                    best = (key, shape, moe)
+    if best is None:
+        raise L3TrainError(f"no MoE with top_k {top_k} and up to {MAX_EXPERTS} experts "
+                           f"reaches {target_flops:,.0f} FLOPs/token")
+    return best[1], best[2]
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """Lists in flow style ([0, 1, 2]), mappings in block style."""
+
+
+_FlowListDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: ModelStats, l3_stats: ModelStats,
+             dense: ModelConfig, rows: int, mean_rows: float, output: Path) -> str:
+    """The MoE config: the L³ file's settings with the MoE backbone, MoE blocks and no L³ layers."""
+    tree: dict[str, Any] = yaml.safe_load(config_path.read_text())
+    tree["l3"] = {"after_blocks": []}
+    tree["run_dir"] = f"runs/{output.stem}"
+    tree["model"] = {**tree.get("model", {}), "d_model": backbone.d_model, "n_layers": backbone.n_layers,
+                     "n_heads": backbone.n_heads, "n_kv_heads": backbone.n_kv_heads,
+                     "ffn_hidden_size": backbone.ffn_hidden_size}
+    tree["moe"] = {"blocks": list(moe.blocks), "num_experts": moe.num_experts, "top_k": moe.top_k,
+                   "expert_hidden_size": moe.expert_hidden_size, "aux_loss_weight": moe.aux_loss_weight,
+                   "z_loss_weight": moe.z_loss_weight, "capacity_factor": moe.capacity_factor}
+    # Keep the section order of the L³ file, with moe: right after l3:.
+    order = [key for key in tree if key != "moe"]
+    at = order.index("l3") + 1
+    tree = {key: tree[key] for key in order[:at] + ["moe"] + order[at:]}
+    config_from_dict(tree)  # the file must load
+    header = (f"# Iso-sparse MoE baseline of {config_path.name}, written by tools/size_configs.py:\n"
+              f"#   {backbone.n_layers} blocks, d_model {backbone.d_model}, {backbone.n_heads} heads "
+              f"({backbone.n_kv_heads} KV); every block an MoE of {moe.num_experts} SwiGLU experts of "
+              f"{moe.expert_hidden_size},\n"
+              f"#   top-{moe.top_k}, dropless (model.ffn_hidden_size is unused); no L³ layers.\n"
+              f"#   Forward FLOPs/token {stats.flops_per_token / l3_stats.flops_per_token:.4f}x and sparsity "
+              f"{stats.sparsity / l3_stats.sparsity:.4f}x the L³ model's\n"
+              f"#   (at its v = {rows:,}, mean d_t = {mean_rows:.2f}: sparsity {l3_stats.sparsity:.2f}x).\n"
+              + (f"#   Backbone searched around the iso-FLOP dense one ({dense.n_layers} blocks, d_model "
+                 f"{dense.d_model}): integer E and h in steps of\n"
+                 f"#   {ffn_multiple(dense.d_model)} miss FLOPs or sparsity by over "
+                 f"{MOE_GOAL:.0%} on that one.\n"
+                 if (backbone.n_layers, backbone.d_model) != (dense.n_layers, dense.d_model) else "") +
+              f"# Whole model: {stats.total_params / 1e6:,.3f}M total / {stats.active_params / 1e6:,.3f}M active "
+              f"parameters (sparsity {stats.sparsity:.2f}x), {stats.flops_per_token / 1e6:,.3f}M FLOPs/token.\n"
+              f"{sizes_line(stats, 0, 0.0)}\n")
+    return header + yaml.dump(tree, Dumper=_FlowListDumper, sort_keys=False, default_flow_style=False)
+
+
 def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flops: float,
                rows: int, mean_rows: float, output: Path) -> str:
     """The dense config: the L³ file's settings with the new backbone and no L³ layers."""
@@ -103,35 +207,56 @@ def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flop
     return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)
 
 
+def table_row(name: str, stats: ModelStats) -> str:
+    return (f"{name:<16} {stats.total_params:>15,} {round(stats.active_params):>15,} "
+            f"{round(stats.flops_per_token):>17,} {stats.sparsity:>8.2f}x")
+
+
 def main() -> int:
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="L³ config (see configs/)")
     parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
     parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
+    parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token of the iso-sparse MoE (default 2)")
     parser.add_argument("--output-dense", metavar="FILE", help="write the iso-FLOP dense config here")
+    parser.add_argument("--output-moe", metavar="FILE", help="write the iso-sparse MoE config here")
     args = parser.parse_args()
+    if args.moe_top_k < 1:
+        raise L3TrainError(f"--moe-top-k must be >= 1, got {args.moe_top_k}")
     cfg = load_config(args.config)
     if not cfg.l3.after_blocks:
         raise L3TrainError(f"{args.config} has no L³ layers (l3.after_blocks is empty); pass an L³ config")
+    if cfg.moe.blocks:
+        raise L3TrainError(f"{args.config} already has MoE blocks (moe.blocks={cfg.moe.blocks}); "
+                           f"pass an L³ config without them")
     rows, mean_rows = l3_figures(cfg, args.rows, args.mean_rows)
     seq = cfg.data.seq_length
     l3_stats = model_stats(cfg.model, cfg.l3, seq, rows, mean_rows)
     dense = iso_flop_dense(cfg.model, seq, l3_stats.flops_per_token)
     d_stats = dense_stats(dense, seq)
+    backbone, moe = iso_sparse_moe(dense, seq, l3_stats.flops_per_token, l3_stats.sparsity, args.moe_top_k)
+    m_stats = moe_stats(backbone, moe, seq)
     print(f"config {args.config}: v={rows:,} rows per L³ layer, corpus mean d_t={mean_rows:.2f}, "
           f"sequence length {seq}")
     print(f"iso-FLOP dense: {dense.n_layers} blocks, d_model {dense.d_model}, {dense.n_heads} heads "
           f"({dense.n_kv_heads} KV), SwiGLU {dense.ffn_hidden_size}; FLOPs ratio dense/L³ "
           f"{d_stats.flops_per_token / l3_stats.flops_per_token:.4f}")
+    print(f"iso-sparse MoE: {backbone.n_layers} blocks, d_model {backbone.d_model}, {backbone.n_heads} heads "
+          f"({backbone.n_kv_heads} KV), {moe.num_experts} experts of {moe.expert_hidden_size} (top-{moe.top_k}, "
+          f"dropless) in every block; FLOPs ratio MoE/L³ {m_stats.flops_per_token / l3_stats.flops_per_token:.4f}, "
+          f"sparsity ratio MoE/L³ {m_stats.sparsity / l3_stats.sparsity:.4f}")
     print(f"{'model':<16} {'total params':>15} {'active params':>15} {'fwd FLOPs/token':>17} {'sparsity':>9}")
-    for name, stats in (("L³", l3_stats), ("iso-FLOP dense", d_stats)):
-        print(f"{name:<16} {stats.total_params:>15,} {round(stats.active_params):>15,} "
-              f"{round(stats.flops_per_token):>17,} {stats.sparsity:>8.2f}x")
-    print(f"{'iso-sparse MoE':<16} {MOE_UNAVAILABLE}")
+    for name, stats in (("L³", l3_stats), ("iso-FLOP dense", d_stats), ("iso-sparse MoE", m_stats)):
+        print(table_row(name, stats))
     if args.output_dense:
         output = Path(args.output_dense)
         atomic_write_text(output, dense_yaml(Path(args.config), dense, d_stats, l3_stats.flops_per_token,
                                              rows, mean_rows, output))
+        print(f"wrote {output}")
+    if args.output_moe:
+        output = Path(args.output_moe)
+        atomic_write_text(output, moe_yaml(Path(args.config), backbone, moe, m_stats, l3_stats, dense,
+                                           rows, mean_rows, output))
         print(f"wrote {output}")
     return 0
 

@@ -13,6 +13,13 @@ Conventions (stated once, used by the sizing and report tools):
   2·d_model·(S+1) per layer. An L³ layer costs 2·d_t·(d_in + d_emb) for scores and the
   weighted sum, plus its W_up and W_mix matmuls. Norms, softmax, RoPE and activation
   functions are ignored (they are < 1% at these sizes).
+- MoE blocks (`moe.blocks`): the block's SwiGLU (3·d·ffn) is replaced by a router of E·d
+  and E SwiGLU experts of 3·d·h each (E = num_experts, h = expert_hidden_size), all
+  counted in the total. Active parameters count the router and top_k experts
+  (E·d + top_k·3·d·h), as a token touches the whole router and its k experts. Forward
+  FLOPs per token are 2·E·d for the router logits plus top_k·2·3·d·h for the experts,
+  assuming dropless dispatch (with a capacity factor, dropped assignments cost less; the
+  routing bookkeeping — top-k, softmax, sort, gather — is ignored like the norms).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from l3train.config import Config, L3Config, ModelConfig
+from l3train.config import Config, L3Config, ModelConfig, MoEConfig
 from l3train.errors import L3TrainError
 
 
@@ -38,9 +45,15 @@ class ModelStats:
 
 
 def _decoder_block_params(m: ModelConfig) -> int:
+    """A dense block: attention, SwiGLU and its two RMSNorms."""
     head_dim = m.d_model // m.n_heads
     attention = 2 * m.d_model * m.n_heads * head_dim + 2 * m.d_model * m.n_kv_heads * head_dim
     return attention + 3 * m.d_model * m.ffn_hidden_size + 2 * m.d_model
+
+
+def _moe_ffn_params(m: ModelConfig, moe: MoEConfig, experts: int) -> int:
+    """Router plus `experts` SwiGLU experts of one MoE block."""
+    return moe.num_experts * m.d_model + experts * 3 * m.d_model * moe.expert_hidden_size
 
 
 def _l3_dense_params(m: ModelConfig, l3: L3Config) -> int:
@@ -55,23 +68,32 @@ def _l3_row_width(m: ModelConfig, l3: L3Config) -> int:
 
 
 def model_stats(m: ModelConfig, l3: L3Config, seq_length: int, l3_rows: int = 0,
-                mean_rows_per_token: float = 0.0) -> ModelStats:
-    """Counts for a DecoderLM; `l3_rows` is v (rows per L³ layer), `mean_rows_per_token` the corpus mean d_t."""
+                mean_rows_per_token: float = 0.0, moe: MoEConfig | None = None) -> ModelStats:
+    """Counts for a DecoderLM; `l3_rows` is v (rows per L³ layer), `mean_rows_per_token` the corpus
+    mean d_t, `moe` the mixture-of-experts settings (None or empty `moe.blocks`: no MoE blocks)."""
     num_l3 = len(l3.after_blocks)
+    num_moe = len(moe.blocks) if moe is not None else 0
+    dense_ffn = 3 * m.d_model * m.ffn_hidden_size
     embedding = m.vocab_size * m.d_model
     output = 0 if m.tie_embeddings else m.vocab_size * m.d_model
     blocks = m.n_layers * _decoder_block_params(m)
+    moe_total = moe_active = moe_flops = 0
+    if num_moe:
+        moe_total = num_moe * (_moe_ffn_params(m, moe, moe.num_experts) - dense_ffn)
+        moe_active = num_moe * (_moe_ffn_params(m, moe, moe.top_k) - dense_ffn)
+        moe_flops = num_moe * 2 * (_moe_ffn_params(m, moe, moe.top_k) - dense_ffn)
     l3_dense = num_l3 * _l3_dense_params(m, l3)
     l3_tables = num_l3 * l3_rows * _l3_row_width(m, l3)
-    total = embedding + output + blocks + l3_dense + l3_tables + m.d_model
-    active = total - l3_tables + num_l3 * mean_rows_per_token * _l3_row_width(m, l3)
+    total = embedding + output + blocks + moe_total + l3_dense + l3_tables + m.d_model
+    active = (total - l3_tables - (moe_total - moe_active)
+              + num_l3 * mean_rows_per_token * _l3_row_width(m, l3))
 
     head_dim = m.d_model // m.n_heads
-    block_matmuls = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * head_dim + 3 * m.d_model * m.ffn_hidden_size
+    block_matmuls = 2 * m.d_model * (m.n_heads + m.n_kv_heads) * head_dim + dense_ffn
     attention_scores = 2 * m.d_model * (seq_length + 1)
     l3_matmuls = (mean_rows_per_token * (m.d_model + l3.d_emb)
                   + l3.d_emb * l3.d_up + (l3.d_up + m.d_model) * m.d_model)
-    flops = (m.n_layers * (2 * block_matmuls + attention_scores) + num_l3 * 2 * l3_matmuls
+    flops = (m.n_layers * (2 * block_matmuls + attention_scores) + moe_flops + num_l3 * 2 * l3_matmuls
              + 2 * m.vocab_size * m.d_model)
     return ModelStats(total_params=total, active_params=active, l3_table_params=l3_tables, flops_per_token=flops)
 
