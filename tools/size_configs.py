@@ -7,13 +7,16 @@ The paper compares an L³ model with a dense model of the same forward FLOPs per
   n_heads with the SwiGLU size solved for the FLOPs;
 - the MoE: every block an MoE block with top_k experts (--moe-top-k), a search over the
   number of experts E and over backbones around the dense one, with the expert size solved
-  for the FLOPs (see `iso_sparse_moe`);
+  for the FLOPs (see `iso_sparse_moe`); --moe-experts-multiple N restricts E to multiples
+  of N, so that moe.expert_parallel can be N (it must divide E): 8 for nodes of 8 GPUs;
 and prints total/active parameters, FLOPs/token and sparsity of all three from
 `l3train.model.accounting` (MoE FLOPs assume dropless dispatch).
 
     python tools/size_configs.py --config configs/tiny_l3.yaml --output-dense configs/tiny_dense.yaml
     python tools/size_configs.py --config configs/paper_800m_l3.yaml --rows 710000 --mean-rows 300 \\
-        --output-moe configs/paper_800m_moe.yaml
+        --moe-experts-multiple 8 --output-moe configs/paper_800m_moe.yaml
+
+The MoE config's header records the command line that wrote it (`# command:`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import argparse
 import dataclasses
 import math
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ from l3train.utils.atomic import atomic_write_text
 # The iso-sparse MoE search aims at both FLOPs and sparsity within this relative distance.
 MOE_GOAL = 0.01
 MAX_EXPERTS = 128
+# The MoE config's header line with the command that wrote it; tests/test_configs.py reruns it.
+COMMAND_LINE = re.compile(r"^# command: python tools/size_configs\.py (.+)$", re.MULTILINE)
 # One machine-readable comment line per sized config; tests/test_configs.py recomputes it.
 SIZES_LINE = re.compile(r"^# sizes: v=([\d,]+) mean_d_t=([\d.]+) \| total ([\d,]+) \| active ([\d,]+) "
                         r"\| flops/token ([\d,]+) \| sparsity ([\d.]+)x$", re.MULTILINE)
@@ -95,12 +102,13 @@ def moe_stats(m: ModelConfig, moe: MoEConfig, seq_length: int) -> ModelStats:
 
 
 def iso_sparse_moe(dense: ModelConfig, seq_length: int, target_flops: float, target_sparsity: float,
-                   top_k: int = 2) -> tuple[ModelConfig, MoEConfig]:
+                   top_k: int = 2, experts_multiple: int = 1) -> tuple[ModelConfig, MoEConfig]:
     """An all-MoE model with the forward FLOPs/token and the sparsity (total/active) of the L³ model.
 
     Every block is an MoE block of E experts, top_k active. For a backbone, FLOPs are linear
     in the expert size h, so h is solved for `target_flops` and rounded to `ffn_multiple`;
-    the sparsity then follows from E. E runs over [top_k, MAX_EXPERTS]. Integer E and the
+    the sparsity then follows from E. E runs over the multiples of `experts_multiple` in
+    [top_k, MAX_EXPERTS] (a multiple of 8 lets moe.expert_parallel be 8). Integer E and the
     rounding of h make the iso-FLOP dense backbone alone miss the goals by a few percent
     (FLOPs by up to 3% at paper sizes, where h moves in steps of 256), so backbones around
     it are tried too: same head size and grouped-query ratio, n_layers within ±50% and
@@ -110,6 +118,9 @@ def iso_sparse_moe(dense: ModelConfig, seq_length: int, target_flops: float, tar
     meets the goals, the ones missing them least win (FLOPs first, then sparsity).
     `ffn_hidden_size` is kept from `dense` (unused: no block keeps a dense SwiGLU).
     """
+    if experts_multiple < 1:
+        raise L3TrainError(f"--moe-experts-multiple must be >= 1, got {experts_multiple}")
+    first_experts = -(-top_k // experts_multiple) * experts_multiple  # top_k rounded up to the multiple
     head_dim = dense.d_model // dense.n_heads
     group = dense.n_heads // dense.n_kv_heads
     layers0, heads0 = dense.n_layers, dense.n_heads
@@ -121,7 +132,7 @@ def iso_sparse_moe(dense: ModelConfig, seq_length: int, target_flops: float, tar
                                         d_model=n_heads * head_dim)
             step = ffn_multiple(shape.d_model)
             distance = abs(math.log(n_layers / layers0)) + abs(math.log(n_heads / heads0))
-            for num_experts in range(top_k, MAX_EXPERTS + 1):
+            for num_experts in range(first_experts, MAX_EXPERTS + 1, experts_multiple):
                 moe = MoEConfig(blocks=list(range(n_layers)), num_experts=num_experts, top_k=top_k,
                                 expert_hidden_size=0)
                 fixed = moe_stats(shape, moe, seq_length).flops_per_token
@@ -139,7 +150,8 @@ def iso_sparse_moe(dense: ModelConfig, seq_length: int, target_flops: float, tar
                 if best is None or key < best[0]:
                     best = (key, shape, moe)
     if best is None:
-        raise L3TrainError(f"no MoE with top_k {top_k} and up to {MAX_EXPERTS} experts "
+        multiple = f" (a multiple of {experts_multiple})" if experts_multiple > 1 else ""
+        raise L3TrainError(f"no MoE with top_k {top_k} and up to {MAX_EXPERTS} experts{multiple} "
                            f"reaches {target_flops:,.0f} FLOPs/token")
     return best[1], best[2]
 
@@ -153,7 +165,8 @@ _FlowListDumper.add_representer(
 
 
 def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: ModelStats, l3_stats: ModelStats,
-             dense: ModelConfig, rows: int, mean_rows: float, output: Path) -> str:
+             dense: ModelConfig, rows: int, mean_rows: float, output: Path, experts_multiple: int,
+             command: str) -> str:
     """The MoE config: the L³ file's settings with the MoE backbone, MoE blocks and no L³ layers."""
     tree: dict[str, Any] = yaml.safe_load(config_path.read_text())
     tree["l3"] = {"after_blocks": []}
@@ -169,7 +182,12 @@ def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: Mo
     at = order.index("l3") + 1
     tree = {key: tree[key] for key in order[:at] + ["moe"] + order[at:]}
     config_from_dict(tree)  # the file must load
+    flops_miss = abs(stats.flops_per_token / l3_stats.flops_per_token - 1)
+    sparsity_miss = abs(stats.sparsity / l3_stats.sparsity - 1)
+    misses = [f"{name} by {miss:.2%}" for name, miss in (("FLOPs", flops_miss), ("sparsity", sparsity_miss))
+              if miss > MOE_GOAL]
     header = (f"# Iso-sparse MoE baseline of {config_path.name}, written by tools/size_configs.py:\n"
+              f"# command: python tools/size_configs.py {command}\n"
               f"#   {backbone.n_layers} blocks, d_model {backbone.d_model}, {backbone.n_heads} heads "
               f"({backbone.n_kv_heads} KV); every block an MoE of {moe.num_experts} SwiGLU experts of "
               f"{moe.expert_hidden_size},\n"
@@ -177,6 +195,11 @@ def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: Mo
               f"#   Forward FLOPs/token {stats.flops_per_token / l3_stats.flops_per_token:.4f}x and sparsity "
               f"{stats.sparsity / l3_stats.sparsity:.4f}x the L³ model's\n"
               f"#   (at its v = {rows:,}, mean d_t = {mean_rows:.2f}: sparsity {l3_stats.sparsity:.2f}x).\n"
+              + (f"#   MISSES the {MOE_GOAL:.0%} goal: {' and '.join(misses)} (the closest the search found"
+                 + (f" with E a multiple of {experts_multiple}" if experts_multiple > 1 else "") + ").\n"
+                 if misses else "")
+              + (f"#   E is a multiple of {experts_multiple} (--moe-experts-multiple), so moe.expert_parallel "
+                 f"can be {experts_multiple}\n#   (left at 1 here, which runs on any number of ranks).\n" if experts_multiple > 1 else "")
               + (f"#   Backbone searched around the iso-FLOP dense one ({dense.n_layers} blocks, d_model "
                  f"{dense.d_model}): integer E and h in steps of\n"
                  f"#   {ffn_multiple(dense.d_model)} miss FLOPs or sparsity by over "
@@ -218,11 +241,17 @@ def main() -> int:
     parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
     parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token of the iso-sparse MoE (default 2)")
+    parser.add_argument("--moe-experts-multiple", type=int, default=1, metavar="N",
+                        help="the iso-sparse MoE's number of experts E is a multiple of N (default 1: any E), "
+                             "so that moe.expert_parallel can be N (it must divide E and the data-parallel "
+                             "ranks); 8 for nodes of 8 GPUs")
     parser.add_argument("--output-dense", metavar="FILE", help="write the iso-FLOP dense config here")
     parser.add_argument("--output-moe", metavar="FILE", help="write the iso-sparse MoE config here")
     args = parser.parse_args()
     if args.moe_top_k < 1:
         raise L3TrainError(f"--moe-top-k must be >= 1, got {args.moe_top_k}")
+    if not 1 <= args.moe_experts_multiple <= MAX_EXPERTS:
+        raise L3TrainError(f"--moe-experts-multiple must be in [1, {MAX_EXPERTS}], got {args.moe_experts_multiple}")
     cfg = load_config(args.config)
     if not cfg.l3.after_blocks:
         raise L3TrainError(f"{args.config} has no L³ layers (l3.after_blocks is empty); pass an L³ config")
@@ -234,7 +263,8 @@ def main() -> int:
     l3_stats = model_stats(cfg.model, cfg.l3, seq, rows, mean_rows)
     dense = iso_flop_dense(cfg.model, seq, l3_stats.flops_per_token)
     d_stats = dense_stats(dense, seq)
-    backbone, moe = iso_sparse_moe(dense, seq, l3_stats.flops_per_token, l3_stats.sparsity, args.moe_top_k)
+    backbone, moe = iso_sparse_moe(dense, seq, l3_stats.flops_per_token, l3_stats.sparsity, args.moe_top_k,
+                                   args.moe_experts_multiple)
     m_stats = moe_stats(backbone, moe, seq)
     print(f"config {args.config}: v={rows:,} rows per L³ layer, corpus mean d_t={mean_rows:.2f}, "
           f"sequence length {seq}")
@@ -256,7 +286,8 @@ def main() -> int:
     if args.output_moe:
         output = Path(args.output_moe)
         atomic_write_text(output, moe_yaml(Path(args.config), backbone, moe, m_stats, l3_stats, dense,
-                                           rows, mean_rows, output))
+                                           rows, mean_rows, output, args.moe_experts_multiple,
+                                           shlex.join(sys.argv[1:])))
         print(f"wrote {output}")
     return 0
 
