@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
     step_00000100/   DeepSpeed files (model, optimizer and scheduler states, every rank)
                      + config.yaml (the resolved config) + client state (step)
-                     + l3_rows_rank<rank>.pt per rank when the L³ rows are sharded
+                     + l3_rows_rank<rank>.pt per rank when the L³ rows are sharded, and
+                       experts_rank<rank>.pt per rank under expert parallelism
                        (l3train.parallel.sharded_optim)
     latest           the tag of the newest complete checkpoint
 
@@ -30,14 +31,15 @@ from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from l3train.parallel.sharded_optim import ShardedRows
+    from l3train.parallel.sharded_optim import RankLocalParameters
 
 # Keys whose change makes a checkpoint unloadable or meaningless: the model and L³
 # architecture (the allocation itself travels in the checkpoint as the `bounds` buffers,
 # so its file path may change), and the tensor-parallel size (each TP rank's file holds
 # its shards; l3train does not reshard them).
-_ARCHITECTURE_SECTIONS = ("model", "l3")
-_NOT_ARCHITECTURE = {("l3", "allocation"), ("l3", "lr"), ("l3", "weight_decay")}
+_ARCHITECTURE_SECTIONS = ("model", "l3", "moe")
+_NOT_ARCHITECTURE = {("l3", "allocation"), ("l3", "lr"), ("l3", "weight_decay"), ("moe", "aux_loss_weight"),
+                     ("moe", "z_loss_weight"), ("moe", "capacity_factor")}
 _LAYOUT_KEYS = (("parallel", "tensor_parallel"),)
 
 
@@ -68,7 +70,8 @@ def save_checkpoint(engine, cfg: Config, step: int, is_main: bool,
                     save_extra: Callable[[Path], None] | None = None) -> Path:
     """Save engine state for `step` (the number of optimizer steps completed). `save_extra`,
     called on every rank with the staging directory of the checkpoint, writes state that
-    DeepSpeed does not hold (sharded L³ rows); it is moved into place with the rest."""
+    DeepSpeed does not hold (sharded L³ rows, expert-parallel experts); it is moved into place
+    with the rest."""
     root = checkpoint_root(cfg.run_dir)
     staging = root / ".staging"
     tag = tag_for_step(step)
@@ -127,9 +130,12 @@ def refuse_existing_checkpoints(cfg: Config) -> None:
                            f"pass --resume to continue that run, or choose another run_dir")
 
 
-def load_latest_checkpoint(engine, cfg: Config, rows: ShardedRows | None = None, rank: int = 0) -> int | None:
-    """Load the newest checkpoint of `cfg.run_dir` into `engine` (and this rank's sharded L³
-    `rows`, if any); returns its step, or None if none."""
+def load_latest_checkpoint(engine, cfg: Config, rank_local: list[RankLocalParameters] = (), rank: int = 0,
+                           world_size: int = 1) -> int | None:
+    """Load the newest checkpoint of `cfg.run_dir` into `engine` and this rank's `rank_local`
+    tensors (sharded L³ rows, expert-parallel experts); returns its step, or None if none."""
+    from l3train.parallel.sharded_optim import ShardedExperts, ShardedRows
+
     from l3train.parallel.sharded_optim import check_layout
 
     root = checkpoint_root(cfg.run_dir)
@@ -137,7 +143,9 @@ def load_latest_checkpoint(engine, cfg: Config, rows: ShardedRows | None = None,
     if tag is None:
         return None
     check_compatible(cfg, root / tag)
-    check_layout(root / tag, rows.plan.num_shards if rows is not None else None)
+    rows = [part for part in rank_local if isinstance(part, ShardedRows)]
+    experts = [part for part in rank_local if isinstance(part, ShardedExperts)]
+    check_layout(root / tag, rows[0].plan.num_shards if rows else None, world_size if experts else None)
     try:
         path, client_state = engine.load_checkpoint(str(root), tag=tag)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as err:
@@ -147,6 +155,6 @@ def load_latest_checkpoint(engine, cfg: Config, rows: ShardedRows | None = None,
     if path is None:
         raise L3TrainError(f"checkpoint {root / tag} could not be loaded; delete it or point "
                            f"{root / 'latest'} at an older one")
-    if rows is not None:
-        rows.load(root / tag, rank)
+    for part in rank_local:
+        part.load(root / tag, rank)
     return int(client_state["step"])

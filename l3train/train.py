@@ -13,6 +13,10 @@ With more than one rank the L³ rows are partitioned over all TP×DP ranks by th
 router (`parallel.shard_l3_rows`, l3train.parallel.sharded_l3): they are not parameters of
 the module DeepSpeed wraps, and have their own optimizer, global-norm clipping and per-rank
 checkpoint files (l3train.parallel.sharded_optim).
+MoE blocks (`moe.blocks`) add their weighted router losses (load balancing, z-loss) to the
+LM loss; with `moe.expert_parallel` > 1 their experts are split over groups of that many
+data-parallel ranks and dispatched by all-to-all (l3train.parallel.expert_parallel), and
+are kept outside DeepSpeed like the sharded rows.
 
 Data order is a pure function of (seed, step), and per-step randomness is reseeded
 from (seed, step, data-parallel rank), so the same config gives the same losses and `--resume`
@@ -38,7 +42,7 @@ from l3train.preemption import EXIT_REQUEUE, StopRequest
 from l3train.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # imported lazily at run time: megatron-core is slow to import
-    from l3train.parallel.sharded_optim import ShardedRows
+    from l3train.parallel.sharded_optim import ShardedExperts, ShardedRows
     from l3train.parallel.state import ParallelState
 
 
@@ -87,6 +91,17 @@ def shard_rows(model, allocation, cfg: Config, parallel: ParallelState, device: 
                                      parallel.dp_rank, parallel.dp_size, parallel.dp_group, device)
                   for layer in model.l3_layers()]
     return ShardedRows(attentions, plan, parallel.dp_rank * parallel.tp_size + parallel.tp_rank, cfg)
+
+
+def shard_experts(model, cfg: Config, parallel: ParallelState, device: torch.device) -> ShardedExperts:
+    """Split every MoE layer's experts over the expert-parallel group."""
+    from l3train.parallel.expert_parallel import shard_experts as shard_layer
+    from l3train.parallel.sharded_optim import ShardedExperts
+
+    dispatches = [shard_layer(layer, parallel.ep_rank, parallel.ep_size, parallel.ep_group, parallel.dp_size, device)
+                  for layer in model.moe_layers().values()]
+    return ShardedExperts(dispatches, parallel.ep_rank, parallel.expert_dp_group,
+                          parallel.dp_size // parallel.ep_size, cfg)
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -161,6 +176,39 @@ def l3_entropies(model) -> dict[str, float]:
             for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
 
 
+def moe_monitor(model) -> torch.Tensor | None:
+    """Per MoE layer, from its last forward: [aux loss, z-loss, dropped fraction, load per expert]."""
+    layers = model.moe_layers().values()
+    if not layers:
+        return None
+    return torch.cat([torch.cat([torch.stack([layer.aux_loss.detach(), layer.z_loss.detach(),
+                                              torch.tensor(layer.last_dropped, device=layer.aux_loss.device)]),
+                                 layer.last_load]) for layer in layers])
+
+
+def moe_scalars(model, summed: torch.Tensor, count: int, parallel: ParallelState) -> dict[str, float]:
+    """TensorBoard scalars from `count` summed `moe_monitor` vectors, averaged over the DP ranks:
+    per layer the two router losses, the dropped fraction (with a capacity factor), each
+    expert's share of the assignments and the busiest expert's share over the mean
+    (1 = balanced); and the router losses averaged over layers."""
+    summed = summed.clone()
+    dist.all_reduce(summed, group=parallel.dp_group)
+    values = (summed / (count * parallel.dp_size)).tolist()
+    scalars, offset, aux, z = {}, 0, [], []
+    for index, layer in model.moe_layers().items():
+        prefix = f"moe/block_{index}"
+        aux.append(values[offset])
+        z.append(values[offset + 1])
+        scalars[f"{prefix}/aux_loss"], scalars[f"{prefix}/z_loss"] = values[offset], values[offset + 1]
+        if layer.capacity_factor is not None:
+            scalars[f"{prefix}/dropped_fraction"] = values[offset + 2]
+        load = values[offset + 3:offset + 3 + layer.num_experts]
+        scalars.update({f"{prefix}/load_expert_{e:03d}": share for e, share in enumerate(load)})
+        scalars[f"{prefix}/load_max_over_mean"] = max(load) * layer.num_experts
+        offset += 3 + layer.num_experts
+    return {"train/moe_aux_loss": sum(aux) / len(aux), "train/moe_z_loss": sum(z) / len(z), **scalars}
+
+
 def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: float) -> str:
     parts = [f"step {step:>6}/{cfg.training.steps}", f"loss {scalars['train/loss']:.4f}",
              f"lr {scalars['train/lr']:.2e}"]
@@ -170,6 +218,10 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
     entropies = [v for k, v in scalars.items() if k.startswith("l3/entropy")]
     if entropies:
         parts.append("l3_entropy " + "/".join(f"{e:.2f}" for e in entropies))
+    if "train/moe_aux_loss" in scalars:
+        imbalance = max(v for k, v in scalars.items() if k.endswith("load_max_over_mean"))
+        parts.append(f"moe_aux {scalars['train/moe_aux_loss']:.3f} z {scalars['train/moe_z_loss']:.3f} "
+                     f"max_load {imbalance:.2f}x")
     parts.append(f"elapsed {elapsed:.0f}s")
     return " | ".join(parts)
 
@@ -185,12 +237,13 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     if not resume:
         refuse_existing_checkpoints(cfg)
     world = init_distributed()
-    parallel = initialize_parallel(tp)
+    parallel = initialize_parallel(tp, cfg.moe.expert_parallel if cfg.moe.blocks else 1)
     import deepspeed
 
     from l3train.checkpoint import load_latest_checkpoint, save_checkpoint
     from l3train.data.dataset import batch_for_step, build_datasets
     from l3train.metrics import MetricsLogger
+    from l3train.model.moe import router_loss
     from l3train.optim import build_optimizer, build_scheduler
     from l3train.parallel.sharded_optim import clip_global_norm, module_grad_norm
 
@@ -199,12 +252,15 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     model, allocation = build_model(cfg)
     if tp > 1:
         model = parallelize_tensor(model, parallel)
-    rows = None
+    rows = experts = None
     if cfg.parallel.shard_l3_rows and allocation is not None and world.size > 1:
-        if tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
-            raise L3TrainError(f"sharded L³ rows in bf16 need parallel.zero_stage 2 or 3 (got "
-                               f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false")
         rows = shard_rows(model, allocation, cfg, parallel, world.device)
+    if parallel.ep_size > 1:
+        experts = shard_experts(model, cfg, parallel, world.device)
+    rank_local = [part for part in (rows, experts) if part is not None]
+    if rank_local and tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
+        raise L3TrainError(f"sharded L³ rows or experts in bf16 need parallel.zero_stage 2 or 3 (got "
+                           f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false and moe.expert_parallel=1")
     train_ds, valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
                                         tr.eval_batches * tr.global_batch_size)
     optimizer = build_optimizer(model, cfg)
@@ -212,16 +268,18 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    lr_scheduler=build_scheduler(optimizer, cfg), config=ds_config,
                                                    mpu=DeepSpeedMPU() if tp > 1 else None)
-    start_step = (load_latest_checkpoint(engine, cfg, rows, world.rank) if resume else None) or 0
+    start_step = (load_latest_checkpoint(engine, cfg, rank_local, world.rank, world.size) if resume else None) or 0
     run_dir = Path(cfg.run_dir)
     if world.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for part in rank_local for p in part.params)
         layout = f" (TP={tp} × DP={parallel.dp_size})" if tp > 1 else ""
         if rows is not None:
             layout += f", L³ rows sharded over {rows.plan.num_shards} ranks"
+        if experts is not None:
+            layout += f", experts split over {parallel.ep_size} ranks (EP)"
         print(f"[l3train] {world.size} rank(s){layout} on {world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
-              f"{tr.precision}, {params / 1e6:.2f}M parameters{' per rank' if tp > 1 else ''}, "
+              f"{tr.precision}, {params / 1e6:.2f}M parameters{' per rank' if tp > 1 or rank_local else ''}, "
               f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
               f"run dir {run_dir}", flush=True)
     metrics = MetricsLogger(run_dir, enabled=world.is_main, purge_step=start_step + 1 if start_step else None)
@@ -238,6 +296,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         log_validation(0)
     # tokens/s counts training steps only, not validation or checkpointing.
     interval_loss, interval_steps, interval_seconds, run_start = 0.0, 0, 0.0, time.time()
+    interval_moe, interval_micro_batches = None, 0  # summed `moe_monitor` vectors
     for step in range(start_step, tr.steps):
         step_start = time.time()
         # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
@@ -246,16 +305,22 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         step_loss = torch.zeros((), device=world.device)
         for micro in micro_batches(batch, tr.micro_batch_size, world.device):
             loss = lm_loss(engine(micro["tokens"]), micro["labels"], micro["loss_mask"], tp > 1)
-            engine.backward(loss)
+            routing = router_loss(list(model.moe_layers().values()), cfg.moe)
+            engine.backward(loss if routing is None else loss + routing)
+            monitor = moe_monitor(model)
+            if monitor is not None:
+                interval_moe = monitor if interval_moe is None else interval_moe + monitor
+                interval_micro_batches += 1
             boundary = engine.is_gradient_accumulation_boundary()
-            if boundary and rows is not None:
-                unclipped_norm = clip_global_norm(engine, model, parallel, rows, cfg.optimizer.grad_clip)
+            if boundary and rank_local:
+                unclipped_norm = clip_global_norm(engine, model, parallel, rank_local, cfg.optimizer.grad_clip)
             elif boundary:
                 unclipped_norm = module_grad_norm(model, parallel) if cfg.parallel.zero_stage == 0 else None
             engine.step()
-            if boundary and rows is not None:
-                rows.step()
-            step_loss += loss.detach()
+            if boundary:
+                for part in rank_local:
+                    part.step()
+            step_loss += loss.detach()  # the LM loss: comparable with dense and L³ runs
         interval_loss += mean_over_replicas(step_loss / engine.gradient_accumulation_steps(), parallel)
         interval_steps += 1
         interval_seconds += time.time() - step_start
@@ -264,6 +329,9 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
             scalars = {"train/loss": interval_loss / interval_steps, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_per_step * interval_steps / max(interval_seconds, 1e-9),
                        **l3_entropies(model)}
+            if interval_moe is not None:
+                scalars.update(moe_scalars(model, interval_moe, interval_micro_batches, parallel))
+                interval_moe, interval_micro_batches = None, 0
             grad_norm = engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
@@ -275,7 +343,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         exiting = exit_after_steps > 0 and done - start_step >= exit_after_steps
         if done % cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting or preempted:
             path = save_checkpoint(engine, cfg, done, world.is_main,
-                                   None if rows is None else lambda directory: rows.save(directory, world.rank))
+                                   lambda directory: [part.save(directory, world.rank) for part in rank_local])
             if world.is_main:
                 print(f"[l3train] saved checkpoint {path}", flush=True)
         if preempted:

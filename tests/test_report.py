@@ -1,4 +1,4 @@
-"""tools/report.py on two real tiny runs (one L³, one dense): the table's figures match the
+"""tools/report.py on real tiny runs (L³, dense, L³+MoE): the table's figures match the
 accounting and the metrics, the plots are real PNGs, and bad inputs are one-line errors."""
 
 from __future__ import annotations
@@ -23,15 +23,18 @@ SUFFIXES = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_corpus, tiny_allocation) -> tuple[Path, Path]:
+def runs(tmp_path_factory, tiny_corpus, tiny_allocation) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("report_runs")
     l3_tree = tiny_l3_config(root / "l3", tiny_corpus, tiny_allocation)
     dense_tree = copy.deepcopy(l3_tree)
     dense_tree["run_dir"] = str(root / "dense")
     dense_tree["l3"]["after_blocks"] = []
-    for tree in (l3_tree, dense_tree):
+    l3_moe_tree = copy.deepcopy(l3_tree)
+    l3_moe_tree["run_dir"] = str(root / "l3_moe")
+    l3_moe_tree["moe"] = {"blocks": [1], "num_experts": 4, "top_k": 2, "expert_hidden_size": 64}
+    for tree in (l3_tree, dense_tree, l3_moe_tree):
         run_trainer(write_config(Path(tree["run_dir"] + ".yaml"), tree))
-    return root / "l3", root / "dense"
+    return root / "l3", root / "dense", root / "l3_moe"
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
@@ -51,21 +54,22 @@ def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     return {row[0]: dict(zip(header, row)) for row in rows}
 
 
-def test_report_table_and_plots(two_runs, tmp_path):
-    l3_dir, dense_dir = two_runs
+def test_report_table_and_plots(runs, tmp_path):
+    l3_dir, dense_dir, l3_moe_dir = runs
     out = tmp_path / "report"
-    result = report(str(l3_dir), str(dense_dir), "--output", str(out))
+    result = report(str(l3_dir), str(dense_dir), str(l3_moe_dir), "--output", str(out))
     assert result.returncode == 0, result.stderr
-    assert "report of 2 run(s)" in result.stdout
+    assert "report of 3 run(s)" in result.stdout
     rows = table_rows((out / "report.md").read_text())
-    assert set(rows) == {"l3", "dense"}
+    assert set(rows) == {"l3", "dense", "l3_moe"}
     allocation = Allocation.load(load_config(l3_dir / "config.yaml").l3.allocation)
-    for name, run_dir, family in (("l3", l3_dir, "L³"), ("dense", dense_dir, "dense")):
+    for name, run_dir, family in (("l3", l3_dir, "L³"), ("dense", dense_dir, "dense"),
+                                  ("l3_moe", l3_moe_dir, "L³+MoE")):
         row = rows[name]
         cfg = load_config(run_dir / "config.yaml")
         rows_v, mean_rows = ((int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence())
                              if cfg.l3.after_blocks else (0, 0.0))
-        stats = model_stats(cfg.model, cfg.l3, cfg.data.seq_length, rows_v, mean_rows)
+        stats = model_stats(cfg.model, cfg.l3, cfg.data.seq_length, rows_v, mean_rows, cfg.moe)
         assert row["family"] == family
         for column, expected in (("total params", stats.total_params), ("active params", stats.active_params),
                                  ("FLOPs/token (fwd)", stats.flops_per_token), ("tokens seen", 12 * 8 * 64)):
@@ -86,8 +90,8 @@ def test_report_table_and_plots(two_runs, tmp_path):
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temporaries
 
 
-def test_study_manifest_skips_runs_without_steps(two_runs, tmp_path):
-    l3_dir, dense_dir = two_runs
+def test_study_manifest_skips_runs_without_steps(runs, tmp_path):
+    l3_dir, dense_dir, _ = runs
     study = tmp_path / "study"
     study.mkdir()
     pending = study / "pending"  # queued but not started: no run directory yet
@@ -100,8 +104,8 @@ def test_study_manifest_skips_runs_without_steps(two_runs, tmp_path):
     assert set(table_rows((tmp_path / "out" / "report.md").read_text())) == {"a", "b"}
 
 
-def test_missing_or_empty_runs_are_one_line_errors(two_runs, tmp_path):
-    l3_dir, _ = two_runs
+def test_missing_or_empty_runs_are_one_line_errors(runs, tmp_path):
+    l3_dir, _, _ = runs
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.yaml").write_text((l3_dir / "config.yaml").read_text())

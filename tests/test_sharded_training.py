@@ -87,10 +87,10 @@ def _gathered_table(states: list[dict]):
 
     from l3train.parallel.shard_plan import ShardPlan
 
-    plan = ShardPlan.from_state_dict(states[0]["plan"])
-    table = torch.full((int(plan.rows_per_token.sum()), states[0]["rows"][0].shape[1]), float("nan"))
+    plan = ShardPlan.from_state_dict(states[0]["layout"]["plan"])
+    table = torch.full((int(plan.rows_per_token.sum()), states[0]["tensors"][0].shape[1]), float("nan"))
     for state in states:
-        table[torch.as_tensor(plan.global_row_indices(state["shard"]))] = state["rows"][0]
+        table[torch.as_tensor(plan.global_row_indices(state["layout"]["shard"]))] = state["tensors"][0]
     return table
 
 
@@ -111,7 +111,7 @@ def test_sharded_training_equals_one_process(nproc, tp, stage, reference_run, ru
         assert norm == pytest.approx(reference_norms[step], rel=1e-4)
 
     states = _rank_files(run_dir)
-    assert sorted(state["shard"] for state in states) == list(range(nproc))
+    assert sorted(state["layout"]["shard"] for state in states) == list(range(nproc))
     reference = _reference_table(reference_run)
     gathered = _gathered_table(states)
     assert not gathered.isnan().any()  # every row is stored by some rank
@@ -126,11 +126,11 @@ def test_each_rank_stores_its_share_of_the_rows(runs):
     from l3train.parallel.shard_plan import ShardPlan
 
     states = _rank_files(runs(4, 2, 1))
-    plan = ShardPlan.from_state_dict(states[0]["plan"], expect_num_shards=4)
-    stored = [state["rows"][0].shape[0] for state in states]
+    plan = ShardPlan.from_state_dict(states[0]["layout"]["plan"], expect_num_shards=4)
+    stored = [state["tensors"][0].shape[0] for state in states]
     total = int(plan.rows_per_token.sum())
     assert sum(stored) == total
-    assert stored == [int(plan.rows_per_shard()[state["shard"]]) for state in states]
+    assert stored == [int(plan.rows_per_shard()[state["layout"]["shard"]]) for state in states]
     imbalance = float(plan.rows_per_shard().max() / plan.rows_per_shard().mean())
     assert max(stored) <= total / 4 * imbalance + 1e-9
     assert imbalance < 1.5

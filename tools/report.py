@@ -3,7 +3,7 @@
 
 Studies compare dense and L³ models at matched active parameters, so the table puts the
 parameter and FLOP accounting (l3train/model/accounting.py) next to the losses:
-run, family (dense when l3.after_blocks is empty, else L³), total and active parameters,
+run, family (dense, L³, MoE or L³+MoE, from l3.after_blocks and moe.blocks), total and active parameters,
 forward FLOPs per token, tokens seen, final train loss, final and best validation loss.
 Two plots: loss against tokens for every run (train lines, validation markers), and
 final validation loss against active parameters: every run as a point, and per family a
@@ -35,7 +35,8 @@ from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.model.accounting import ModelStats, model_stats
 from l3train.utils.atomic import atomic_path, atomic_write_text
 
-FAMILY_DENSE, FAMILY_L3 = "dense", "L³"
+FAMILIES = {(False, False): "dense", (True, False): "L³", (False, True): "MoE", (True, True): "L³+MoE"}
+FAMILY_MARKERS = {"dense": "s", "L³": "o", "MoE": "^", "L³+MoE": "D"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Run:
 
     @property
     def family(self) -> str:
-        return FAMILY_L3 if self.cfg.l3.after_blocks else FAMILY_DENSE
+        return FAMILIES[bool(self.cfg.l3.after_blocks), bool(self.cfg.moe.blocks)]
 
     @property
     def tokens_per_step(self) -> int:
@@ -104,7 +105,7 @@ def load_run(name: str, run_dir: Path, cache: dict[str, tuple[int, float]]) -> R
                            f"has no train/loss)")
     cfg = load_config(run_dir / "config.yaml")
     rows, mean_rows = allocation_figures(cfg, run_dir, cache) if cfg.l3.after_blocks else (0, 0.0)
-    stats = model_stats(cfg.model, cfg.l3, cfg.data.seq_length, rows, mean_rows)
+    stats = model_stats(cfg.model, cfg.l3, cfg.data.seq_length, rows, mean_rows, cfg.moe)
     return Run(name, run_dir, cfg, stats, train, val)
 
 
@@ -197,7 +198,7 @@ def plot_val_vs_active(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for index, (family, marker) in enumerate(((FAMILY_DENSE, "s"), (FAMILY_L3, "o"))):
+    for index, (family, marker) in enumerate(FAMILY_MARKERS.items()):
         members = [run for run in runs if run.family == family and run.final_val is not None]
         if not members:
             continue

@@ -49,69 +49,8 @@ from torch import Tensor, nn
 
 from l3train.model.l3_attention import row_attention_with_entropy
 from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
+from l3train.parallel.collectives import ReplicatedInput, ScaleGradient, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
-
-
-class _SumOverGroup(torch.autograd.Function):
-    """Forward: all-reduce sum over `group`; backward: identity (the gradient is replicated)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-class _ReplicatedInput(torch.autograd.Function):
-    """Forward: identity; backward: all-reduce sum over `group` (each rank used part of x)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad * ctx.scale, None
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all of rows; backward sends the gradients back the same way."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
-        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
-        output = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
-        dist.all_to_all_single(output, tensor.contiguous(), recv_counts, send_counts, group=group)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad_input = grad.new_empty((sum(ctx.send_counts), *grad.shape[1:]))
-        dist.all_to_all_single(grad_input, grad.contiguous(), ctx.send_counts, ctx.recv_counts, group=ctx.group)
-        return grad_input, None, None, None
-
-
-def _exchange(tensor: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
-    """All-to-all of rows: rows [sum(send[:i]), sum(send[:i+1])) go to rank i of `group`."""
-    return _AllToAll.apply(tensor, send_counts, recv_counts, group)
 
 
 class ShardedRowAttention:
@@ -141,11 +80,11 @@ class ShardedRowAttention:
         keys = self.keys.to(x.dtype)
         values = keys if self.values is None else self.values.to(x.dtype)
         if self.tp_size > 1:
-            x = _ReplicatedInput.apply(x, self.tp_group)
+            x = ReplicatedInput.apply(x, self.tp_group)
         if self.dp_size > 1:
             tied = self.values is None
-            keys = _ScaleGradient.apply(keys, 1.0 / self.dp_size)
-            values = keys if tied else _ScaleGradient.apply(values, 1.0 / self.dp_size)
+            keys = ScaleGradient.apply(keys, 1.0 / self.dp_size)
+            values = keys if tied else ScaleGradient.apply(values, 1.0 / self.dp_size)
         shard = self.owner[token_ids]
         mine = torch.nonzero(shard % self.tp_size == self.tp_rank).flatten()
         destination = shard[mine] // self.tp_size
@@ -155,15 +94,15 @@ class ShardedRowAttention:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.dp_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        remote_ids = _exchange(token_ids[positions], send, recv, self.dp_group)
-        remote_x = _exchange(x[positions], send, recv, self.dp_group)
+        remote_ids = exchange(token_ids[positions], send, recv, self.dp_group)
+        remote_x = exchange(x[positions], send, recv, self.dp_group)
         remote_out, remote_entropy = row_attention_with_entropy(remote_x, remote_ids, self.local_bounds, keys, values)
-        local_out = _exchange(remote_out, recv, send, self.dp_group)
-        local_entropy = _exchange(remote_entropy, recv, send, self.dp_group)
+        local_out = exchange(remote_out, recv, send, self.dp_group)
+        local_entropy = exchange(remote_entropy, recv, send, self.dp_group)
         out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, positions, local_out)
         entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, positions, local_entropy)
         if self.tp_size > 1:
-            out = _SumOverGroup.apply(out, self.tp_group)
+            out = SumOverGroup.apply(out, self.tp_group)
             dist.all_reduce(entropy, group=self.tp_group)
         return out, entropy
 

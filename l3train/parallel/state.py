@@ -42,10 +42,16 @@ class ParallelState:
     dp_rank: int
     dp_size: int
     dp_group: dist.ProcessGroup
+    # Expert parallelism: groups of `ep_size` consecutive DP ranks share out the experts;
+    # the ranks holding the same experts (one per EP group) form the expert-data-parallel group.
+    ep_rank: int = 0
+    ep_size: int = 1
+    ep_group: dist.ProcessGroup | None = None
+    expert_dp_group: dist.ProcessGroup | None = None
 
 
-def initialize_parallel(tensor_parallel: int) -> ParallelState:
-    """Create the TP and DP groups over the already initialised default process group.
+def initialize_parallel(tensor_parallel: int, expert_parallel: int = 1) -> ParallelState:
+    """Create the TP, DP and expert groups over the already initialised default process group.
 
     Applies the CPU shims first when there is no CUDA device (megatron's layers need them)."""
     if not dist.is_initialized():
@@ -54,12 +60,16 @@ def initialize_parallel(tensor_parallel: int) -> ParallelState:
     if tensor_parallel < 1 or world % tensor_parallel:
         raise L3TrainError(f"parallel.tensor_parallel={tensor_parallel} must divide the number of ranks "
                            f"({world}); launch a multiple of {tensor_parallel} ranks or change it")
+    if (world // tensor_parallel) % expert_parallel:
+        raise L3TrainError(f"moe.expert_parallel={expert_parallel} must divide the number of data-parallel ranks "
+                           f"({world // tensor_parallel}); launch a multiple of {expert_parallel} ranks or change it")
     apply_cpu_shims()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     # No gloo copies of the groups: megatron only uses them for its distributed optimizer's
     # checkpoints, which l3train does not use (DeepSpeed owns optimizer and checkpoints).
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                             expert_model_parallel_size=expert_parallel,
                                              create_gloo_process_groups=False)
     return ParallelState(
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -68,6 +78,10 @@ def initialize_parallel(tensor_parallel: int) -> ParallelState:
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
         dp_group=parallel_state.get_data_parallel_group(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
     )
 
 

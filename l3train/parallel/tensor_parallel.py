@@ -28,7 +28,8 @@ Plus, per micro-batch: an all-reduce after the embedding lookup (forward), one o
 input gradient of `output` (backward), and three small ones inside the vocab-parallel
 cross entropy (max, target logit, sum of exponentials; forward).
 
-Everything else is replicated over the TP ranks: norms, RoPE and (for now) the L³
+Everything else is replicated over the TP ranks: norms, RoPE, MoE feed-forwards
+(router and experts; each TP rank computes the whole MoE block) and (for now) the L³
 layers. Their inputs are identical on every TP rank and so are the gradients reaching
 them (every sharded-to-replicated boundary all-reduces), so their gradients need no TP
 reduction.
@@ -59,7 +60,7 @@ from torch import Tensor, nn
 
 from l3train.config import ModelConfig
 from l3train.errors import L3TrainError
-from l3train.model.llama import DecoderLM
+from l3train.model.llama import DecoderLM, SwiGLU
 from l3train.parallel.state import ParallelState
 
 
@@ -147,10 +148,11 @@ def parallelize_tensor(model: DecoderLM, state: ParallelState) -> DecoderLM:
             _column(linear, config, state, reduce_input_grad=False)
             for linear in (attention.wq, attention.wk, attention.wv))
         attention.wo = _row(attention.wo, config, state)
-        ffn.w1, ffn.w3 = (_column(linear, config, state, reduce_input_grad=False) for linear in (ffn.w1, ffn.w3))
-        ffn.w2 = _row(ffn.w2, config, state)
         block.attention_norm.register_forward_hook(enter)
-        block.ffn_norm.register_forward_hook(enter)
+        if isinstance(ffn, SwiGLU):  # an MoE feed-forward stays replicated, its input gradient whole
+            ffn.w1, ffn.w3 = (_column(linear, config, state, reduce_input_grad=False) for linear in (ffn.w1, ffn.w3))
+            ffn.w2 = _row(ffn.w2, config, state)
+            block.ffn_norm.register_forward_hook(enter)
     model.embedding = embedding
     # `output` is the only consumer of the final norm's output: its own input-gradient all-reduce suffices.
     model.output = _column(model.output, config, state, reduce_input_grad=True)
