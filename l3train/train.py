@@ -104,6 +104,14 @@ def shard_experts(model, cfg: Config, parallel: ParallelState, device: torch.dev
                           parallel.dp_size // parallel.ep_size, cfg)
 
 
+def check_rank_local_precision(cfg: Config) -> None:
+    """Sharded L³ rows or expert-parallel experts in bf16 need ZeRO-2 or 3 (see
+    l3train.parallel.sharded_optim); called when a multi-rank run has either."""
+    if cfg.training.precision == "bf16" and cfg.parallel.zero_stage < 2:
+        raise L3TrainError(f"sharded L³ rows or experts in bf16 need parallel.zero_stage 2 or 3 (got "
+                           f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false and moe.expert_parallel=1")
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     tr = cfg.training
     per_step = tr.micro_batch_size * dp_size
@@ -258,9 +266,8 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     if parallel.ep_size > 1:
         experts = shard_experts(model, cfg, parallel, world.device)
     rank_local = [part for part in (rows, experts) if part is not None]
-    if rank_local and tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
-        raise L3TrainError(f"sharded L³ rows or experts in bf16 need parallel.zero_stage 2 or 3 (got "
-                           f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false and moe.expert_parallel=1")
+    if rank_local:
+        check_rank_local_precision(cfg)
     train_ds, valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
                                         tr.eval_batches * tr.global_batch_size)
     optimizer = build_optimizer(model, cfg)

@@ -331,3 +331,12 @@ def test_size_configs_bad_input_is_one_line_exit_2(args, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("paper_")], ids=lambda p: p.name)
+def test_paper_configs_can_shard_rows_and_experts_on_many_ranks(path):
+    """Paper runs are multi-GPU: the trainer's precondition for sharded L³ rows and
+    expert-parallel experts (bf16 needs ZeRO-2/3) must hold for the shipped files."""
+    from l3train.train import check_rank_local_precision
+
+    check_rank_local_precision(load_config(path))
