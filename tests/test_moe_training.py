@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from training_harness import (assert_losses_close, metrics, run_expecting_error, run_trainer, tiny_l3_config,
-                              write_config)
+from training_harness import (assert_losses_close, metrics, run_expecting_error, run_trainer, stop_and_resume,
+                              tiny_l3_config, write_config)
 
 GRAD_CLIP = 0.5
 STEPS = 10
@@ -145,11 +145,8 @@ def test_moe_metrics_reach_tensorboard(moe_config, runs):
 def test_expert_parallel_resume_continues_the_trajectory(moe_config, runs, tmp_path):
     whole = runs(moe_config, 2, "moe.expert_parallel=2")
     split = tmp_path / "split"
-    common = [f"run_dir={split}", "moe.expert_parallel=2"]
-    run_trainer(moe_config, *common, "--exit-after-steps", "5", nproc=2)
+    stop_and_resume(moe_config, split, ["moe.expert_parallel=2"], stop_after=5, nproc=2)
     assert len(list((split / "checkpoints" / "step_00000005").glob("experts_rank*.pt"))) == 2
-    second = run_trainer(moe_config, *common, "--resume", nproc=2)
-    assert "resuming at step 5" in second.stdout
     assert metrics(split, "train/loss") == metrics(whole, "train/loss")
     message = run_expecting_error("--config", str(moe_config), f"run_dir={split}", "--resume")
     assert "moe.expert_parallel=2" in message and "new run_dir" in message

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from training_harness import (REPO, assert_losses_close, free_port, metrics, run_expecting_error, run_trainer,
-                              tiny_l3_config, trainer_env, write_config)
+                              stop_and_resume, tiny_l3_config, trainer_env, write_config)
 
 GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
 TABLE = "lookups.0.lookup.key_table"
@@ -143,10 +143,8 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
     whole = runs(2, 1, 1)
     split = tmp_path / "split"
     common = [f"run_dir={split}", "parallel.zero_stage=1"]
-    run_trainer(config, *common, "--exit-after-steps", "10", nproc=2)
+    stop_and_resume(config, split, ["parallel.zero_stage=1"], stop_after=10, nproc=2)
     assert len(list((split / "checkpoints" / "step_00000010").glob("l3_rows_rank*.pt"))) == 2
-    second = run_trainer(config, *common, "--resume", nproc=2)
-    assert "resuming at step 10" in second.stdout
     assert metrics(split, "train/loss") == metrics(whole, "train/loss")
     message = run_expecting_error("--config", str(config), *common, "--resume")
     assert "its L³ rows are sharded over 2 ranks (TP×DP)" in message

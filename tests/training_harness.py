@@ -55,6 +55,14 @@ def run_expecting_error(*args: str) -> str:
     return lines[0]
 
 
+def stop_and_resume(config: Path, run_dir: Path, overrides: list[str], stop_after: int, nproc: int) -> None:
+    """Train with `--exit-after-steps stop_after`, then `--resume` to the end, in `run_dir`."""
+    common = [f"run_dir={run_dir}", *overrides]
+    run_trainer(config, *common, "--exit-after-steps", str(stop_after), nproc=nproc)
+    second = run_trainer(config, *common, "--resume", nproc=nproc)
+    assert f"resuming at step {stop_after}" in second.stdout
+
+
 def write_config(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path

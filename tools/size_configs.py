@@ -164,16 +164,22 @@ _FlowListDumper.add_representer(
     list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
 
 
-def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: ModelStats, l3_stats: ModelStats,
-             dense: ModelConfig, rows: int, mean_rows: float, output: Path, experts_multiple: int,
-             command: str) -> str:
-    """The MoE config: the L³ file's settings with the MoE backbone, MoE blocks and no L³ layers."""
+def baseline_tree(config_path: Path, backbone: ModelConfig, output: Path) -> dict[str, Any]:
+    """The L³ config's settings with `backbone`'s shape, no L³ layers and run_dir runs/<output stem>."""
     tree: dict[str, Any] = yaml.safe_load(config_path.read_text())
     tree["l3"] = {"after_blocks": []}
     tree["run_dir"] = f"runs/{output.stem}"
     tree["model"] = {**tree.get("model", {}), "d_model": backbone.d_model, "n_layers": backbone.n_layers,
                      "n_heads": backbone.n_heads, "n_kv_heads": backbone.n_kv_heads,
                      "ffn_hidden_size": backbone.ffn_hidden_size}
+    return tree
+
+
+def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: ModelStats, l3_stats: ModelStats,
+             dense: ModelConfig, rows: int, mean_rows: float, output: Path, experts_multiple: int,
+             command: str) -> str:
+    """The MoE config: the L³ file's settings with the MoE backbone, MoE blocks and no L³ layers."""
+    tree = baseline_tree(config_path, backbone, output)
     tree["moe"] = {"blocks": list(moe.blocks), "num_experts": moe.num_experts, "top_k": moe.top_k,
                    "expert_hidden_size": moe.expert_hidden_size, "aux_loss_weight": moe.aux_loss_weight,
                    "z_loss_weight": moe.z_loss_weight, "capacity_factor": moe.capacity_factor}
@@ -214,12 +220,7 @@ def moe_yaml(config_path: Path, backbone: ModelConfig, moe: MoEConfig, stats: Mo
 def dense_yaml(config_path: Path, dense: ModelConfig, stats: ModelStats, l3_flops: float,
                rows: int, mean_rows: float, output: Path) -> str:
     """The dense config: the L³ file's settings with the new backbone and no L³ layers."""
-    tree: dict[str, Any] = yaml.safe_load(config_path.read_text())
-    tree["l3"] = {"after_blocks": []}
-    tree["run_dir"] = f"runs/{output.stem}"
-    tree["model"] = {**tree.get("model", {}), "d_model": dense.d_model, "n_layers": dense.n_layers,
-                     "n_heads": dense.n_heads, "n_kv_heads": dense.n_kv_heads,
-                     "ffn_hidden_size": dense.ffn_hidden_size}
+    tree = baseline_tree(config_path, dense, output)
     config_from_dict(tree)  # the file must load
     header = (f"# Iso-FLOP dense baseline of {config_path.name}, written by tools/size_configs.py:\n"
               f"#   {dense.n_layers} blocks, d_model {dense.d_model}, {dense.n_heads} heads ({dense.n_kv_heads} KV), "
