@@ -111,6 +111,9 @@ class TrainingConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
+    # Split the residual stream along the sequence over the TP ranks (megatron's sequence
+    # parallelism; l3train.parallel.tensor_parallel): needs tensor_parallel > 1.
+    sequence_parallel: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     # Partition the L³ rows over the TP×DP ranks by the static router (when there are > 1
     # ranks and L³ layers); their optimizer and checkpoints are then outside DeepSpeed.
@@ -229,6 +232,13 @@ def _validate(cfg: Config) -> None:
         (moe.expert_parallel == 1 or cfg.parallel.tensor_parallel == 1, "moe.expert_parallel",
          f"> 1 needs parallel.tensor_parallel=1 (got {cfg.parallel.tensor_parallel}); experts are "
          f"replicated over TP ranks, so use moe.expert_parallel=1 with tensor parallelism"),
+        (not cfg.parallel.sequence_parallel or cfg.parallel.tensor_parallel > 1, "parallel.sequence_parallel",
+         "needs parallel.tensor_parallel > 1 (it splits the sequence over the TP ranks)"),
+        (not cfg.parallel.sequence_parallel or data.seq_length % cfg.parallel.tensor_parallel == 0,
+         "parallel.sequence_parallel", f"needs data.seq_length ({data.seq_length}) divisible by "
+                                       f"parallel.tensor_parallel ({cfg.parallel.tensor_parallel})"),
+        (not cfg.parallel.sequence_parallel or not moe.blocks, "parallel.sequence_parallel",
+         "does not support MoE blocks (moe.blocks); turn one of them off"),
         (l3.norm in NORM_KINDS, "l3.norm", f"must be one of {NORM_KINDS}, got {l3.norm!r}"),
         (not l3.after_blocks or l3.allocation, "l3.allocation",
          "is required when l3.after_blocks is set; build one with tools/lzw_allocate.py"),

@@ -87,8 +87,12 @@ def shard_rows(model, allocation, cfg: Config, parallel: ParallelState, device: 
     from l3train.parallel.sharded_optim import ShardedRows
 
     plan = plan_shards(allocation.rows_per_token, allocation.token_frequencies, parallel.tp_size * parallel.dp_size)
-    attentions = [shard_lookup_layer(layer, plan, parallel.tp_rank, parallel.tp_size, parallel.tp_group,
-                                     parallel.dp_rank, parallel.dp_size, parallel.dp_group, device)
+    if cfg.parallel.sequence_parallel:  # each TP rank has its own positions: route over all ranks at once
+        layout = (0, 1, None, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    else:
+        layout = (parallel.tp_rank, parallel.tp_size, parallel.tp_group, parallel.dp_rank, parallel.dp_size,
+                  parallel.dp_group)
+    attentions = [shard_lookup_layer(layer, plan, *layout, device, gradient_scale=1.0 / parallel.dp_size)
                   for layer in model.l3_layers()]
     return ShardedRows(attentions, plan, parallel.dp_rank * parallel.tp_size + parallel.tp_rank, cfg)
 
@@ -179,9 +183,18 @@ def evaluate(engine, valid_ds, cfg: Config, world: World, parallel: ParallelStat
     return mean_over_replicas(total / per_rank_batches, parallel)
 
 
-def l3_entropies(model) -> dict[str, float]:
-    return {f"l3/entropy_after_block_{index}": block.lookup.last_entropy.item()
-            for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
+def l3_entropies(model, cfg: Config, parallel: ParallelState) -> dict[str, float]:
+    """Mean softmax entropy of each L³ layer's last forward; under sequence parallelism the
+    mean over the TP ranks' equal slices of the sequence."""
+    entropies = {f"l3/entropy_after_block_{index}": block.lookup.last_entropy
+                 for index, block in model.lookups.items() if block.lookup.last_entropy is not None}
+    if not entropies:
+        return {}
+    values = torch.stack(list(entropies.values())).float()
+    if cfg.parallel.sequence_parallel:
+        dist.all_reduce(values, group=parallel.tp_group)
+        values /= parallel.tp_size
+    return dict(zip(entropies, values.tolist()))
 
 
 def moe_monitor(model) -> torch.Tensor | None:
@@ -259,7 +272,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     ds_config = deepspeed_config(cfg, parallel.dp_size)
     model, allocation = build_model(cfg)
     if tp > 1:
-        model = parallelize_tensor(model, parallel)
+        model = parallelize_tensor(model, parallel, cfg.parallel.sequence_parallel)
     rows = experts = None
     if cfg.parallel.shard_l3_rows and allocation is not None and world.size > 1:
         rows = shard_rows(model, allocation, cfg, parallel, world.device)
@@ -280,7 +293,8 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
     if world.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for part in rank_local for p in part.params)
-        layout = f" (TP={tp} × DP={parallel.dp_size})" if tp > 1 else ""
+        sequence = ", sequence parallel" if cfg.parallel.sequence_parallel else ""
+        layout = f" (TP={tp}{sequence} × DP={parallel.dp_size})" if tp > 1 else ""
         if rows is not None:
             layout += f", L³ rows sharded over {rows.plan.num_shards} ranks"
         if experts is not None:
@@ -335,7 +349,7 @@ def train(cfg: Config, resume: bool, exit_after_steps: int = 0) -> int:
         if done % tr.log_interval == 0 or done == tr.steps:
             scalars = {"train/loss": interval_loss / interval_steps, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_per_step * interval_steps / max(interval_seconds, 1e-9),
-                       **l3_entropies(model)}
+                       **l3_entropies(model, cfg, parallel)}
             if interval_moe is not None:
                 scalars.update(moe_scalars(model, interval_moe, interval_micro_batches, parallel))
                 interval_moe, interval_micro_batches = None, 0

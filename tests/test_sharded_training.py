@@ -50,12 +50,13 @@ def runs(config, tmp_path_factory) -> dict:
     """Sharded runs by (ranks, TP, ZeRO stage), made on first use and shared between tests."""
     made = {}
 
-    def run(nproc: int, tp: int, stage: int) -> Path:
-        key = (nproc, tp, stage)
+    def run(nproc: int, tp: int, stage: int, sequence_parallel: bool = False) -> Path:
+        key = (nproc, tp, stage, sequence_parallel)
         if key not in made:
-            run_dir = tmp_path_factory.mktemp(f"n{nproc}_tp{tp}_z{stage}") / "run"
+            run_dir = tmp_path_factory.mktemp(f"n{nproc}_tp{tp}_z{stage}{'_sp' if sequence_parallel else ''}") / "run"
             result = run_trainer(config, f"run_dir={run_dir}", f"parallel.tensor_parallel={tp}",
-                                 f"parallel.zero_stage={stage}", nproc=nproc)
+                                 f"parallel.zero_stage={stage}", f"parallel.sequence_parallel={sequence_parallel}",
+                                 nproc=nproc)
             assert f"L³ rows sharded over {nproc} ranks" in result.stdout
             made[key] = run_dir
         return made[key]
@@ -95,16 +96,22 @@ def _gathered_table(states: list[dict]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,tp,stage", [(2, 1, 0), (2, 2, 0), (4, 2, 1), (2, 1, 1), (2, 1, 2), (2, 1, 3)],
-                         ids=["dp2", "tp2", "tp2xdp2_zero1", "dp2_zero1", "dp2_zero2", "dp2_zero3"])
-def test_sharded_training_equals_one_process(nproc, tp, stage, reference_run, runs):
-    run_dir = runs(nproc, tp, stage)
+@pytest.mark.parametrize("nproc,tp,stage,sp", [(2, 1, 0, False), (2, 2, 0, False), (4, 2, 1, False), (2, 1, 1, False),
+                                               (2, 1, 2, False), (2, 1, 3, False), (2, 2, 0, True), (4, 2, 2, True)],
+                         ids=["dp2", "tp2", "tp2xdp2_zero1", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2_sp",
+                              "tp2xdp2_sp_zero2"])
+def test_sharded_training_equals_one_process(nproc, tp, stage, sp, reference_run, runs):
+    """Also with sequence parallelism, where each TP rank routes its own positions to the rows' owners."""
+    run_dir = runs(nproc, tp, stage, sp)
     reference_norms = metrics(reference_run, "train/grad_norm")
     assert sum(norm > GRAD_CLIP for norm in reference_norms.values()) >= 5  # clipping does act
     losses = metrics(run_dir, "train/loss")
     assert losses[20] < losses[1] - 0.5
     assert_losses_close(losses, metrics(reference_run, "train/loss"), rtol=1e-5)
     assert_losses_close(metrics(run_dir, "val/loss"), metrics(reference_run, "val/loss"), rtol=1e-5)
+    if nproc == tp:  # one replica sees the whole batch: its logged L³ entropy is the reference's
+        entropy = "l3/entropy_after_block_0"
+        assert_losses_close(metrics(run_dir, entropy), metrics(reference_run, entropy), rtol=1e-5)
     norms = metrics(run_dir, "train/grad_norm")  # dense and all ranks' rows, counted once
     assert norms.keys() == reference_norms.keys()
     for step, norm in norms.items():

@@ -40,15 +40,18 @@ def _module_worker(output: Path) -> None:
     dist.init_process_group("gloo")
     state = initialize_parallel(dist.get_world_size())
     results = {}
-    # Grouped-query attention (4 query heads, 2 KV heads) with an L³ layer, and tied embeddings.
-    for name, tie in (("gqa_l3", False), ("tied", True)):
+    # Grouped-query attention (4 query heads, 2 KV heads) with an L³ layer, and tied embeddings;
+    # each also with sequence parallelism (norms, W_up/W_mix and the unsharded L³ table then
+    # see half the positions per rank: their gradients must still come out whole).
+    for name, tie, sequence_parallel in (("gqa_l3", False, False), ("tied", True, False),
+                                         ("gqa_l3_sp", False, True), ("tied_sp", True, True)):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48,
                           max_seq_len=16, tie_embeddings=tie)
         l3 = L3Config(after_blocks=[0], d_emb=32, d_up=48)
         rows = np.random.default_rng(0).integers(1, 5, cfg.vocab_size)
         torch.manual_seed(0)
         plain = DecoderLM(cfg, l3, rows)
-        parallel = parallelize_tensor(copy.deepcopy(plain), state)
+        parallel = parallelize_tensor(copy.deepcopy(plain), state, sequence_parallel)
         generator = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, cfg.vocab_size, (3, 16), generator=generator)
         labels = torch.randint(0, cfg.vocab_size, (3, 16), generator=generator)
@@ -101,11 +104,12 @@ def test_tp2_forward_and_gradients_equal_the_plain_model(tmp_path):
         expected = {"embedding.weight"} | {f"blocks.{b}.{m}.weight" for b in range(2) for m in (
             "attention.wq", "attention.wk", "attention.wv", "attention.wo",
             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
-        assert set(case["sharded"]) == expected | ({"output.weight"} if name != "tied" else set())
+        assert set(case["sharded"]) == expected | ({"output.weight"} if not name.startswith("tied") else set())
         worst = max(case["diffs"].items(), key=lambda item: item[1])
         assert worst[1] <= 1e-5, (name, worst)
+    assert sorted(results) == ["gqa_l3", "gqa_l3_sp", "tied", "tied_sp"]
     assert "grad output.weight" not in results["tied"]["diffs"]  # one shared parameter, compared once
-    assert "grad lookups.0.lookup.key_table" in results["gqa_l3"]["diffs"]
+    assert "grad lookups.0.lookup.key_table" in results["gqa_l3_sp"]["diffs"]
 
 
 @pytest.fixture(scope="module")

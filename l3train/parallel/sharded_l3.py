@@ -61,12 +61,14 @@ class ShardedRowAttention:
 
     def __init__(self, owner: np.ndarray, local_rows_per_token: np.ndarray, keys: nn.Parameter,
                  values: nn.Parameter | None, tp_rank: int, tp_size: int, tp_group, dp_size: int, dp_group,
-                 device: torch.device) -> None:
+                 device: torch.device, gradient_scale: float | None = None) -> None:
         self.owner = torch.as_tensor(owner, dtype=torch.long, device=device)
         self.local_bounds = bounds_from_rows(local_rows_per_token).to(device)
         self.keys, self.values = keys, values
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
         self.dp_size, self.dp_group = dp_size, dp_group
+        # The rows' share of the replica average: 1/DP (see the module docstring).
+        self.gradient_scale = 1.0 / dp_size if gradient_scale is None else gradient_scale
 
     def tables(self) -> list[nn.Parameter]:
         """This rank's row tensors (the key table, plus the value table when untied)."""
@@ -81,10 +83,10 @@ class ShardedRowAttention:
         values = keys if self.values is None else self.values.to(x.dtype)
         if self.tp_size > 1:
             x = ReplicatedInput.apply(x, self.tp_group)
-        if self.dp_size > 1:
+        if self.gradient_scale != 1.0:
             tied = self.values is None
-            keys = ScaleGradient.apply(keys, 1.0 / self.dp_size)
-            values = keys if tied else ScaleGradient.apply(values, 1.0 / self.dp_size)
+            keys = ScaleGradient.apply(keys, self.gradient_scale)
+            values = keys if tied else ScaleGradient.apply(values, self.gradient_scale)
         shard = self.owner[token_ids]
         mine = torch.nonzero(shard % self.tp_size == self.tp_rank).flatten()
         destination = shard[mine] // self.tp_size
@@ -108,13 +110,16 @@ class ShardedRowAttention:
 
 
 def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, tp_rank: int, tp_size: int, tp_group,
-                       dp_rank: int, dp_size: int, dp_group, device: torch.device | None = None) -> ShardedRowAttention:
+                       dp_rank: int, dp_size: int, dp_group, device: torch.device | None = None,
+                       gradient_scale: float | None = None) -> ShardedRowAttention:
     """Keep only this rank's rows of `layer` (copied from its full initialisation, so a sharded
     run starts from the single-process weights) and route its lookups to the owners.
 
     This rank holds shard `dp_rank * tp_size + tp_rank`. The rows move out of the module
     into the returned `ShardedRowAttention` (on `device`, default: where the table was),
-    which becomes `layer.row_attention`. The layer's `bounds` buffer keeps the global
+    which becomes `layer.row_attention`. Under sequence parallelism every rank holds its own
+    positions: pass tp_size=1 and the whole TP×DP world as the "DP" group (shard s is then
+    global rank s), with `gradient_scale` 1/DP. The layer's `bounds` buffer keeps the global
     allocation: it is what a checkpoint needs.
     """
     if plan.num_shards != tp_size * dp_size:
@@ -131,5 +136,5 @@ def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, tp_rank: int, t
     layer.key_table = None
     layer.value_table = None
     layer.row_attention = ShardedRowAttention(plan.owner, plan.local_rows_per_token(shard), keys, values, tp_rank,
-                                              tp_size, tp_group, dp_size, dp_group, device)
+                                              tp_size, tp_group, dp_size, dp_group, device, gradient_scale)
     return layer.row_attention

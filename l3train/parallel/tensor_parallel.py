@@ -40,10 +40,27 @@ Tied embeddings are supported: the vocabulary slice of the embedding rows and of
 output projection's rows are the same on each rank, so both layers share one sharded
 parameter, and its gradient is the sum of both uses as in the plain model.
 
-Not supported: sequence parallelism (it needs the [seq, batch, hidden] layout and a TP
-all-reduce of the norm and L³ gradients that DeepSpeed would not do), and a vocabulary
-that TP does not divide (padding it would add logits to the softmax; set model.vocab_size
-to a multiple of TP instead, the tokenizer may be smaller).
+Sequence parallelism (`sequence_parallel=True`, megatron's scheme): between the
+tensor-parallel regions the residual stream is split along the sequence, so each TP rank
+holds and normalises S/TP positions and the activations that are replicated above are
+divided by TP. Per decoder block the forward all-reduce after wo/w2 becomes a
+reduce-scatter along the sequence (megatron's RowParallelLinear with `sequence_parallel`)
+and each sublayer's norm output is all-gathered along the sequence before wq/wk/wv and
+w1/w3 (megatron's `gather_from_sequence_parallel_region`, whose backward reduce-scatters
+the partial input gradients). The embedding is reduce-scattered (megatron's
+`reduce_scatter_embeddings`) and the final norm's output gathered before `output`. The
+same bytes move as without SP (a reduce-scatter plus an all-gather is one all-reduce).
+megatron's sequence-parallel mappings work on [seq, batch, hidden]; the model is
+batch-first, so they are called on transposed views.
+What was replicated now sees only this rank's positions, so its gradient is partial:
+every parameter that is not TP-sharded (norms, L³ W_up/W_mix/norm, unsharded L³ tables)
+gets a gradient hook summing it over the TP group (megatron's finalize_model_grads does
+the same for its `sequence_parallel` parameters). L³ layers look up this rank's positions
+only: their token ids are split along the sequence like the hidden states. MoE blocks
+are not supported with SP (their load-balancing loss would need the TP-wide counts).
+
+Not supported: a vocabulary that TP does not divide (padding it would add logits to the
+softmax; set model.vocab_size to a multiple of TP instead, the tokenizer may be smaller).
 """
 
 from __future__ import annotations
@@ -53,7 +70,8 @@ import functools
 import torch
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy)
+                                           copy_to_tensor_model_parallel_region,
+                                           gather_from_sequence_parallel_region, vocab_parallel_cross_entropy)
 from megatron.core.tensor_parallel.layers import (param_is_not_tensor_parallel_duplicate,
                                                   set_tensor_model_parallel_attributes)
 from torch import Tensor, nn
@@ -73,10 +91,21 @@ class _ColumnParallel(ColumnParallelLinear):
 
 
 class _RowParallel(RowParallelLinear):
-    """RowParallelLinear returning only the output (see `_ColumnParallel`)."""
+    """RowParallelLinear returning only the output (see `_ColumnParallel`). Under sequence
+    parallelism megatron reduce-scatters its output along the first dimension, which it
+    takes to be the sequence: the batch-first activations are transposed around it."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
         return super().forward(x)[0]
+
+
+class _SequenceParallelEmbedding(VocabParallelEmbedding):
+    """megatron's `reduce_scatter_embeddings` returns [S/TP, batch, hidden]; the model is batch-first."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return super().forward(tokens).transpose(0, 1)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tensor_parallel: int) -> None:
@@ -115,6 +144,7 @@ def _column(linear: nn.Linear, config: ModelParallelConfig, state: ParallelState
 
 
 def _row(linear: nn.Linear, config: ModelParallelConfig, state: ParallelState) -> _RowParallel:
+    """Reduces its output over TP: all-reduce, or under `config.sequence_parallel` reduce-scatter along the sequence."""
     layer = _RowParallel(linear.in_features, linear.out_features, config=config, init_method=None, bias=False,
                          input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group)
     _load_shard(layer.weight, linear.weight, 1, state)
@@ -127,37 +157,74 @@ def _enter_tensor_parallel_region(group: torch.distributed.ProcessGroup, module:
     return copy_to_tensor_model_parallel_region(output, group=group)
 
 
-def parallelize_tensor(model: DecoderLM, state: ParallelState) -> DecoderLM:
-    """Shard `model`'s backbone over `state`'s TP group in place (see the module docstring).
+def _gather_sequence(group: torch.distributed.ProcessGroup, module: nn.Module, inputs: tuple,
+                     output: Tensor) -> Tensor:
+    """Forward hook: all-gather the sequence (backward: reduce-scatter the partial gradients)."""
+    return gather_from_sequence_parallel_region(output.transpose(0, 1), True, group).transpose(0, 1)
+
+
+def _local_token_ids(state: ParallelState, module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of an L³ block under SP: its hidden states are this rank's slice of the sequence."""
+    hidden, token_ids = args
+    return hidden, token_ids.chunk(state.tp_size, dim=1)[state.tp_rank]
+
+
+def _sum_over_group(group: torch.distributed.ProcessGroup, grad: Tensor) -> Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)
+    return grad
+
+
+def parallelize_tensor(model: DecoderLM, state: ParallelState, sequence_parallel: bool = False) -> DecoderLM:
+    """Shard `model`'s backbone over `state`'s TP group in place (see the module docstring),
+    with the residual stream split along the sequence if `sequence_parallel`.
 
     Call on every rank with identically initialised plain models, before DeepSpeed wraps it."""
     check_tensor_parallel(model.cfg, state.tp_size)
+    if sequence_parallel and model.moe_layers():
+        raise L3TrainError("parallel.sequence_parallel does not support MoE blocks (moe.blocks); turn one of them off")
     dtype = model.output.weight.dtype
     # CPU initialisation keeps megatron from allocating on a CUDA device here: like the plain
     # model, the sharded one is built on the host and moved to the device by DeepSpeed.
     config = ModelParallelConfig(tensor_model_parallel_size=state.tp_size, use_cpu_initialization=True,
                                  perform_initialization=False, params_dtype=dtype)
-    enter = functools.partial(_enter_tensor_parallel_region, state.tp_group)
+    # Only the row layers use megatron's sequence-parallel path (reduce-scatter); the column
+    # layers' inputs are gathered by `enter`, so they run as without SP.
+    row_config = ModelParallelConfig(tensor_model_parallel_size=state.tp_size, use_cpu_initialization=True,
+                                     perform_initialization=False, params_dtype=dtype,
+                                     sequence_parallel=sequence_parallel)
+    # Before the column layers: all-reduce of the input gradient, or under SP all-gather of the sequence.
+    enter = functools.partial(_gather_sequence if sequence_parallel else _enter_tensor_parallel_region,
+                              state.tp_group)
 
-    embedding = VocabParallelEmbedding(model.cfg.vocab_size, model.cfg.d_model, init_method=None, config=config,
-                                       tp_group=state.tp_group)
+    embedding_class = _SequenceParallelEmbedding if sequence_parallel else VocabParallelEmbedding
+    embedding = embedding_class(model.cfg.vocab_size, model.cfg.d_model, init_method=None, config=config,
+                                reduce_scatter_embeddings=sequence_parallel, tp_group=state.tp_group)
     _load_shard(embedding.weight, model.embedding.weight, 0, state)
     for block in model.blocks:
         attention, ffn = block.attention, block.feed_forward
         attention.wq, attention.wk, attention.wv = (
             _column(linear, config, state, reduce_input_grad=False)
             for linear in (attention.wq, attention.wk, attention.wv))
-        attention.wo = _row(attention.wo, config, state)
+        attention.wo = _row(attention.wo, row_config, state)
         block.attention_norm.register_forward_hook(enter)
         if isinstance(ffn, SwiGLU):  # an MoE feed-forward stays replicated, its input gradient whole
             ffn.w1, ffn.w3 = (_column(linear, config, state, reduce_input_grad=False) for linear in (ffn.w1, ffn.w3))
-            ffn.w2 = _row(ffn.w2, config, state)
+            ffn.w2 = _row(ffn.w2, row_config, state)
             block.ffn_norm.register_forward_hook(enter)
     model.embedding = embedding
-    # `output` is the only consumer of the final norm's output: its own input-gradient all-reduce suffices.
-    model.output = _column(model.output, config, state, reduce_input_grad=True)
+    # `output` is the only consumer of the final norm's output: its own input-gradient all-reduce
+    # suffices; under SP the gather before it reduces that gradient instead.
+    model.output = _column(model.output, config, state, reduce_input_grad=not sequence_parallel)
     if model.cfg.tie_embeddings:
         model.output.weight = embedding.weight  # the same vocabulary slice on this rank: one shared shard
+    if sequence_parallel:
+        model.norm.register_forward_hook(enter)
+        for block in model.lookups.values():
+            block.register_forward_pre_hook(functools.partial(_local_token_ids, state))
+        for param in model.parameters():
+            if not getattr(param, "tensor_model_parallel", False):
+                param.register_hook(functools.partial(_sum_over_group, state.tp_group))
     return model
 
 
