@@ -19,7 +19,7 @@ import dataclasses
 
 from l3train.config import load_config
 from l3train.errors import CliArgumentParser, run_cli
-from l3train.model.accounting import ModelStats, l3_figures, model_stats
+from l3train.model.accounting import ModelStats, add_l3_figure_arguments, l3_figures, model_stats
 
 
 def format_row(name: str, stats: ModelStats) -> str:
@@ -30,8 +30,7 @@ def format_row(name: str, stats: ModelStats) -> str:
 def main() -> int:
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
-    parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
+    add_l3_figure_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)

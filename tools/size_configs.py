@@ -34,7 +34,7 @@ import yaml
 
 from l3train.config import Config, ModelConfig, MoEConfig, config_from_dict, load_config
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-from l3train.model.accounting import ModelStats, l3_figures, model_stats
+from l3train.model.accounting import ModelStats, add_l3_figure_arguments, l3_figures, model_stats
 from l3train.utils.atomic import atomic_write_text
 
 # The iso-sparse MoE search aims at both FLOPs and sparsity within this relative distance.
@@ -239,8 +239,7 @@ def table_row(name: str, stats: ModelStats) -> str:
 def main() -> int:
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="L³ config (see configs/)")
-    parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
-    parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
+    add_l3_figure_arguments(parser)
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token of the iso-sparse MoE (default 2)")
     parser.add_argument("--moe-experts-multiple", type=int, default=1, metavar="N",
                         help="the iso-sparse MoE's number of experts E is a multiple of N (default 1: any E), "

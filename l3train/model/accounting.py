@@ -24,6 +24,7 @@ Conventions (stated once, used by the sizing and report tools):
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,12 @@ def model_stats(m: ModelConfig, l3: L3Config, seq_length: int, l3_rows: int = 0,
     flops = (m.n_layers * (2 * block_matmuls + attention_scores) + moe_flops + num_l3 * 2 * l3_matmuls
              + 2 * m.vocab_size * m.d_model)
     return ModelStats(total_params=total, active_params=active, l3_table_params=l3_tables, flops_per_token=flops)
+
+
+def add_l3_figure_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--rows`/`--mean-rows` of the sizing CLIs, read by `l3_figures`."""
+    parser.add_argument("--rows", type=int, help="L³ rows v per layer (instead of reading the allocation)")
+    parser.add_argument("--mean-rows", type=float, help="corpus mean d_t (instead of reading the allocation)")
 
 
 def l3_figures(cfg: Config, rows: int | None, mean_rows: float | None) -> tuple[int, float]:

@@ -27,6 +27,7 @@ refuses that combination in one line).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def rank_file(kind: str, rank: int) -> str:
     return f"{kind}_rank{rank:05d}.pt"
 
 
-class RankLocalParameters:
+class RankLocalParameters(ABC):
     """Tensors held by this rank only, with their AdamW and LR schedule; subclasses say what
     they are (`kind`, the checkpoint file stem) and how their layout is checked on resume."""
 
@@ -89,9 +90,9 @@ class RankLocalParameters:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
 
+    @abstractmethod
     def layout(self) -> dict:
         """What must match between the checkpoint and this run, besides the tensor shapes."""
-        raise NotImplementedError
 
     def check_layout(self, saved: dict, path: Path) -> None:
         if saved != self.layout():
