@@ -141,19 +141,27 @@ def test_sweep_of_three_learning_rates(cluster, tiny_config, tmp_path):
     assert len(set(final_losses)) == 3, final_losses  # three different trainings
 
 
-def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
-    """SIGUSR1 to the batch shell (as --signal=B:USR1 does before the time limit): the
-    trainers save and exit 75, the job requeues itself and resumes from that checkpoint."""
-    tiny_config["training"].update(steps=300, log_interval=10, eval_interval=1000)
-    tiny_config["checkpoint"]["save_interval"] = 1000
+def submit_long_run(cluster, tiny_config: dict, tmp_path: Path, steps: int,
+                    running_past_step: int) -> tuple[str, Path, Path]:
+    """Submit a 2-node run of `steps` steps that checkpoints only at its end (logging every
+    10 steps); return (job id, log, run dir) once it has logged step `running_past_step`."""
+    tiny_config["training"].update(steps=steps, log_interval=10, eval_interval=steps)
+    tiny_config["checkpoint"]["save_interval"] = steps
     config = write_config(tmp_path / "long.yaml", tiny_config)
     run_dir = Path(tiny_config["run_dir"])
     log = tmp_path / "job.out"
     job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config))
     deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() or max(metrics(run_dir, "train/loss"), default=0) < 20:
+    while not (run_dir / "metrics.jsonl").exists() or max(metrics(run_dir, "train/loss"), default=0) < running_past_step:
         assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, tail(log)
         time.sleep(0.2)
+    return job_id, log, run_dir
+
+
+def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
+    """SIGUSR1 to the batch shell (as --signal=B:USR1 does before the time limit): the
+    trainers save and exit 75, the job requeues itself and resumes from that checkpoint."""
+    job_id, log, run_dir = submit_long_run(cluster, tiny_config, tmp_path, steps=300, running_past_step=20)
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     record = cluster.wait(job_id, log)
     text = log.read_text()
@@ -173,16 +181,7 @@ def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
 def test_cancelled_job_saves_and_stays_cancelled(cluster, tiny_config, tmp_path):
     """scancel sends SIGTERM: the trainers save and exit 75, but the job must not requeue
     itself (that would undo the cancel); the run resumes only when submitted again."""
-    tiny_config["training"].update(steps=2000, log_interval=10, eval_interval=10000)
-    tiny_config["checkpoint"]["save_interval"] = 10000
-    config = write_config(tmp_path / "long.yaml", tiny_config)
-    run_dir = Path(tiny_config["run_dir"])
-    log = tmp_path / "job.out"
-    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config))
-    deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() or max(metrics(run_dir, "train/loss"), default=0) < 10:
-        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, tail(log)
-        time.sleep(0.2)
+    job_id, log, run_dir = submit_long_run(cluster, tiny_config, tmp_path, steps=2000, running_past_step=10)
     cluster.run("scancel", job_id)
     record = cluster.wait(job_id, log)  # CANCELLED at once; the shell goes on until the trainers exit
     deadline = time.time() + 60

@@ -134,19 +134,20 @@ def _position_tile(tiles_ptr, order_ptr, segments_ptr, scratch_ptr, scratch_widt
 
 
 @triton.jit
-def _accumulate_rows(weights_t, source_ptr, positions, pos_mask, WIDTH, scratch_ptr, out_ptr, local_rows, rows,
-                     row_mask, first, last, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-                     COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """out[rows] (+)= weights_tᵀ-weighted sum of source[positions], feature chunk by chunk,
-    carrying partial sums through this program's scratch across position blocks."""
+def _accumulate(weights, source_ptr, source_index, source_mask, WIDTH, scratch_ptr, out_ptr, scratch_index,
+                out_index, out_mask, first, last, BLOCK_OUT: tl.constexpr, BLOCK_F: tl.constexpr,
+                COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """out[out_index] (+)= weights · source[source_index], feature chunk by chunk, carrying
+    partial sums through this program's scratch (at `scratch_index`) across blocks of the
+    summed dimension: rows of a table from positions (dK, dV) or positions from rows (dX)."""
     for f0 in range(0, WIDTH, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         col_mask = cols < WIDTH
-        source = tl.load(source_ptr + positions[:, None] * WIDTH + cols[None, :],
-                         mask=pos_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
-        partial = _mm(weights_t, source, tl.zeros((BLOCK_R, BLOCK_F), COMPUTE), PRECISION)
-        _carry(partial, 1.0, 1.0, scratch_ptr + local_rows[:, None] * WIDTH + cols[None, :],
-               out_ptr + rows[:, None] * WIDTH + cols[None, :], row_mask[:, None] & col_mask[None, :], first, last)
+        source = tl.load(source_ptr + source_index[:, None] * WIDTH + cols[None, :],
+                         mask=source_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
+        partial = _mm(weights, source, tl.zeros((BLOCK_OUT, BLOCK_F), COMPUTE), PRECISION)
+        _carry(partial, 1.0, 1.0, scratch_ptr + scratch_index[:, None] * WIDTH + cols[None, :],
+               out_ptr + out_index[:, None] * WIDTH + cols[None, :], out_mask[:, None] & col_mask[None, :], first, last)
 
 
 @triton.jit
@@ -233,15 +234,9 @@ def _grad_x_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delta_ptr
                                    BLOCK_P, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
         # softmax backward: dS = P ⊙ (dP − Σ_r P·dP), with Σ_r P·dP = dA · A = delta.
         grad_scores = probs * (grad_probs - delta[:, None])
-        for i0 in range(0, D_IN, BLOCK_DI):
-            cols = i0 + tl.arange(0, BLOCK_DI)
-            col_mask = cols < D_IN
-            keys = tl.load(keys_ptr + rows[:, None] * D_IN + cols[None, :],
-                           mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(COMPUTE)
-            partial = _mm(grad_scores, keys, tl.zeros((BLOCK_P, BLOCK_DI), COMPUTE), PRECISION)
-            _carry(partial, 1.0, 1.0, scratch_ptr + slots[:, None] * D_IN + cols[None, :],
-                   grad_x_ptr + positions[:, None] * D_IN + cols[None, :], pos_mask[:, None] & col_mask[None, :],
-                   r0 == 0, r0 + BLOCK_R >= row_count)
+        # dX = dS·K over this block of rows.
+        _accumulate(grad_scores, keys_ptr, rows, row_mask, D_IN, scratch_ptr, grad_x_ptr, slots, positions, pos_mask,
+                    r0 == 0, r0 + BLOCK_R >= row_count, BLOCK_P, BLOCK_DI, COMPUTE, PRECISION)
         tl.debug_barrier()
 
 
@@ -277,10 +272,10 @@ def _grad_tables_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delt
         first = p0 == 0
         last = p0 + BLOCK_P >= pos_count
         # dK = dSᵀ·X and dV = Pᵀ·dA for this block of rows.
-        _accumulate_rows(grad_scores_t, x_ptr, positions, pos_mask, D_IN, keys_scratch_ptr, grad_keys_ptr,
-                         local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DI, COMPUTE, PRECISION)
-        _accumulate_rows(probs_t, grad_out_ptr, positions, pos_mask, D_EMB, values_scratch_ptr, grad_values_ptr,
-                         local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
+        _accumulate(grad_scores_t, x_ptr, positions, pos_mask, D_IN, keys_scratch_ptr, grad_keys_ptr,
+                    local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DI, COMPUTE, PRECISION)
+        _accumulate(probs_t, grad_out_ptr, positions, pos_mask, D_EMB, values_scratch_ptr, grad_values_ptr,
+                    local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
         tl.debug_barrier()
 
 
