@@ -18,110 +18,11 @@ built by launch/quickstart.sh), cycled until `--tokens` are reached.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import time
 from pathlib import Path
 
-import numpy as np
-
+from l3train.allocation import fast_lzw_counts, lzw_allocation
+from l3train.benchmarks.core import bench_attention, bench_lzw, load_documents
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-
-
-def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents of an indexed dataset as (tokens, offsets), cycled to `total_tokens`.
-
-    The EOD token that preprocessing appends to every document is dropped, as
-    tools/lzw_allocate.py does."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    docs = [np.asarray(dataset[i], dtype=np.int64)[:-1] for i in range(len(dataset))]
-    chosen, count = [], 0
-    while count < total_tokens:
-        for doc in docs:
-            chosen.append(doc)
-            count += len(doc)
-            if count >= total_tokens:
-                break
-    lengths = np.array([len(d) for d in chosen])
-    return np.concatenate(chosen), np.concatenate([[0], np.cumsum(lengths)])
-
-
-def _best_time(fn, repeats: int):
-    """(result, fastest wall time) of `repeats` calls."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
-
-
-def bench_lzw(tokens: np.ndarray, offsets: np.ndarray, vocab: int, repeats: int) -> None:
-    from l3train.allocation.lzw import fast_lzw_counts, reference_lzw_counts
-
-    warm = offsets[offsets <= 1000]
-    fast_lzw_counts(tokens[:warm[-1]], vocab, warm)  # compile the C helper outside the timing
-    fast, fast_s = _best_time(lambda: fast_lzw_counts(tokens, vocab, offsets), repeats)
-    reference, reference_s = _best_time(lambda: reference_lzw_counts(tokens, vocab, offsets), repeats)
-    assert fast == reference, "fast LZW differs from the reference"
-    print(f"LZW on {len(tokens):,} tokens, {len(offsets) - 1:,} documents, {len(fast):,} codewords (identical); "
-          f"best of {repeats}")
-    print(f"  reference loop  {reference_s:8.2f} s   {len(tokens) / reference_s / 1e6:8.2f} M tok/s")
-    print(f"  fast (C trie)   {fast_s:8.2f} s   {len(tokens) / fast_s / 1e6:8.2f} M tok/s")
-    print(f"  speed-up        {reference_s / fast_s:8.1f}x")
-
-
-def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int, queue) -> None:
-    import torch
-
-    from l3train.model import l3_attention
-    from l3train.model.l3_layer import bounds_from_rows
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    bounds = bounds_from_rows(rows)
-    keys = torch.randn(int(bounds[-1]), d_model).mul_(0.02).requires_grad_()
-    x = torch.randn(len(ids), d_model, requires_grad=True)
-    token_ids = torch.from_numpy(ids)
-    fn = {"sorted": l3_attention.row_attention, "padded": l3_attention.row_attention_padded}[variant]
-    fn(x, token_ids, bounds, keys, keys).square().sum().backward()  # warm-up: allocator, thread pools
-    x.grad = keys.grad = None
-    baseline_kb = _resident_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x, token_ids, bounds, keys, keys).square().sum().backward()
-        times.append(time.perf_counter() - start)
-        x.grad = keys.grad = None
-    queue.put((min(times), max(0, _resident_kb("VmHWM") - baseline_kb) / 1024))
-
-
-def _resident_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int) -> None:
-    context = mp.get_context("spawn")
-    results = {}
-    for variant in ("sorted", "padded"):
-        queue = context.Queue()
-        child = context.Process(target=_attention_child, args=(variant, rows, ids, d_model, repeats, queue))
-        child.start()
-        results[variant] = queue.get()
-        child.join()
-    batch_rows = rows[ids]
-    print(f"L³ fwd+bwd: {len(ids):,} positions ({len(np.unique(ids)):,} unique ids), d={d_model}, tied, "
-          f"v={rows.sum():,}, k={rows.max()}, mean d_t over positions {batch_rows.mean():.1f}, "
-          f"max {batch_rows.max()}; 1 thread")
-    sorted_s, sorted_mb = results["sorted"]
-    for variant, (seconds, megabytes) in results.items():
-        print(f"  {variant:<7} {seconds * 1e3:9.1f} ms ({seconds / sorted_s:6.2f}x sorted)   "
-              f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
 
 
 def main() -> int:
@@ -135,9 +36,6 @@ def main() -> int:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is reported)")
     args = parser.parse_args()
-
-    from l3train.allocation.allocation import lzw_allocation
-    from l3train.allocation.lzw import fast_lzw_counts
 
     if not Path(args.data_prefix + ".idx").is_file():
         raise L3TrainError(f"--data-prefix {args.data_prefix}: no {args.data_prefix}.idx; build one with "

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.errors import CliArgumentParser
 from l3train.data.corpus import MIN_CHARS, build_corpus, meta_path
-from l3train.errors import run_cli
+from l3train.errors import CliArgumentParser, run_cli
 
 DEFAULT_OUTPUT = "data/corpus/stdlib_docstrings.jsonl"
 

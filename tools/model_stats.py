@@ -19,7 +19,7 @@ import dataclasses
 
 from l3train.config import load_config
 from l3train.errors import CliArgumentParser, run_cli
-from l3train.model.accounting import ModelStats, add_l3_figure_arguments, l3_figures, model_stats
+from l3train.sizing.accounting import ModelStats, add_l3_figure_arguments, l3_figures, model_stats
 
 
 def format_row(name: str, stats: ModelStats) -> str:

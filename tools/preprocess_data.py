@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.errors import CliArgumentParser
 from l3train.data.indexed import DEFAULT_CHUNK_LINES, preprocess
-from l3train.errors import run_cli
+from l3train.errors import CliArgumentParser, run_cli
 
 
 def parse_args() -> argparse.Namespace:

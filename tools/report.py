@@ -2,7 +2,7 @@
 """Compare training runs: a markdown table and loss plots from what the trainer wrote.
 
 Studies compare dense and L³ models at matched active parameters, so the table puts the
-parameter and FLOP accounting (l3train/model/accounting.py) next to the losses:
+parameter and FLOP accounting (l3train/sizing/accounting.py) next to the losses:
 run, family (dense, L³, MoE or L³+MoE, from l3.after_blocks and moe.blocks), total and active parameters,
 forward FLOPs per token, tokens seen, final train loss, final and best validation loss.
 Two plots: loss against tokens for every run (train lines, validation markers), and
@@ -25,206 +25,10 @@ with a warning.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from l3train.config import Config, load_config
-from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-from l3train.model.accounting import ModelStats, model_stats
-from l3train.utils.atomic import atomic_path, atomic_write_text
-
-FAMILIES = {(False, False): "dense", (True, False): "L³", (False, True): "MoE", (True, True): "L³+MoE"}
-FAMILY_MARKERS = {"dense": "s", "L³": "o", "MoE": "^", "L³+MoE": "D"}
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    path: Path
-    cfg: Config
-    stats: ModelStats
-    train_loss: dict[int, float]  # step -> loss
-    val_loss: dict[int, float]
-
-    @property
-    def family(self) -> str:
-        return FAMILIES[bool(self.cfg.l3.after_blocks), bool(self.cfg.moe.blocks)]
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.training.global_batch_size * self.cfg.data.seq_length
-
-    @property
-    def final_val(self) -> float | None:
-        return self.val_loss[max(self.val_loss)] if self.val_loss else None
-
-
-def read_metrics(path: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """(train/loss, val/loss) by step; a half-written last line of a live run is ignored."""
-    train, val = {}, {}
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise L3TrainError(f"{path}:{number} is not JSON; the metrics file is corrupt") from None
-        if "train/loss" in row:
-            train[row["step"]] = row["train/loss"]
-        if "val/loss" in row:
-            val[row["step"]] = row["val/loss"]
-    return train, val
-
-
-def allocation_figures(cfg: Config, run_dir: Path, cache: dict[str, tuple[int, float]]) -> tuple[int, float]:
-    """(rows v, corpus mean d_t) of the run's L³ allocation."""
-    from l3train.allocation.allocation import Allocation
-
-    if cfg.l3.allocation not in cache:
-        if not Path(cfg.l3.allocation).is_file():
-            raise L3TrainError(f"run {run_dir}: its L³ allocation {cfg.l3.allocation} is not found (needed for "
-                               f"active parameters); run the report from the directory the run trained in")
-        allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size)
-        cache[cfg.l3.allocation] = (int(allocation.rows_per_token.sum()),
-                                    allocation.mean_rows_per_token_occurrence())
-    return cache[cfg.l3.allocation]
-
-
-def load_run(name: str, run_dir: Path, cache: dict[str, tuple[int, float]]) -> Run:
-    if not run_dir.is_dir():
-        raise L3TrainError(f"run directory {run_dir} not found")
-    if not (run_dir / "config.yaml").is_file():
-        raise L3TrainError(f"{run_dir} has no config.yaml: not a run directory, or the run has not started")
-    metrics_path = run_dir / "metrics.jsonl"
-    train, val = read_metrics(metrics_path) if metrics_path.is_file() else ({}, {})
-    if not train:
-        raise L3TrainError(f"run {run_dir} has not logged a training step yet ({metrics_path} is missing or "
-                           f"has no train/loss)")
-    cfg = load_config(run_dir / "config.yaml")
-    rows, mean_rows = allocation_figures(cfg, run_dir, cache) if cfg.l3.after_blocks else (0, 0.0)
-    stats = model_stats(cfg.model, cfg.l3, cfg.data.seq_length, rows, mean_rows, cfg.moe)
-    return Run(name, run_dir, cfg, stats, train, val)
-
-
-def collect_runs(paths: list[Path]) -> list[Run]:
-    """Runs of study directories (their study.json) and run directories, in the order given."""
-    cache: dict[str, tuple[int, float]] = {}
-    runs = []
-    for path in paths:
-        manifest = path / "study.json"
-        if not manifest.is_file():
-            runs.append(load_run(path.name, path, cache))
-            continue
-        try:
-            entries = json.loads(manifest.read_text())["runs"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise L3TrainError(f"{manifest} is not a study manifest written by launch/sweep.py") from None
-        for entry in entries:
-            try:
-                runs.append(load_run(entry["name"], Path(entry["run_dir"]), cache))
-            except L3TrainError as err:
-                print(f"warning: skipping {entry['name']} of study {path}: {err}", file=sys.stderr)
-    if not runs:
-        raise L3TrainError(f"no run with logged training steps in {', '.join(map(str, paths))}")
-    names = [run.name for run in runs]
-    if len(set(names)) < len(names):  # e.g. two studies with the same run names
-        runs = [Run(f"{run.path.parent.name}/{run.name}", run.path, run.cfg, run.stats, run.train_loss,
-                    run.val_loss) for run in runs]
-    return runs
-
-
-def format_count(value: float) -> str:
-    """4 significant digits with a K/M/B/T suffix: 423,168 -> 423.2K."""
-    for divisor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= divisor:
-            return f"{value / divisor:.4g}{suffix}"
-    return f"{value:.4g}"
-
-
-def format_loss(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def markdown(runs: list[Run]) -> str:
-    header = ["run", "family", "total params", "active params", "FLOPs/token (fwd)", "tokens seen",
-              "final train loss", "final val loss", "best val loss"]
-    lines = ["# Training report", "",
-             f"{len(runs)} run(s). Active parameters count one token's L³ rows at the corpus mean rows per "
-             "token occurrence; FLOPs are forward matmul FLOPs per token (l3train/model/accounting.py).", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    for run in runs:
-        last = max(run.train_loss)
-        cells = [run.name, run.family, format_count(run.stats.total_params), format_count(run.stats.active_params),
-                 format_count(run.stats.flops_per_token), format_count(last * run.tokens_per_step),
-                 format_loss(run.train_loss[last]), format_loss(run.final_val),
-                 format_loss(min(run.val_loss.values()) if run.val_loss else None)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![loss vs tokens](loss_vs_tokens.png)", "",
-              "![final validation loss vs active parameters](val_loss_vs_active_params.png)", ""]
-    return "\n".join(lines)
-
-
-def save_figure(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-def plot_loss_vs_tokens(runs: list[Run], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for index, run in enumerate(runs):
-        color = f"C{index % 10}"
-        steps = sorted(run.train_loss)
-        ax.plot([s * run.tokens_per_step for s in steps], [run.train_loss[s] for s in steps], color=color,
-                label=f"{run.name} (train)")
-        if run.val_loss:
-            steps = sorted(run.val_loss)
-            ax.plot([s * run.tokens_per_step for s in steps], [run.val_loss[s] for s in steps], "o--",
-                    color=color, markersize=4, label=f"{run.name} (val)")
-    ax.set(xlabel="tokens seen", ylabel="loss", title="Loss vs tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_val_vs_active(runs: list[Run], path: Path) -> None:
-    """Every run as a point; per family, a line through the best run at each model size
-    (runs at one size differ in hyperparameters, e.g. a learning-rate sweep)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for index, (family, marker) in enumerate(FAMILY_MARKERS.items()):
-        members = [run for run in runs if run.family == family and run.final_val is not None]
-        if not members:
-            continue
-        color = f"C{index}"
-        ax.scatter([run.stats.active_params for run in members], [run.final_val for run in members],
-                   marker=marker, color=color, alpha=0.35)
-        best: dict[float, Run] = {}
-        for run in members:
-            size = run.stats.active_params
-            if size not in best or run.final_val < best[size].final_val:
-                best[size] = run
-        sizes = sorted(best)
-        ax.plot(sizes, [best[size].final_val for size in sizes], marker=marker, color=color,
-                label=f"{family} (best per size)")
-        for size in sizes:
-            ax.annotate(best[size].name, (size, best[size].final_val), textcoords="offset points",
-                        xytext=(4, 4), fontsize="x-small")
-    if ax.lines:
-        ax.set_xscale("log")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no run has a validation loss yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="active parameters", ylabel="final validation loss", title="Final validation loss vs active parameters")
-    ax.grid(alpha=0.3, which="both")
-    save_figure(fig, path)
-    plt.close(fig)
+from l3train.analysis.report import collect_runs, write_report
+from l3train.errors import CliArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,14 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="directory for report.md and the plots")
     args = parser.parse_args(argv)
     runs = collect_runs(args.paths)
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on cluster nodes
-    args.output.mkdir(parents=True, exist_ok=True)
-    plot_loss_vs_tokens(runs, args.output / "loss_vs_tokens.png")
-    plot_val_vs_active(runs, args.output / "val_loss_vs_active_params.png")
-    atomic_write_text(args.output / "report.md", markdown(runs))
-    best = min((run for run in runs if run.final_val is not None), key=lambda run: run.final_val, default=None)
+    best = write_report(runs, args.output)
     print(f"report of {len(runs)} run(s) in {args.output}"
           + (f"; best final val loss {best.final_val:.4f} ({best.name})" if best else ""))
     return 0

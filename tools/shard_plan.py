@@ -31,16 +31,12 @@ its allocation; `ShardPlan.load(path, expect_rows_per_token=...)` refuses it for
 from __future__ import annotations
 
 import argparse
-import json
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from l3train.allocation import Allocation
+from l3train.analysis.shard_stats import check_dataset_tokenizer, format_balances, plan_balance, sample_batches
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
-from l3train.parallel.shard_plan import METHODS, ShardPlan, max_over_mean, plan_shards
+from l3train.parallel.shard_plan import METHODS, plan_shards
 
 DATA_DEFAULTS = {"batches": 20, "global_batch": 16, "seq_length": 128}
 
@@ -78,96 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_dataset_tokenizer(prefix: str, allocation: Allocation) -> None:
-    """Refuse data tokenized with another tokenizer than the allocation's (when recorded)."""
-    from l3train.data.indexed import data_meta_path
-
-    meta_path = data_meta_path(prefix)
-    if not meta_path.is_file():
-        return
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise L3TrainError(f"{meta_path} is unreadable ({err}); recreate it with tools/preprocess_data.py") from err
-    if meta.get("tokenizer_id") not in (None, allocation.tokenizer_id):
-        raise L3TrainError(f"dataset {prefix} was tokenized with tokenizer {meta['tokenizer_id']}, but the "
-                           f"allocation is for tokenizer {allocation.tokenizer_id}")
-
-
-def sample_batches(prefix: str, batches: int, global_batch: int, seq_length: int, seed: int) -> np.ndarray:
-    """Token ids [batches, global_batch, seq_length]: random non-overlapping windows."""
-    from l3train.data.dataset import check_indexed_dataset
-
-    itemsize, _ = check_indexed_dataset(prefix)
-    with warnings.catch_warnings():
-        # megatron-core warns at import that Apex/Transformer Engine are absent.
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    dataset = IndexedDataset(prefix)
-    windows = int(np.sum(dataset.sequence_lengths, dtype=np.int64)) // seq_length
-    needed = batches * global_batch
-    if needed > windows:
-        raise L3TrainError(f"dataset {prefix} has {windows} windows of {seq_length} tokens, fewer than "
-                           f"the {batches} x {global_batch} requested; lower --batches or --global-batch")
-    chosen = np.random.default_rng(seed).choice(windows, size=needed, replace=False)
-    tokens = [dataset.bin_reader.read(dtype=dataset.index.dtype, count=seq_length,
-                                      offset=int(window) * seq_length * itemsize) for window in chosen]
-    return np.stack(tokens).astype(np.int64).reshape(batches, global_batch, seq_length)
-
-
-@dataclass
-class Report:
-    """What the table shows for one plan."""
-
-    plan: ShardPlan
-    work_share: np.ndarray  # planned work per shard / total
-    measured: np.ndarray | None  # [batches, shards] Σ d_t per batch, or None without data
-
-    @property
-    def measured_share(self) -> np.ndarray | None:
-        if self.measured is None:
-            return None
-        total = self.measured.sum(axis=0)
-        return total / max(int(total.sum()), 1)
-
-
-def build_report(plan: ShardPlan, allocation: Allocation, batches: np.ndarray | None) -> Report:
-    work = plan.work_per_shard(allocation.token_frequencies)
-    share = work / work.sum() if work.sum() > 0 else np.zeros_like(work)
-    measured = None if batches is None else np.stack([plan.measured_work(batch) for batch in batches])
-    return Report(plan, share, measured)
-
-
-def print_reports(reports: list[Report]) -> None:
-    with_data = reports[0].measured is not None
-    columns = ["tokens", "rows", "work %"] + (["measured %"] if with_data else [])
-    widths = [7, 9, 8] + ([11] if with_data else [])
-    block = sum(widths) + 3
-    print(("shard " + "".join(f"{r.plan.method:^{block}}" for r in reports)).rstrip())
-    print(("      " + "".join("".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + "   " for _ in reports)).rstrip())
-    for shard in range(reports[0].plan.num_shards):
-        line = f"{shard:>5} "
-        for report in reports:
-            cells = [f"{report.plan.tokens_per_shard()[shard]:,}", f"{report.plan.rows_per_shard()[shard]:,}",
-                     f"{100 * report.work_share[shard]:.2f}"]
-            if with_data:
-                cells.append(f"{100 * report.measured_share[shard]:.2f}")
-            line += "".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + "   "
-        print(line.rstrip())
-
-    print()
-    print(f"{'imbalance (max/mean)':<32}" + "".join(f"{r.plan.method:>12}" for r in reports))
-    rows = [("rows", [max_over_mean(r.plan.rows_per_shard()) for r in reports]),
-            ("planned work", [max_over_mean(r.work_share) for r in reports])]
-    if with_data:
-        per_batch = [[max_over_mean(batch) for batch in r.measured] for r in reports]
-        rows += [("measured work, all batches", [max_over_mean(r.measured.sum(axis=0)) for r in reports]),
-                 ("measured work, per batch mean", [float(np.mean(b)) for b in per_batch]),
-                 ("measured work, per batch worst", [float(np.max(b)) for b in per_batch])]
-    for name, values in rows:
-        print(f"  {name:<30}" + "".join(f"{v:>12.3f}" for v in values))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     allocation = Allocation.load(args.allocation)
@@ -189,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [args.method] + [m for m in METHODS if m != args.method]
     plans = {m: plan_shards(allocation.rows_per_token, allocation.token_frequencies, args.shards, m)
              for m in methods}
-    print_reports([build_report(plans[m], allocation, batches) for m in methods])
+    print(format_balances([plan_balance(plans[m], allocation, batches) for m in methods]))
     if args.output is not None:
         plans[args.method].save(args.output)
         print(f"\nwrote the {args.method} plan to {args.output} (allocation {plans[args.method].allocation_hash})")

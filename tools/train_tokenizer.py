@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from l3train.errors import CliArgumentParser
 from l3train.data.corpus import check_input, detect_format, iter_documents
 from l3train.data.tokenizer import iter_training_sentences, train_tokenizer
-from l3train.errors import run_cli
+from l3train.errors import CliArgumentParser, run_cli
 
 
 def parse_args() -> argparse.Namespace:

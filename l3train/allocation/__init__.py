@@ -1,4 +1,5 @@
-"""Per-token row allocation for L³ layers: LZW counting (lzw.py) and allocations (allocation.py)."""
+"""Per-token row allocation for L³ layers: LZW counting (lzw.py), allocations (allocation.py)
+and building one from a corpus (build.py)."""
 
 from l3train.allocation.allocation import (
     MODES,
@@ -8,6 +9,7 @@ from l3train.allocation.allocation import (
     lzw_allocation,
     uniform_allocation,
 )
+from l3train.allocation.build import CorpusOptions, TextFile, build_allocation
 from l3train.allocation.lzw import (
     LZWCodewords,
     LZWScanner,
@@ -19,8 +21,11 @@ from l3train.allocation.lzw import (
 __all__ = [
     "MODES",
     "Allocation",
+    "CorpusOptions",
     "LZWCodewords",
     "LZWScanner",
+    "TextFile",
+    "build_allocation",
     "check_budget",
     "fast_lzw_counts",
     "frequency_allocation",

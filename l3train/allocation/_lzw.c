@@ -17,7 +17,7 @@
  * Large tables are also placed on transparent huge pages where Linux offers them.
  *
  * lzw_scan reproduces the paper's reference loop exactly, quirks included; the comments
- * inside it map each step to that loop (L3_SPEC.md section 3).
+ * inside it map each step to that loop (docs/allocation.md, Algorithm 1).
  */
 #define _DEFAULT_SOURCE /* posix_memalign, madvise under -std=c99 */
 #include <stdint.h>

@@ -1,13 +1,13 @@
 """Per-token row allocation d_t for the L³ tables, and its on-disk artifact.
 
-Token t owns rows `bounds[t]:bounds[t+1]` of W_K/W_V (L3_SPEC.md section 2), so the
+Token t owns rows `bounds[t]:bounds[t+1]` of W_K/W_V (docs/l3_layer.md), so the
 allocation is part of the model: a checkpoint is meaningless without the exact allocation
 and tokenizer it was trained with. `Allocation.load` therefore validates everything and
 refuses a file built for another vocabulary or tokenizer.
 
 Modes:
-- "lzw" / "lzw-reference": Algorithm 1 steps 3-4 (`lzw_allocation`) over the LZW
-  codewords (scanned by the fast C scanner or by the paper's Python loop).
+- "lzw" / "lzw-reference": Algorithm 1 steps 3-4 (`lzw_allocation`, docs/allocation.md)
+  over the LZW codewords (scanned by the fast C scanner or by the paper's Python loop).
 - "uniform": every token gets v/V rows (the ablation the paper shows loses the gain).
 - "frequency": rows proportional to unigram frequency (an ablation between the two).
 

@@ -1,4 +1,4 @@
-"""LZW codeword counting (L3_SPEC.md section 3, Algorithm 1 steps 1-2).
+"""LZW codeword counting (Algorithm 1 steps 1-2; docs/allocation.md).
 
 Two implementations of the same scan:
 

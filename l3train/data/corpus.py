@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -135,6 +135,63 @@ def iter_docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
     yield from visit(tree, module)
 
 
+def _parse_source(path: Path) -> ast.Module | None:
+    """The syntax tree of a stdlib file, or None when it cannot be parsed."""
+    try:
+        with warnings.catch_warnings():
+            # Old stdlib modules trigger SyntaxWarnings (invalid escapes); noise here.
+            warnings.simplefilter("ignore")
+            return ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+        return None
+
+
+class _CorpusWriter:
+    """Appends docstrings to the open JSONL file, dropping short and repeated ones and
+    stopping at the size cap; keeps the counts and hash that `CorpusStats` reports."""
+
+    def __init__(self, out: TextIO, cap: int | None) -> None:
+        self.out = out
+        self.cap = cap
+        self.documents = self.characters = self.size = 0
+        self.parsed = self.skipped = self.duplicates = 0
+        self.truncated = False
+        self.seen: set[str] = set()
+        self.digest = hashlib.sha256()
+
+    def add_file(self, path: Path, module: str) -> None:
+        """Write the file's docstrings, stopping once the size cap is reached."""
+        tree = _parse_source(path)
+        if tree is None:
+            # A few stdlib files are deliberately unparsable (lib2to3 fixtures, py2).
+            self.skipped += 1
+            return
+        self.parsed += 1
+        for source, raw in iter_docstrings(tree, module):
+            self._add_document(normalize_docstring(raw), source)
+            if self.truncated:
+                return
+
+    def _add_document(self, text: str, source: str) -> None:
+        if len(text) < MIN_CHARS:
+            return
+        # Re-exported and copy-pasted docstrings recur; one copy is enough.
+        if text in self.seen:
+            self.duplicates += 1
+            return
+        line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+        encoded = line.encode("utf-8")
+        if self.cap is not None and self.size + len(encoded) > self.cap:
+            self.truncated = True
+            return
+        self.seen.add(text)
+        self.out.write(line)
+        self.digest.update(encoded)
+        self.documents += 1
+        self.characters += len(text)
+        self.size += len(encoded)
+
+
 def build_corpus(
     output: str | os.PathLike,
     max_mb: float | None = None,
@@ -154,66 +211,35 @@ def build_corpus(
         raise L3TrainError(f"standard library directory not found: {stdlib_dir}")
     cap = None if max_mb is None else int(max_mb * 1e6)
     start = time.monotonic()
-    documents = characters = size = parsed = skipped = duplicates = 0
-    truncated = False
-    seen: set[str] = set()
-    digest = hashlib.sha256()
     output = Path(output)
     files = list(iter_source_files(stdlib_dir))
     bar = tqdm(files, desc="corpus", unit="file", disable=not progress)
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        writer = _CorpusWriter(out, cap)
         for path in bar:
-            try:
-                with warnings.catch_warnings():
-                    # Old stdlib modules trigger SyntaxWarnings (invalid escapes); noise here.
-                    warnings.simplefilter("ignore")
-                    tree = ast.parse(path.read_bytes(), filename=str(path))
-            except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
-                # A few stdlib files are deliberately unparsable (lib2to3 fixtures, py2).
-                skipped += 1
-                continue
-            parsed += 1
-            for source, raw in iter_docstrings(tree, module_name(path, stdlib_dir)):
-                text = normalize_docstring(raw)
-                if len(text) < MIN_CHARS:
-                    continue
-                # Re-exported and copy-pasted docstrings recur; one copy is enough.
-                if text in seen:
-                    duplicates += 1
-                    continue
-                line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
-                encoded = line.encode("utf-8")
-                if cap is not None and size + len(encoded) > cap:
-                    truncated = True
-                    break
-                seen.add(text)
-                out.write(line)
-                digest.update(encoded)
-                documents += 1
-                characters += len(text)
-                size += len(encoded)
-            if truncated:
+            writer.add_file(path, module_name(path, stdlib_dir))
+            if writer.truncated:
                 break
-            bar.set_postfix(docs=documents, MB=f"{size / 1e6:.2f}", refresh=False)
+            bar.set_postfix(docs=writer.documents, MB=f"{writer.size / 1e6:.2f}", refresh=False)
         bar.close()
-        if documents == 0:
+        if writer.documents == 0:
             # Raised inside the atomic block so no empty corpus file is left behind.
             raise L3TrainError(
                 f"no documents found under {stdlib_dir} "
                 f"(or --max-mb {max_mb} is smaller than one document)"
             )
     stats = CorpusStats(
-        documents=documents,
-        characters=characters,
-        bytes=size,
-        files_parsed=parsed,
-        files_skipped=skipped,
-        duplicates_dropped=duplicates,
-        truncated_by_max_mb=truncated,
+        documents=writer.documents,
+        characters=writer.characters,
+        bytes=writer.size,
+        files_parsed=writer.parsed,
+        files_skipped=writer.skipped,
+        duplicates_dropped=writer.duplicates,
+        truncated_by_max_mb=writer.truncated,
         python_version=platform.python_version(),
         python_implementation=platform.python_implementation(),
         stdlib=str(stdlib_dir),
-        sha256=digest.hexdigest(),
+        sha256=writer.digest.hexdigest(),
         seconds=round(time.monotonic() - start, 2),
     )
     atomic_write_text(meta_path(output), json.dumps(asdict(stats), indent=2) + "\n")

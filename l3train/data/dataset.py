@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -38,16 +37,12 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from l3train.data.indexed import data_meta_path
+from l3train.data.indexed import HOW_TO_FIX, check_indexed_dataset, read_meta
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
 
-_INDEX_MAGIC = b"MMIDIDX\x00\x00"
-_INDEX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, #sequences, #documents
 # megatron.core.datasets.indexed_dataset.DType codes -> item sizes.
-_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
 _COMPLETE = "COMPLETE"
-_HOW_TO_FIX = "recreate it with tools/preprocess_data.py --output-prefix {prefix}"
 
 
 class DataSettings(Protocol):
@@ -104,71 +99,14 @@ def dataset_cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "l3train" / "datasets"
 
 
-def check_indexed_dataset(prefix: str) -> tuple[int, np.ndarray]:
-    """Validate `<prefix>.idx/.bin`; return (token item size, per-document token counts).
-
-    Catches what otherwise surfaces as an assertion or a segfault deep inside megatron:
-    missing files, a file that is no Megatron index, truncation, and an .idx that does
-    not describe its .bin.
-    """
-    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    for path in (idx_path, bin_path):
-        if not path.is_file():
-            raise L3TrainError(
-                f"dataset file missing: {path}; {_HOW_TO_FIX.format(prefix=prefix)}"
-            )
-
-    def corrupt(why: str) -> L3TrainError:
-        return L3TrainError(
-            f"dataset index {idx_path} is corrupt ({why}); {_HOW_TO_FIX.format(prefix=prefix)}"
-        )
-
-    idx_size = idx_path.stat().st_size
-    with open(idx_path, "rb") as handle:
-        header = handle.read(_INDEX_HEADER_BYTES)
-    if len(header) < _INDEX_HEADER_BYTES:
-        raise corrupt(f"only {idx_size} bytes")
-    if header[:9] != _INDEX_MAGIC:
-        raise corrupt("wrong magic bytes: not a Megatron .idx file")
-    version, code, n_sequences, n_documents = struct.unpack("<QBQQ", header[9:])
-    if version != 1 or code not in _DTYPE_SIZES:
-        raise corrupt(f"unsupported version {version} or dtype code {code}")
-    expected = _INDEX_HEADER_BYTES + n_sequences * (4 + 8) + n_documents * 8
-    if idx_size != expected:
-        raise corrupt(f"{idx_size} bytes where its header implies {expected}: truncated?")
-    index = np.memmap(idx_path, mode="r", offset=_INDEX_HEADER_BYTES)
-    lengths = np.frombuffer(index, dtype=np.int32, count=n_sequences)
-    doc_bounds = np.frombuffer(index, dtype=np.int64, count=n_documents, offset=n_sequences * 12)
-    bounds_ok = n_documents >= 2 and doc_bounds[0] == 0 and doc_bounds[-1] == n_sequences
-    if not bounds_ok or np.any(np.diff(doc_bounds) < 0):
-        raise corrupt("inconsistent document boundaries or no documents")
-    itemsize = _DTYPE_SIZES[code]
-    bin_expected = int(lengths.sum(dtype=np.int64)) * itemsize
-    bin_size = bin_path.stat().st_size
-    if bin_size != bin_expected:
-        raise L3TrainError(
-            f"dataset {bin_path} has {bin_size} bytes but {idx_path} describes {bin_expected}: "
-            f"the pair is truncated or mismatched; {_HOW_TO_FIX.format(prefix=prefix)}"
-        )
-    return itemsize, np.array(lengths)
-
-
 def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
-    meta_path = data_meta_path(prefix)
-    if not meta_path.is_file():
-        return  # data from other tools (e.g. Megatron-LM's) carries no meta; trust it
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise L3TrainError(
-            f"{meta_path} is unreadable; {_HOW_TO_FIX.format(prefix=prefix)}"
-        ) from None
-    if meta.get("tokenizer_id") != tokenizer.tokenizer_id:
+    meta = read_meta(prefix)
+    if meta and meta.get("tokenizer_id") != tokenizer.tokenizer_id:
         raise L3TrainError(
             f"dataset {prefix} was tokenized with tokenizer {meta.get('tokenizer_id')} "
             f"({meta.get('tokenizer')}), but data.tokenizer {tokenizer.path} is "
             f"{tokenizer.tokenizer_id}; point data.tokenizer at the right model or "
-            f"{_HOW_TO_FIX.format(prefix=prefix)} --tokenizer {tokenizer.path}"
+            f"{HOW_TO_FIX.format(prefix=prefix)} --tokenizer {tokenizer.path}"
         )
 
 
@@ -227,16 +165,11 @@ def _prepare_cache_dir(cache_dir: Path, prefixes: list[str]) -> None:
                 link.symlink_to(Path(f"{prefix}{suffix}").resolve())
 
 
-def build_datasets(
-    data: DataSettings, seed: int, train_samples: int, valid_samples: int
-) -> tuple[Any, Any]:
-    """Build the (train, valid) datasets; valid is None when the split gives it nothing.
-
-    `data` is any object with `prefixes`, `weights`, `split`, `seq_length`, `tokenizer`.
-    Each dataset yields dicts with `tokens` and `labels` (LongTensor[seq_length], labels
-    are tokens shifted by one) and `loss_mask`. Call on every rank when a process group
-    is initialized (megatron synchronizes the ranks inside).
-    """
+def _checked_inputs(
+    data: DataSettings, train_samples: int, valid_samples: int
+) -> tuple[list[str], list[float] | None, list[float], Tokenizer]:
+    """Prefixes, blend weights (None for one dataset), split fractions and tokenizer of
+    `data`, every file checked before megatron sees it."""
     prefixes = [str(p) for p in data.prefixes]
     if not prefixes:
         raise L3TrainError(
@@ -269,12 +202,48 @@ def build_datasets(
     elif weights is None:
         # Equal weights, as data.weights documents; megatron's None would weight by size.
         weights = [1.0] * len(prefixes)
+    return prefixes, weights, split, tokenizer
 
+
+def _gpt_dataset_config(staged: list[str], weights: list[float] | None, split: list[float], seed: int,
+                        seq_length: int, tokenizer: Tokenizer) -> Any:
+    with _quiet_megatron():
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(staged, weights),
+        # Fixed-point: megatron parses the split with a [.0-9]+ regex (no exponents).
+        split=",".join(f"{p:.12f}" for p in split),
+        # None: GPTDataset caches under <staged prefix>/cache/ (inside cache_dir) and
+        # BlendedDataset builds its small index in memory on every rank; a path here
+        # would make BlendedDataset call get_rank() even without a process group.
+        path_to_cache=None,
+        tokenizer=_MegatronTokenizer(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # Models here apply causal masking themselves; a [1, s, s] mask per sample is waste.
+        create_attention_mask=False,
+    )
+
+
+def build_datasets(
+    data: DataSettings, seed: int, train_samples: int, valid_samples: int
+) -> tuple[Any, Any]:
+    """Build the (train, valid) datasets; valid is None when the split gives it nothing.
+
+    `data` is any object with `prefixes`, `weights`, `split`, `seq_length`, `tokenizer`.
+    Each dataset yields dicts with `tokens` and `labels` (LongTensor[seq_length], labels
+    are tokens shifted by one) and `loss_mask`. Call on every rank when a process group
+    is initialized (megatron synchronizes the ranks inside).
+    """
+    prefixes, weights, split, tokenizer = _checked_inputs(data, train_samples, valid_samples)
     with _quiet_megatron():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        from megatron.core.datasets.gpt_dataset import GPTDataset
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -292,24 +261,7 @@ def build_datasets(
     if distributed:
         torch.distributed.barrier()  # the symlinks must exist before any rank opens them
     staged = [str(cache_dir / f"data{i}") for i in range(len(prefixes))]
-
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=data.seq_length,
-        blend=(staged, weights),
-        # Fixed-point: megatron parses the split with a [.0-9]+ regex (no exponents).
-        split=",".join(f"{p:.12f}" for p in split),
-        # None: GPTDataset caches under <staged prefix>/cache/ (inside cache_dir) and
-        # BlendedDataset builds its small index in memory on every rank; a path here
-        # would make BlendedDataset call get_rank() even without a process group.
-        path_to_cache=None,
-        tokenizer=_MegatronTokenizer(tokenizer),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        # Models here apply causal masking themselves; a [1, s, s] mask per sample is waste.
-        create_attention_mask=False,
-    )
+    config = _gpt_dataset_config(staged, weights, split, seed, data.seq_length, tokenizer)
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     )

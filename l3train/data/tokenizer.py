@@ -99,6 +99,21 @@ def train_tokenizer(
         # 256 byte-fallback pieces + unk/bos/eos must fit.
         raise L3TrainError(f"--vocab-size must be at least 260 (byte fallback), got {vocab_size}")
     spm.set_random_generator_seed(seed)
+    model_bytes = _train_model_bytes(
+        sentences, vocab_size, model_type, num_threads, max_sentences, verbose
+    )
+    return _write_model(model_bytes, Path(output_prefix))
+
+
+def _train_model_bytes(
+    sentences: Iterator[str],
+    vocab_size: int,
+    model_type: str,
+    num_threads: int,
+    max_sentences: int,
+    verbose: bool,
+) -> bytes:
+    """Run the sentencepiece trainer; its failures become `L3TrainError`s."""
     model = io.BytesIO()
     input_errors: list[L3TrainError] = []
 
@@ -138,8 +153,11 @@ def train_tokenizer(
         # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
         message = str(err).split("] ")[-1].strip()
         raise L3TrainError(f"sentencepiece training failed: {message}") from None
-    model_bytes = model.getvalue()
-    prefix = Path(output_prefix)
+    return model.getvalue()
+
+
+def _write_model(model_bytes: bytes, prefix: Path) -> Tokenizer:
+    """Write `<prefix>.vocab` and `<prefix>.model` atomically; return the loaded model."""
     model_path = prefix.with_name(prefix.name + ".model")
     processor = spm.SentencePieceProcessor()
     processor.LoadFromSerializedProto(model_bytes)

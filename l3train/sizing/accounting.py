@@ -1,6 +1,6 @@
 """Exact parameter counts and forward FLOPs per token, from the config alone.
 
-Conventions (stated once, used by the sizing and report tools):
+Conventions (stated once, used by the sizing searches, tools/model_stats.py and the report):
 - total parameters: everything stored (tied weights once). The `bounds` buffer is not a
   parameter.
 - active parameters: those a single token touches. Dense parameters count fully

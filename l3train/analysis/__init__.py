@@ -1,0 +1,1 @@
+"""Offline analyses behind the inspection CLIs (tools/): measurements and their tables."""

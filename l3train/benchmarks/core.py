@@ -1,0 +1,121 @@
+"""CPU benchmarks: the fast LZW scan against the paper's loop, and the sorted L³ row
+attention against the padded baseline (time and peak memory).
+
+Each attention variant runs in a fresh child process, so its peak resident set is its
+own: peak memory is the growth of that process's peak over its state before the timed
+passes. Results are reported through `log` (default: print) as lines of ratios, because
+shared machines are noisy and only ratios measured side by side are meaningful.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from l3train.allocation.lzw import fast_lzw_counts, reference_lzw_counts
+from l3train.data.indexed import IndexedDocuments
+
+Result = TypeVar("Result")
+
+
+def load_documents(prefix: str, total_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents of an indexed dataset as (tokens, offsets), cycled to `total_tokens`.
+
+    The EOD token that preprocessing appends to every document is dropped, as the
+    allocation scan does (the paper's documents have no EOD)."""
+    docs = [np.asarray(doc, dtype=np.int64)[:-1] for doc in IndexedDocuments(prefix)]
+    chosen, count = [], 0
+    while count < total_tokens:
+        for doc in docs:
+            chosen.append(doc)
+            count += len(doc)
+            if count >= total_tokens:
+                break
+    lengths = np.array([len(d) for d in chosen])
+    return np.concatenate(chosen), np.concatenate([[0], np.cumsum(lengths)])
+
+
+def best_time(fn: Callable[[], Result], repeats: int) -> tuple[Result, float]:
+    """(result, fastest wall time) of `repeats` calls."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def bench_lzw(tokens: np.ndarray, offsets: np.ndarray, vocab: int, repeats: int,
+              log: Callable[[str], None] = print) -> None:
+    """Time the C trie and the reference loop on the same documents; their codewords must agree."""
+    warm = offsets[offsets <= 1000]
+    fast_lzw_counts(tokens[:warm[-1]], vocab, warm)  # compile the C helper outside the timing
+    fast, fast_s = best_time(lambda: fast_lzw_counts(tokens, vocab, offsets), repeats)
+    reference, reference_s = best_time(lambda: reference_lzw_counts(tokens, vocab, offsets), repeats)
+    assert fast == reference, "fast LZW differs from the reference"
+    log(f"LZW on {len(tokens):,} tokens, {len(offsets) - 1:,} documents, {len(fast):,} codewords (identical); "
+        f"best of {repeats}")
+    log(f"  reference loop  {reference_s:8.2f} s   {len(tokens) / reference_s / 1e6:8.2f} M tok/s")
+    log(f"  fast (C trie)   {fast_s:8.2f} s   {len(tokens) / fast_s / 1e6:8.2f} M tok/s")
+    log(f"  speed-up        {reference_s / fast_s:8.1f}x")
+
+
+def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int,
+                     queue: mp.Queue) -> None:
+    """In a fresh process: (best seconds, peak MB above the warmed-up state) of one variant."""
+    import torch
+
+    from l3train.model import l3_attention
+    from l3train.model.l3_layer import bounds_from_rows
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bounds = bounds_from_rows(rows)
+    keys = torch.randn(int(bounds[-1]), d_model).mul_(0.02).requires_grad_()
+    x = torch.randn(len(ids), d_model, requires_grad=True)
+    token_ids = torch.from_numpy(ids)
+    fn = {"sorted": l3_attention.row_attention, "padded": l3_attention.row_attention_padded}[variant]
+    fn(x, token_ids, bounds, keys, keys).square().sum().backward()  # warm-up: allocator, thread pools
+    x.grad = keys.grad = None
+    baseline_kb = _resident_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x, token_ids, bounds, keys, keys).square().sum().backward()
+        times.append(time.perf_counter() - start)
+        x.grad = keys.grad = None
+    queue.put((min(times), max(0, _resident_kb("VmHWM") - baseline_kb) / 1024))
+
+
+def _resident_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: int,
+                    log: Callable[[str], None] = print) -> None:
+    """Forward+backward of the sorted and padded row attention (tied keys/values, 1 thread)
+    at allocation `rows` over the positions `ids`."""
+    context = mp.get_context("spawn")
+    results = {}
+    for variant in ("sorted", "padded"):
+        queue = context.Queue()
+        child = context.Process(target=_attention_child, args=(variant, rows, ids, d_model, repeats, queue))
+        child.start()
+        results[variant] = queue.get()
+        child.join()
+    batch_rows = rows[ids]
+    log(f"L³ fwd+bwd: {len(ids):,} positions ({len(np.unique(ids)):,} unique ids), d={d_model}, tied, "
+        f"v={rows.sum():,}, k={rows.max()}, mean d_t over positions {batch_rows.mean():.1f}, "
+        f"max {batch_rows.max()}; 1 thread")
+    sorted_s, sorted_mb = results["sorted"]
+    for variant, (seconds, megabytes) in results.items():
+        log(f"  {variant:<7} {seconds * 1e3:9.1f} ms ({seconds / sorted_s:6.2f}x sorted)   "
+            f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
