@@ -1,7 +1,7 @@
 """Let megatron-core's tensor-parallel layers run on a machine without CUDA (gloo, CPU tensors).
 
 megatron-core's layers, collectives and cross entropy are device-agnostic except for
-three CUDA-only calls (docs/CPU_RECIPES.md, "megatron-core on CPU"):
+three CUDA-only calls (docs/cpu.md, "megatron-core on CPU: three shims"):
 
 - `torch.cuda.current_device()`: used as the `device=` of buffers (gathers, sequence
   parallel); here it returns the CPU device;
