@@ -16,6 +16,9 @@ Paths are relative to the current directory, as with the trainer itself.
 Environment: DS_ACCELERATOR is set to cpu when no GPU is visible; OMP_NUM_THREADS
 defaults to the CPU cores divided by NPROC; L3TRAIN_PYTHON overrides the interpreter
 (default: the repository's .venv, else python3).
+
+When a trainer fails with a user error (one `error: ...` line), that line is printed again
+after torchrun's failure report, and the exit status is 2 (else torchrun's).
 EOF
 }
 
@@ -48,5 +51,29 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/l3train/torch_extensions}
 
 echo "[local.sh] $NPROC process(es), ${DS_ACCELERATOR:-cuda}, OMP_NUM_THREADS=$OMP_NUM_THREADS: $CONFIG $*"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-  -m l3train.train --config "$CONFIG" "$@"
+
+# torchrun streams its output live; its stderr is also copied, so that a trainer's one-line
+# `error: ...` (printed by every rank) can be repeated after torchrun's failure report.
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
+stderr_copy_start
+# In the background so that this shell can pass on a SIGTERM; a background command would
+# ignore SIGINT and SIGQUIT (and read /dev/null): restore both, and the terminal's stdin.
+( trap - INT QUIT; exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+    -m l3train.train --config "$CONFIG" "$@" ) <&0 2>&"$STDERR_COPY_FD" &
+torchrun_pid=$!
+trap 'kill -s TERM "$torchrun_pid" 2>/dev/null || true' TERM
+# The terminal sends Ctrl-C, Ctrl-\ and a hangup to torchrun and the trainers itself: keep waiting.
+trap ':' INT QUIT HUP
+while :; do
+  status=0
+  wait "$torchrun_pid" || status=$?
+  kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+stderr_copy_stop
+# A trainer's user error: its line last, and its exit status 2 (torchrun reports any failed
+# worker as 1), so that scripts can tell a user error from a crash.
+if [ "$status" -ne 0 ] && stderr_copy_repeat_errors; then
+  exit 2
+fi
+exit "$status"
