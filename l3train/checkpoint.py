@@ -13,6 +13,9 @@ does rank 0 move the directory into place and then update `latest`. A run killed
 saving therefore leaves the previous checkpoint as `latest`, never a half-written one.
 RNG state is not stored: all randomness during training is drawn from generators
 seeded by (seed, step, rank), and data order is a function of (seed, step).
+
+Every check that a checkpoint fits this run (architecture keys, parallel layout, per-rank
+files) is made here, before the engine is touched. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import torch.distributed as dist
 import yaml
 
 from l3train.config import Config
+from l3train.trainer import deepspeed_adapter
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from l3train.parallel.sharded_optim import RankLocalParameters
+    from l3train.parallel.parallelize import ParallelModel
 
 # Keys whose change makes a checkpoint unloadable or meaningless: the model and L³
 # architecture (the allocation itself travels in the checkpoint as the `bounds` buffers,
@@ -79,7 +83,7 @@ def save_checkpoint(engine, cfg: Config, step: int, is_main: bool,
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+    deepspeed_adapter.save_engine_checkpoint(engine, str(staging), tag, {"step": step})
     if save_extra is not None:
         save_extra(staging / tag)
     dist.barrier()
@@ -104,8 +108,8 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
                 shutil.rmtree(root / tag, ignore_errors=True)
 
 
-def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
-    """Refuse to resume a checkpoint written for another architecture, naming the first difference."""
+def _check_architecture(cfg: Config, checkpoint_dir: Path) -> None:
+    """Refuse a checkpoint written for another architecture, naming the first difference."""
     saved_path = checkpoint_dir / "config.yaml"
     if not saved_path.exists():
         raise L3TrainError(f"{checkpoint_dir} has no config.yaml: it is not a complete l3train checkpoint")
@@ -121,6 +125,35 @@ def check_compatible(cfg: Config, checkpoint_dir: Path) -> None:
                 f"but the config has {value!r}; use the same config or a new run_dir")
 
 
+def _check_rank_files(checkpoint_dir: Path, num_shards: int | None, expert_files: int | None) -> None:
+    """Refuse a checkpoint whose L³ rows are sharded over another number of ranks (`num_shards`
+    None: this run does not shard them), or whose experts were split into another number of
+    per-rank files (`expert_files` None: no expert parallelism)."""
+    saved = len(list(checkpoint_dir.glob("l3_rows_rank*.pt")))
+    if saved != (num_shards or 0):
+        have = f"sharded over {saved} ranks (TP×DP)" if saved else "not sharded"
+        want = f"{num_shards} (TP×DP)" if num_shards else "none (one shard)"
+        raise L3TrainError(f"cannot resume {checkpoint_dir}: its L³ rows are {have}, this run's shards are {want}; "
+                           f"resume with the same TP×DP (resharding checkpoints is not supported)")
+    saved = len(list(checkpoint_dir.glob("experts_rank*.pt")))
+    if saved != (expert_files or 0):
+        have = f"split into {saved} per-rank files" if saved else "not split (no expert parallelism)"
+        want = f"{expert_files} ranks" if expert_files else "no expert parallelism"
+        raise L3TrainError(f"cannot resume {checkpoint_dir}: its experts are {have}, this run has {want}; "
+                           f"resume with the same ranks and moe.expert_parallel (resharding checkpoints is "
+                           f"not supported)")
+
+
+def check_resumable(cfg: Config, checkpoint_dir: Path, parallel_model: ParallelModel, world_size: int) -> None:
+    """All checks that `checkpoint_dir` fits this run, before anything is loaded: the
+    architecture, the TP size, and the per-rank files of sharded rows and split experts (each
+    rank's file is checked against its own shard again when it is read)."""
+    _check_architecture(cfg, checkpoint_dir)
+    rows = parallel_model.rows
+    _check_rank_files(checkpoint_dir, rows.plan.num_shards if rows else None,
+                      world_size if parallel_model.experts else None)
+
+
 def refuse_existing_checkpoints(cfg: Config) -> None:
     """A fresh (non --resume) run must not mix its checkpoints and logs with an older run's."""
     root = checkpoint_root(cfg.run_dir)
@@ -130,31 +163,24 @@ def refuse_existing_checkpoints(cfg: Config) -> None:
                            f"pass --resume to continue that run, or choose another run_dir")
 
 
-def load_latest_checkpoint(engine, cfg: Config, rank_local: list[RankLocalParameters] = (), rank: int = 0,
+def load_latest_checkpoint(engine, cfg: Config, parallel_model: ParallelModel, rank: int = 0,
                            world_size: int = 1) -> int | None:
-    """Load the newest checkpoint of `cfg.run_dir` into `engine` and this rank's `rank_local`
+    """Load the newest checkpoint of `cfg.run_dir` into `engine` and this rank's rank-local
     tensors (sharded L³ rows, expert-parallel experts); returns its step, or None if none."""
-    from l3train.parallel.sharded_optim import ShardedExperts, ShardedRows
-
-    from l3train.parallel.sharded_optim import check_layout
-
     root = checkpoint_root(cfg.run_dir)
     tag = latest_tag(root)
     if tag is None:
         return None
-    check_compatible(cfg, root / tag)
-    rows = [part for part in rank_local if isinstance(part, ShardedRows)]
-    experts = [part for part in rank_local if isinstance(part, ShardedExperts)]
-    check_layout(root / tag, rows[0].plan.num_shards if rows else None, world_size if experts else None)
+    check_resumable(cfg, root / tag, parallel_model, world_size)
     try:
-        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+        client_state = deepspeed_adapter.load_engine_checkpoint(engine, str(root), tag)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as err:
         raise L3TrainError(f"checkpoint {root / tag} is unreadable ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); delete it or point "
                            f"{root / 'latest'} at an older one") from None
-    if path is None:
+    if client_state is None:
         raise L3TrainError(f"checkpoint {root / tag} could not be loaded; delete it or point "
                            f"{root / 'latest'} at an older one")
-    for part in rank_local:
+    for part in parallel_model.rank_local:
         part.load(root / tag, rank)
     return int(client_state["step"])

@@ -2,8 +2,13 @@
 
 A run is described by a YAML file in `configs/` plus `key.sub=value` overrides from the
 command line (values are parsed as YAML, so `l3.after_blocks=[1,3]` works). Loading
-rejects unknown keys, wrong types and inconsistent sizes with one message naming the
-key. The resolved config is written next to every checkpoint so a run can be rebuilt.
+rejects unknown keys, wrong types, values outside a closed set of choices (`Literal`
+fields) and inconsistent sizes with one message naming the key. The resolved config is
+written next to every checkpoint so a run can be rebuilt.
+
+All checks live here: those that need only the config run at load (`_validate`); those
+that depend on the number of ranks run in `validate_for_world`, which also derives how a
+rank splits its share of the global batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -14,12 +19,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from l3train.errors import L3TrainError
-from l3train.model.norms import NORM_KINDS
 
 
 @dataclass
@@ -47,7 +51,7 @@ class L3Config:
     d_emb: int = 128  # value width; must equal model.d_model when tied_kv
     d_up: int = 512
     tied_kv: bool = True
-    norm: str = "rms"
+    norm: Literal["rms", "layer"] = "rms"
     allocation: str = ""  # .npz written by tools/lzw_allocate.py
     lr: float | None = None  # learning rate of the L³ rows (None: optimizer.lr)
     weight_decay: float = 0.0  # weight decay of the L³ rows
@@ -99,10 +103,12 @@ class OptimizerConfig:
 @dataclass
 class TrainingConfig:
     steps: int = 200
-    micro_batch_size: int = 8  # sequences per rank per forward pass
+    # Sequences per rank per forward pass, at most: with many ranks a rank's share of the
+    # global batch may be smaller, and then is one micro-batch (see `validate_for_world`).
+    micro_batch_size: int = 8
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16
+    precision: Literal["fp32", "bf16"] = "fp32"
     eval_interval: int = 50
     eval_batches: int = 4
     log_interval: int = 10
@@ -114,7 +120,7 @@ class ParallelConfig:
     # Split the residual stream along the sequence over the TP ranks (megatron's sequence
     # parallelism; l3train.parallel.tensor_parallel): needs tensor_parallel > 1.
     sequence_parallel: bool = False
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage
     # Partition the L³ rows over the TP×DP ranks by the static router (when there are > 1
     # ranks and L³ layers); their optimizer and checkpoints are then outside DeepSpeed.
     shard_l3_rows: bool = True
@@ -152,6 +158,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are due."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
+            raise L3TrainError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -239,15 +250,12 @@ def _validate(cfg: Config) -> None:
                                        f"parallel.tensor_parallel ({cfg.parallel.tensor_parallel})"),
         (not cfg.parallel.sequence_parallel or not moe.blocks, "parallel.sequence_parallel",
          "does not support MoE blocks (moe.blocks); turn one of them off"),
-        (l3.norm in NORM_KINDS, "l3.norm", f"must be one of {NORM_KINDS}, got {l3.norm!r}"),
         (not l3.after_blocks or l3.allocation, "l3.allocation",
          "is required when l3.after_blocks is set; build one with tools/lzw_allocate.py"),
         (data.weights is None or len(data.weights) == len(data.prefixes), "data.weights",
          f"needs one weight per prefix ({len(data.prefixes)}), got {data.weights}"),
-        (tr.precision in ("fp32", "bf16"), "training.precision", f"must be fp32 or bf16, got {tr.precision!r}"),
         (tr.global_batch_size % tr.micro_batch_size == 0, "training.global_batch_size",
          f"{tr.global_batch_size} must be a multiple of training.micro_batch_size ({tr.micro_batch_size})"),
-        (0 <= cfg.parallel.zero_stage <= 3, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}"),
         (0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={opt.lr}], got {opt.min_lr}"),
         (0 <= opt.warmup_steps <= tr.steps, "optimizer.warmup_steps",
          f"must be in [0, training.steps={tr.steps}], got {opt.warmup_steps}"),
@@ -257,6 +265,68 @@ def _validate(cfg: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise L3TrainError(f"{key}: {message}")
+    _validate_tensor_parallel(cfg)
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    """Tensor parallelism splits heads, the SwiGLU and the vocabulary over the TP ranks."""
+    tp, m = cfg.parallel.tensor_parallel, cfg.model
+    sizes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
+             "model.ffn_hidden_size": m.ffn_hidden_size, "model.vocab_size": m.vocab_size}
+    for key, size in sizes.items():
+        if size % tp:
+            raise L3TrainError(f"{key}={size} is not divisible by parallel.tensor_parallel={tp}: "
+                               f"tensor parallelism splits it over the ranks")
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """How a run of `cfg` spreads over `world_size` ranks (derived by `validate_for_world`)."""
+
+    world_size: int
+    tensor_parallel: int
+    data_parallel: int
+    expert_parallel: int
+    micro_batch_size: int  # sequences per forward pass on one rank
+    gradient_accumulation_steps: int
+    rows_sharded: bool  # L³ rows partitioned over the TP×DP ranks
+    experts_split: bool  # MoE experts partitioned over the EP groups
+
+    @property
+    def rank_local_parameters(self) -> bool:
+        """Some parameters live outside DeepSpeed, on one rank each."""
+        return self.rows_sharded or self.experts_split
+
+
+def validate_for_world(cfg: Config, world_size: int) -> WorldLayout:
+    """Every check that depends on the number of ranks, in one line naming what to change;
+    returns the layout. The micro-batch is `training.micro_batch_size` unless a rank's share
+    of the global batch is smaller: then that share is one micro-batch (so a config runs
+    unchanged at 1, 2 or 4 ranks)."""
+    tr, tp = cfg.training, cfg.parallel.tensor_parallel
+    if world_size % tp:
+        raise L3TrainError(f"parallel.tensor_parallel={tp} must divide the number of ranks ({world_size}); "
+                           f"launch a multiple of {tp} ranks or change it")
+    dp = world_size // tp
+    ep = cfg.moe.expert_parallel if cfg.moe.blocks else 1
+    if dp % ep:
+        raise L3TrainError(f"moe.expert_parallel={ep} must divide the number of data-parallel ranks ({dp}); "
+                           f"launch a multiple of {ep * tp} ranks or change it")
+    if tr.global_batch_size % dp:
+        raise L3TrainError(f"training.global_batch_size={tr.global_batch_size} must be a multiple of the "
+                           f"data-parallel ranks ({dp}); set it to a multiple of {dp}")
+    per_rank = tr.global_batch_size // dp
+    micro = min(tr.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise L3TrainError(f"training.micro_batch_size={micro} must divide a rank's share of the global batch "
+                           f"({tr.global_batch_size} / {dp} ranks = {per_rank}); set it to a divisor of {per_rank}")
+    layout = WorldLayout(world_size, tp, dp, ep, micro, per_rank // micro,
+                         rows_sharded=bool(cfg.l3.after_blocks) and cfg.parallel.shard_l3_rows and world_size > 1,
+                         experts_split=ep > 1)
+    if layout.rank_local_parameters and tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
+        raise L3TrainError(f"sharded L³ rows or experts in bf16 need parallel.zero_stage 2 or 3 (got "
+                           f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false and moe.expert_parallel=1")
+    return layout
 
 
 def _set_override(tree: dict[str, Any], assignment: str) -> None:

@@ -63,6 +63,16 @@ def _rank_environment_without_torchrun() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
+def expected_world_size() -> int:
+    """The number of ranks this process will join, known before torch.distributed starts:
+    torchrun's WORLD_SIZE, srun's task count, else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
+
+
 def init_distributed() -> World:
     """Initialise torch.distributed through DeepSpeed (which also sets up its own comm)."""
     if "RANK" not in os.environ:

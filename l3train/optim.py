@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from l3train.config import Config
+from l3train.model.roles import ParamRole, parameter_roles
 
 
 def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -15,15 +16,15 @@ def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
     L³ key/value rows with their own learning rate and weight decay: each row is updated
     only when its token appears, so it typically wants a different step size."""
     l3_rows, decayed, not_decayed = [], [], []
-    for name, param in model.named_parameters():
+    for _, param, role in parameter_roles(model):
         if not param.requires_grad:
             continue
-        if name.endswith(("key_table", "value_table")):
+        if role is ParamRole.L3_ROWS:
             l3_rows.append(param)
-        elif param.dim() >= 2:
-            decayed.append(param)
-        else:
+        elif role is ParamRole.VECTOR:
             not_decayed.append(param)
+        else:
+            decayed.append(param)
     opt = cfg.optimizer
     groups = [{"name": "dense", "params": decayed, "weight_decay": opt.weight_decay, "lr": opt.lr},
               {"name": "no_decay", "params": not_decayed, "weight_decay": 0.0, "lr": opt.lr}]

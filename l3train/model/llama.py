@@ -9,14 +9,18 @@ MoE blocks and L³ layers. An L³ layer after block i reads RMSNorm(h) and
 the token ids and adds its output to the residual stream, like any other sublayer, so
 a freshly initialised L³ perturbs the stream only slightly.
 
+The forward returns a `ModelOutput`: the logits plus, explicitly, what the L³ layers and
+MoE routers report (entropies, router losses and loads) — nothing is left on the modules.
+
 Model code holds no parallelism: `l3train.parallel` swaps in tensor-parallel linears and
-sharded L³ lookups from outside. Linear weights are named like torchtitan's Llama
+the row and expert backends of sharded L³ layers and expert-parallel MoE blocks from outside. Linear weights are named like torchtitan's Llama
 (wq/wk/wv/wo, w1/w2/w3) so parallelization plans can address them by name.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +29,8 @@ from torch import Tensor, nn
 
 from l3train.config import L3Config, ModelConfig, MoEConfig
 from l3train.model.l3_layer import LargeLookupLayer
-from l3train.model.moe import MoEFeedForward
+from l3train.model.moe import MoEFeedForward, RouterStats
+from l3train.model.roles import ParamRole, parameter_roles
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -84,9 +89,13 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden_size) if moe is None else MoEFeedForward(cfg.d_model, moe)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, RouterStats | None]:
+        """The updated residual stream, and the router's stats when the feed-forward is an MoE."""
         h = h + self.attention(self.attention_norm(h), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+        if isinstance(self.feed_forward, MoEFeedForward):
+            out, router = self.feed_forward(self.ffn_norm(h))
+            return h + out, router
+        return h + self.feed_forward(self.ffn_norm(h)), None
 
 
 class LookupBlock(nn.Module):
@@ -99,8 +108,18 @@ class LookupBlock(nn.Module):
                                        tied_kv=l3.tied_kv, norm=l3.norm, norm_eps=cfg.norm_eps,
                                        init_std=cfg.init_std)
 
-    def forward(self, h: Tensor, token_ids: Tensor) -> Tensor:
-        return h + self.lookup(self.norm(h), token_ids)
+    def forward(self, h: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The updated residual stream, and the lookups' mean softmax entropy."""
+        out, entropy = self.lookup(self.norm(h), token_ids)
+        return h + out, entropy
+
+
+class ModelOutput(NamedTuple):
+    """What `DecoderLM.forward` returns (a NamedTuple, which DeepSpeed's hooks traverse)."""
+
+    logits: Tensor  # (batch, seq, vocab), or this rank's vocabulary slice under TP
+    l3_entropy: dict[int, Tensor]  # by the block an L³ layer follows: mean softmax entropy (detached)
+    router: dict[int, RouterStats]  # by MoE block index
 
 
 class DecoderLM(nn.Module):
@@ -134,8 +153,8 @@ class DecoderLM(nn.Module):
         by 1/sqrt(2·n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
-            if param.is_meta or param.dim() < 2 or ".lookup." in name and "_table" in name:
+        for name, param, role in parameter_roles(self):
+            if param.is_meta or role in (ParamRole.VECTOR, ParamRole.L3_ROWS):
                 continue  # norms keep ones; L³ tables were initialised by their layer
             is_residual_out = name.endswith(("wo.weight", "w2.weight", "experts.w2", "mix.weight"))
             nn.init.normal_(param, std=residual_std if is_residual_out else std)
@@ -148,14 +167,17 @@ class DecoderLM(nn.Module):
         return {index: block.feed_forward for index, block in enumerate(self.blocks)
                 if isinstance(block.feed_forward, MoEFeedForward)}
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor) -> ModelOutput:
         seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.embedding(tokens)
+        entropies, routers = {}, {}
         for index, block in enumerate(self.blocks):
-            h = block(h, cos, sin)
+            h, router = block(h, cos, sin)
+            if router is not None:
+                routers[index] = router
             if str(index) in self.lookups:
-                h = self.lookups[str(index)](h, tokens)
-        return self.output(self.norm(h))
+                h, entropies[index] = self.lookups[str(index)](h, tokens)
+        return ModelOutput(self.output(self.norm(h)), entropies, routers)

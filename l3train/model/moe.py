@@ -15,27 +15,29 @@ against megatron's own functions in tests/test_moe.py:
   of the micro-batch, keeping those with the largest gates (megatron's "probs" drop policy);
   a dropped assignment simply contributes nothing. Without a capacity factor the dispatch
   is dropless.
-The two losses are stored on the layer after each forward (`aux_loss`, `z_loss`, with
-gradient) for the trainer to weight and add to the LM loss: the model's output stays the
-logits, as for a dense model.
+The forward returns the block's output and its `RouterStats`: the two losses (with
+gradient) for the trainer to weight and add to the LM loss, and detached monitoring
+figures (load per expert, dropped fraction) that are reduced only when they are logged.
 
 Assignments are sorted by expert and every expert runs one matmul chain on its contiguous
 slice (no padding to a capacity unless a capacity factor asks for dropping). The experts'
-weights are stacked (E, ...) so expert parallelism (l3train.parallel.expert_parallel) can
-keep a slice of them and swap in its all-to-all `dispatch` with the same contract; this
-module holds no parallelism.
+weights are stacked (E, ...) in the layer's *expert backend* (`self.experts`, the local
+`Experts`); expert parallelism (l3train.parallel.expert_parallel) swaps in a backend that
+holds a slice of them and dispatches by all-to-all, with the same contract. This module
+holds no parallelism.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3train.config import MoEConfig
+from l3train.model.roles import ParamRole
 
 
 class TopKRouter(nn.Module):
@@ -86,7 +88,9 @@ def run_experts(x: Tensor, counts: list[int], w1: Tensor, w3: Tensor, w2: Tensor
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights."""
+    """E SwiGLU experts with stacked weights, all in this process: the local expert backend."""
+
+    parameter_role = ParamRole.EXPERT
 
     def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
@@ -94,54 +98,56 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))  # up
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))  # down
 
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        return run_experts(x, counts, self.w1, self.w3, self.w2)
 
-class ExpertDispatch(Protocol):
-    def __call__(self, x: Tensor, counts: list[int], experts: Experts) -> Tensor:
+
+class ExpertBackend(Protocol):
+    def __call__(self, x: Tensor, counts: list[int]) -> Tensor:
         """Expert outputs for rows `x` sorted by expert, `counts[e]` rows for expert e."""
 
 
-def dispatch_local(x: Tensor, counts: list[int], experts: Experts) -> Tensor:
-    return run_experts(x, counts, experts.w1, experts.w3, experts.w2)
+class RouterStats(NamedTuple):
+    """What one MoE block's router did in a forward pass."""
+
+    aux_loss: Tensor  # load-balancing loss, with gradient
+    z_loss: Tensor  # router z-loss, with gradient
+    load: Tensor  # (E,) fraction of the assignments routed to each expert (before any drop); detached
+    dropped_fraction: Tensor  # scalar: assignments dropped by the capacity factor (0 when dropless); detached
 
 
 class MoEFeedForward(nn.Module):
-    """Drop-in for the SwiGLU feed-forward of a decoder block."""
+    """Drop-in for the SwiGLU feed-forward of a decoder block; returns (output, RouterStats)."""
 
     def __init__(self, d_model: int, moe: MoEConfig) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = moe.num_experts, moe.top_k, moe.capacity_factor
         self.router = TopKRouter(d_model, moe.num_experts, moe.top_k)
-        self.experts = Experts(moe.num_experts, d_model, moe.expert_hidden_size)
-        # The one seam for parallelism: expert parallelism swaps in an all-to-all dispatch.
-        self.dispatch: ExpertDispatch = dispatch_local
-        # From the last forward pass: the two router losses (with gradient), and for
-        # monitoring the fraction of assignments routed to each expert and the dropped fraction.
-        self.aux_loss: Tensor | None = None
-        self.z_loss: Tensor | None = None
-        self.last_load: Tensor | None = None
-        self.last_dropped: float = 0.0
+        self.experts: ExpertBackend = Experts(moe.num_experts, d_model, moe.expert_hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
         flat = x.reshape(-1, x.shape[-1])
         logits, gates, experts = self.router(flat)
-        self.aux_loss, self.z_loss = load_balancing_loss(logits, experts), router_z_loss(logits)
         expert, gate = experts.flatten(), gates.flatten()
-        self.last_load = torch.bincount(expert, minlength=self.num_experts).float().div(expert.numel()).detach()
+        load = torch.bincount(expert, minlength=self.num_experts).float().div(expert.numel())
+        dropped = load.new_zeros(())
         token = torch.arange(flat.shape[0], device=flat.device).repeat_interleave(self.top_k)
         if self.capacity_factor is not None:
             keep = within_capacity(gate, expert, self.num_experts, self.capacity_factor)
-            self.last_dropped = 1.0 - keep.float().mean().item()
+            dropped = 1.0 - keep.float().mean()
             token, expert, gate = token[keep], expert[keep], gate[keep]
         order = torch.argsort(expert, stable=True)
         token, gate = token[order], gate[order]
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
-        out = self.dispatch(flat[token], counts, self.experts)
+        out = self.experts(flat[token], counts)
         combined = torch.zeros_like(flat).index_add(0, token, out * gate.unsqueeze(1).to(out.dtype))
-        return combined.reshape(x.shape)
+        stats = RouterStats(load_balancing_loss(logits, experts), router_z_loss(logits), load.detach(),
+                            dropped.detach())
+        return combined.reshape(x.shape), stats
 
 
-def router_loss(layers: list[MoEFeedForward], moe: MoEConfig) -> Tensor | None:
-    """Σ over MoE layers of aux_loss_weight · load balancing + z_loss_weight · z-loss, from
-    their last forward; None without MoE layers."""
-    terms = [moe.aux_loss_weight * layer.aux_loss + moe.z_loss_weight * layer.z_loss for layer in layers]
+def router_loss(stats: list[RouterStats], moe: MoEConfig) -> Tensor | None:
+    """Σ over MoE layers of aux_loss_weight · load balancing + z_loss_weight · z-loss; None
+    without MoE layers."""
+    terms = [moe.aux_loss_weight * layer.aux_loss + moe.z_loss_weight * layer.z_loss for layer in stats]
     return torch.stack(terms).sum() if terms else None

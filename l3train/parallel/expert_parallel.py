@@ -17,11 +17,15 @@ whereas a replicated weight gets the DP average (1/DP)·Σ over all ranks. The w
 therefore scaled by 1/DP in backward and, at each accumulation boundary, all-reduced (sum)
 over the expert-data-parallel group (the DP/EP ranks that hold the same experts); then
 every copy holds exactly the single-process gradient. Like the sharded L³ rows they differ
-between ranks, so they are not parameters of the module DeepSpeed wraps: their optimizer,
-clipping and checkpoints are in l3train.parallel.sharded_optim (`ShardedExperts`).
+between ranks, so they are not parameters of the module DeepSpeed wraps: `shard_experts`
+swaps the MoE layer's expert backend for an `ExpertParallelExperts`, which keeps this
+rank's slice in a plain holder; their optimizer, clipping and checkpoints are in
+l3train.parallel.sharded_optim (`ShardedExperts`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,65 +33,78 @@ from torch import Tensor, nn
 
 from l3train.model.moe import Experts, MoEFeedForward, run_experts
 from l3train.parallel.collectives import ScaleGradient, exchange
+from l3train.parallel.state import ParallelState
 
 
-class ExpertParallelDispatch:
-    """Drop-in for `l3train.model.moe.dispatch_local` holding this rank's slice of the experts."""
+@dataclass
+class RankLocalExperts:
+    """This rank's slice of the stacked expert weights (leaf tensors, not module parameters)."""
 
-    def __init__(self, w1: nn.Parameter, w3: nn.Parameter, w2: nn.Parameter, num_experts: int, ep_size: int,
-                 ep_group, dp_size: int) -> None:
-        self.w1, self.w3, self.w2 = w1, w3, w2
-        self.num_experts, self.ep_size, self.ep_group, self.dp_size = num_experts, ep_size, ep_group, dp_size
+    w1: nn.Parameter
+    w3: nn.Parameter
+    w2: nn.Parameter
 
-    def tables(self) -> list[nn.Parameter]:
+    def tensors(self) -> list[nn.Parameter]:
         return [self.w1, self.w3, self.w2]
 
-    def __call__(self, x: Tensor, counts: list[int], experts: Experts) -> Tensor:
-        """Same contract as `dispatch_local`; `experts` (emptied by `shard_experts`) is ignored."""
-        local = self.num_experts // self.ep_size
+
+class ExpertParallelExperts(nn.Module):
+    """Expert backend of an MoE layer holding this rank's experts; dispatches rows by all-to-all."""
+
+    def __init__(self, local: RankLocalExperts, num_experts: int, parallel: ParallelState) -> None:
+        super().__init__()
+        self.local, self.num_experts, self.parallel = local, num_experts, parallel
+
+    def tables(self) -> list[nn.Parameter]:
+        return self.local.tensors()
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        """Same contract as the local `Experts`."""
+        ep_size, group = self.parallel.ep_size, self.parallel.ep_group
+        local = self.num_experts // ep_size
         send_by_expert = torch.tensor(counts, dtype=torch.long, device=x.device)
         recv_by_expert = torch.empty_like(send_by_expert)  # (source, local expert), flattened
-        dist.all_to_all_single(recv_by_expert, send_by_expert, group=self.ep_group)
-        send = send_by_expert.view(self.ep_size, local).sum(1).tolist()
-        received_counts = recv_by_expert.view(self.ep_size, local)
+        dist.all_to_all_single(recv_by_expert, send_by_expert, group=group)
+        send = send_by_expert.view(ep_size, local).sum(1).tolist()
+        received_counts = recv_by_expert.view(ep_size, local)
         recv = received_counts.sum(1).tolist()
-        received = exchange(x, send, recv, self.ep_group)  # grouped by source, then by local expert
+        received = exchange(x, send, recv, group)  # grouped by source, then by local expert
         # Regroup by local expert (then by source) so each expert's rows are contiguous.
-        starts = (torch.cumsum(recv_by_expert, 0) - recv_by_expert).view(self.ep_size, local)
+        starts = (torch.cumsum(recv_by_expert, 0) - recv_by_expert).view(ep_size, local)
         lengths = received_counts.t().flatten()
         offsets = torch.cumsum(lengths, 0) - lengths
         by_expert = (torch.repeat_interleave(starts.t().flatten() - offsets, lengths)
                      + torch.arange(received.shape[0], device=x.device))
-        scale = 1.0 / self.dp_size
+        scale = 1.0 / self.parallel.dp_size
         w1, w3, w2 = (ScaleGradient.apply(w.to(x.dtype), scale) for w in self.tables())
         out = run_experts(received[by_expert], received_counts.sum(0).tolist(), w1, w3, w2)
         out = out[torch.argsort(by_expert)]  # back to the received order
-        return exchange(out, recv, send, self.ep_group)
+        return exchange(out, recv, send, group)
 
-    def reduce_gradients(self, expert_dp_group, expert_dp_size: int) -> None:
+    def reduce_gradients(self) -> None:
         """Sum the gradients over the ranks holding the same experts (no-op when there is one)."""
-        if expert_dp_size > 1:
+        if self.parallel.dp_size // self.parallel.ep_size > 1:
             for weight in self.tables():
                 if weight.grad is not None:
-                    dist.all_reduce(weight.grad, group=expert_dp_group)
+                    dist.all_reduce(weight.grad, group=self.parallel.expert_dp_group)
 
 
-def shard_experts(layer: MoEFeedForward, ep_rank: int, ep_size: int, ep_group, dp_size: int,
-                  device: torch.device | None = None) -> ExpertParallelDispatch:
-    """Keep only this rank's experts of `layer` (copied from the full initialisation, so an
-    EP run starts from the single-process weights) and dispatch to their owners by all-to-all.
-    The slices move out of the module into the returned dispatch, which becomes `layer.dispatch`."""
-    if layer.num_experts % ep_size:
-        raise ValueError(f"{layer.num_experts} experts cannot be split over {ep_size} ranks")
-    local = layer.num_experts // ep_size
+def shard_experts(layer: MoEFeedForward, parallel: ParallelState,
+                  device: torch.device | None = None) -> ExpertParallelExperts:
+    """Swap `layer`'s expert backend for one holding only this rank's experts (copied from the
+    full initialisation, so an EP run starts from the single-process weights); returns it."""
     experts = layer.experts
+    if not isinstance(experts, Experts):
+        raise ValueError(f"the layer's experts are already split ({type(experts).__name__})")
+    if layer.num_experts % parallel.ep_size:
+        raise ValueError(f"{layer.num_experts} experts cannot be split over {parallel.ep_size} ranks")
+    local = layer.num_experts // parallel.ep_size
     device = device or experts.w1.device
 
     def mine(weight: Tensor) -> nn.Parameter:
-        return nn.Parameter(weight.detach()[ep_rank * local:(ep_rank + 1) * local].to(device=device, copy=True))
+        rows = weight.detach()[parallel.ep_rank * local:(parallel.ep_rank + 1) * local]
+        return nn.Parameter(rows.to(device=device, copy=True))
 
-    dispatch = ExpertParallelDispatch(mine(experts.w1), mine(experts.w3), mine(experts.w2), layer.num_experts,
-                                      ep_size, ep_group, dp_size)
-    experts.w1 = experts.w3 = experts.w2 = None
-    layer.dispatch = dispatch
-    return dispatch
+    layer.experts = ExpertParallelExperts(RankLocalExperts(mine(experts.w1), mine(experts.w3), mine(experts.w2)),
+                                          layer.num_experts, parallel)
+    return layer.experts

@@ -1,6 +1,6 @@
 """Which shard (rank) owns which token's L³ rows, decided once before training.
 
-Why a plan can be made offline: L³ routing is static (L3_SPEC.md sections 1-2). A
+Why a plan can be made offline: L³ routing is static (docs/l3_layer.md). A
 position with token id t needs exactly the rows `bounds[t]:bounds[t+1]` of W_K/W_V, so the
 owner of every row is a function of the token id alone and can be fixed before the first
 step, like an embedding table's row sharding and unlike MoE expert placement. Each shard

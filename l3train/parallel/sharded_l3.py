@@ -31,9 +31,9 @@ Gradients: a shard's rows receive the gradient of every DP rank's loss (the posi
 came from all of them), i.e. Σ_r ∇L_r, whereas replicated parameters get DP's average
 (1/DP)·Σ_r ∇L_r. The tables are therefore scaled by 1/DP in backward, and they must not
 be all-reduced or partitioned over DP by ZeRO (their shapes even differ between ranks).
-So the sharded tables are not parameters of the layer at all: `shard_lookup_layer` moves
-them into the `ShardedRowAttention` object (a plain object, not a module), the layer's
-`key_table`/`value_table` become None, and no ZeRO stage, hook or checkpoint of the
+So the sharded tables are not parameters of the layer at all: `shard_lookup_layer` swaps
+the layer's row backend for a `ShardedRowTable`, which keeps this rank's tables in a plain
+`RankLocalTables` holder (not a module), so no ZeRO stage, hook or checkpoint of the
 wrapped module ever sees them. Their optimizer, clipping and checkpoints live in
 `l3train.parallel.sharded_optim`. The tables keep the dtype they were built in (fp32 in
 training: master weights) and are cast to the activations' dtype for the lookup, so bf16
@@ -42,99 +42,127 @@ training keeps fp32 rows.
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from l3train.model.l3_attention import row_attention_with_entropy
-from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
+from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_rows
 from l3train.parallel.collectives import ReplicatedInput, ScaleGradient, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
+from l3train.parallel.state import ParallelState
 
 
-class ShardedRowAttention:
-    """Drop-in for `row_attention_with_entropy` when this rank holds one shard of the rows.
+@dataclass(frozen=True)
+class RowRouting:
+    """The groups a sharded layer routes over. Normally the TP group of the replica (TP split
+    of the work) and the DP group of this TP index (all-to-all); under sequence parallelism
+    every rank holds its own positions, so there is no TP split and the all-to-all spans the
+    whole TP×DP world (shard s is then global rank s)."""
 
-    Owns this rank's tables (`keys`, and `values` when untied; leaf tensors, not module
-    parameters) laid out by `local_bounds`."""
+    tp_rank: int
+    tp_size: int
+    tp_group: dist.ProcessGroup | None
+    dp_rank: int
+    dp_size: int
+    dp_group: dist.ProcessGroup
 
-    def __init__(self, owner: np.ndarray, local_rows_per_token: np.ndarray, keys: nn.Parameter,
-                 values: nn.Parameter | None, tp_rank: int, tp_size: int, tp_group, dp_size: int, dp_group,
-                 device: torch.device, gradient_scale: float | None = None) -> None:
-        self.owner = torch.as_tensor(owner, dtype=torch.long, device=device)
-        self.local_bounds = bounds_from_rows(local_rows_per_token).to(device)
-        self.keys, self.values = keys, values
-        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
-        self.dp_size, self.dp_group = dp_size, dp_group
+    @classmethod
+    def of(cls, parallel: ParallelState, sequence_parallel: bool = False) -> RowRouting:
+        if sequence_parallel:
+            return cls(0, 1, None, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+        return cls(parallel.tp_rank, parallel.tp_size, parallel.tp_group, parallel.dp_rank, parallel.dp_size,
+                   parallel.dp_group)
+
+    @property
+    def shard(self) -> int:
+        return self.dp_rank * self.tp_size + self.tp_rank
+
+
+@dataclass
+class RankLocalTables:
+    """This rank's rows (leaf tensors, not module parameters: see the module docstring)."""
+
+    keys: nn.Parameter
+    values: nn.Parameter | None  # None when keys and values are tied
+
+    def tensors(self) -> list[nn.Parameter]:
+        return [self.keys] if self.values is None else [self.keys, self.values]
+
+
+class ShardedRowTable(nn.Module):
+    """Row backend of an L³ layer when this rank holds one shard of the rows (`ShardPlan`)."""
+
+    def __init__(self, plan: ShardPlan, local: RankLocalTables, routing: RowRouting, gradient_scale: float,
+                 device: torch.device) -> None:
+        super().__init__()
+        if plan.num_shards != routing.tp_size * routing.dp_size:
+            raise ValueError(f"shard plan has {plan.num_shards} shards, expected TP×DP = "
+                             f"{routing.tp_size * routing.dp_size}")
+        self.register_buffer("owner", torch.as_tensor(plan.owner, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("local_bounds", bounds_from_rows(plan.local_rows_per_token(routing.shard)).to(device),
+                             persistent=False)
+        self.local, self.routing = local, routing
         # The rows' share of the replica average: 1/DP (see the module docstring).
-        self.gradient_scale = 1.0 / dp_size if gradient_scale is None else gradient_scale
+        self.gradient_scale = gradient_scale
 
     def tables(self) -> list[nn.Parameter]:
         """This rank's row tensors (the key table, plus the value table when untied)."""
-        return [self.keys] if self.values is None else [self.keys, self.values]
+        return self.local.tensors()
 
-    def __call__(self, x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor | None = None,
-                 values: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Same contract as `row_attention_with_entropy`, except that `bounds`, `keys` and
-        `values` (the layer's, None once sharded) are ignored: the lookup uses this rank's
-        own tables, laid out by `local_bounds`."""
-        keys = self.keys.to(x.dtype)
-        values = keys if self.values is None else self.values.to(x.dtype)
-        if self.tp_size > 1:
-            x = ReplicatedInput.apply(x, self.tp_group)
-        if self.gradient_scale != 1.0:
-            tied = self.values is None
-            keys = ScaleGradient.apply(keys, self.gradient_scale)
-            values = keys if tied else ScaleGradient.apply(values, self.gradient_scale)
+    def forward(self, x: Tensor, token_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+        """Same contract as `LocalRowTable`; the layer's global `bounds` are not needed: the
+        lookup runs on this rank's own tables, laid out by `local_bounds`."""
+        route = self.routing
+        keys = ScaleGradient.apply(self.local.keys.to(x.dtype), self.gradient_scale)
+        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values.to(x.dtype),
+                                                                            self.gradient_scale)
+        if route.tp_size > 1:
+            x = ReplicatedInput.apply(x, route.tp_group)
         shard = self.owner[token_ids]
-        mine = torch.nonzero(shard % self.tp_size == self.tp_rank).flatten()
-        destination = shard[mine] // self.tp_size
+        mine = torch.nonzero(shard % route.tp_size == route.tp_rank).flatten()
+        destination = shard[mine] // route.tp_size
         order = torch.argsort(destination, stable=True)
         positions = mine[order]
-        send_counts = torch.bincount(destination, minlength=self.dp_size)
+        send_counts = torch.bincount(destination, minlength=route.dp_size)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.dp_group)
+        dist.all_to_all_single(recv_counts, send_counts, group=route.dp_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        remote_ids = exchange(token_ids[positions], send, recv, self.dp_group)
-        remote_x = exchange(x[positions], send, recv, self.dp_group)
+        remote_ids = exchange(token_ids[positions], send, recv, route.dp_group)
+        remote_x = exchange(x[positions], send, recv, route.dp_group)
         remote_out, remote_entropy = row_attention_with_entropy(remote_x, remote_ids, self.local_bounds, keys, values)
-        local_out = exchange(remote_out, recv, send, self.dp_group)
-        local_entropy = exchange(remote_entropy, recv, send, self.dp_group)
+        local_out = exchange(remote_out, recv, send, route.dp_group)
+        local_entropy = exchange(remote_entropy, recv, send, route.dp_group)
         out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, positions, local_out)
         entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, positions, local_entropy)
-        if self.tp_size > 1:
-            out = SumOverGroup.apply(out, self.tp_group)
-            dist.all_reduce(entropy, group=self.tp_group)
+        if route.tp_size > 1:
+            out = SumOverGroup.apply(out, route.tp_group)
+            dist.all_reduce(entropy, group=route.tp_group)
         return out, entropy
 
 
-def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, tp_rank: int, tp_size: int, tp_group,
-                       dp_rank: int, dp_size: int, dp_group, device: torch.device | None = None,
-                       gradient_scale: float | None = None) -> ShardedRowAttention:
-    """Keep only this rank's rows of `layer` (copied from its full initialisation, so a sharded
-    run starts from the single-process weights) and route its lookups to the owners.
+def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: ParallelState,
+                       sequence_parallel: bool = False, device: torch.device | None = None) -> ShardedRowTable:
+    """Swap `layer`'s row backend for a `ShardedRowTable` holding this rank's shard of the rows
+    (copied from the layer's full initialisation, so a sharded run starts from the
+    single-process weights); returns the new backend.
 
-    This rank holds shard `dp_rank * tp_size + tp_rank`. The rows move out of the module
-    into the returned `ShardedRowAttention` (on `device`, default: where the table was),
-    which becomes `layer.row_attention`. Under sequence parallelism every rank holds its own
-    positions: pass tp_size=1 and the whole TP×DP world as the "DP" group (shard s is then
-    global rank s), with `gradient_scale` 1/DP. The layer's `bounds` buffer keeps the global
-    allocation: it is what a checkpoint needs.
-    """
-    if plan.num_shards != tp_size * dp_size:
-        raise ValueError(f"shard plan has {plan.num_shards} shards, expected TP×DP = {tp_size * dp_size}")
-    shard = dp_rank * tp_size + tp_rank
-    device = device or layer.key_table.device
-    rows = torch.as_tensor(plan.global_row_indices(shard), dtype=torch.long, device=layer.key_table.device)
+    This rank holds shard `dp_rank * tp_size + tp_rank` (under sequence parallelism: its
+    global rank). The rows go to `device` (default: where the table was). The layer's
+    `bounds` buffer keeps the global allocation: it is what a checkpoint needs."""
+    full = layer.rows
+    if not isinstance(full, LocalRowTable):
+        raise ValueError(f"the layer's rows are already sharded ({type(full).__name__})")
+    routing = RowRouting.of(parallel, sequence_parallel)
+    device = device or full.key_table.device
+    rows = torch.as_tensor(plan.global_row_indices(routing.shard), dtype=torch.long, device=full.key_table.device)
 
     def local(table: Tensor) -> nn.Parameter:
         return nn.Parameter(table.detach()[rows].to(device=device, copy=True))
 
-    keys = local(layer.key_table)
-    values = None if layer.tied_kv else local(layer.value_table)
-    layer.key_table = None
-    layer.value_table = None
-    layer.row_attention = ShardedRowAttention(plan.owner, plan.local_rows_per_token(shard), keys, values, tp_rank,
-                                              tp_size, tp_group, dp_size, dp_group, device, gradient_scale)
-    return layer.row_attention
+    tables = RankLocalTables(local(full.key_table), None if full.value_table is None else local(full.value_table))
+    layer.rows = ShardedRowTable(plan, tables, routing, 1.0 / parallel.dp_size, device)
+    return layer.rows

@@ -13,9 +13,8 @@ module DeepSpeed wraps; this module gives them what DeepSpeed gives the dense pa
   lookups scale these tensors' gradients by 1/DP (the DP average); experts are then summed
   over their expert-data-parallel copies (`prepare_gradients`);
 - gradient clipping by the global norm of a single process, total² = dense² + Σ of every
-  distinct rank-local gradient² (`clip_global_norm`): DeepSpeed computes dense from its
-  reduced gradients, then clips with a threshold chosen so that its coefficient is
-  max_norm / (total + 1e-6), and the rank-local tensors are scaled by the same coefficient;
+  distinct rank-local gradient² (`squared_grad_norm` here; the clipping itself is the
+  trainer's, l3train.trainer.clipping);
 - checkpoints: every rank writes `l3_rows_rank{rank:05d}.pt` / `experts_rank{rank:05d}.pt`
   (tensors, AdamW and scheduler state, layout) into the checkpoint's staging directory; a
   resume verifies the layout (shard plan and TP×DP, or expert split) against this run's.
@@ -31,19 +30,15 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from l3train.config import Config
 from l3train.errors import L3TrainError
 from l3train.optim import build_scheduler
-from l3train.parallel.expert_parallel import ExpertParallelDispatch
+from l3train.parallel.expert_parallel import ExpertParallelExperts
 from l3train.parallel.shard_plan import ShardPlan
-from l3train.parallel.sharded_l3 import ShardedRowAttention
-
-# DeepSpeed clips by dividing by (norm + 1e-6) / threshold; the same epsilon keeps the
-# rank-local coefficient identical to the one DeepSpeed applies to the dense gradients.
-_CLIP_EPS = 1e-6
+from l3train.parallel.sharded_l3 import ShardedRowTable
+from l3train.parallel.state import ParallelState
 
 
 def rank_file(kind: str, rank: int) -> str:
@@ -129,9 +124,9 @@ class ShardedRows(RankLocalParameters):
 
     kind = "l3_rows"
 
-    def __init__(self, attentions: list[ShardedRowAttention], plan: ShardPlan, shard: int, cfg: Config) -> None:
-        self.plan, self.shard = plan, shard
-        super().__init__([table for attention in attentions for table in attention.tables()],
+    def __init__(self, backends: list[ShardedRowTable], plan: ShardPlan, cfg: Config) -> None:
+        self.plan, self.shard = plan, backends[0].routing.shard
+        super().__init__([table for backend in backends for table in backend.tables()],
                          cfg.l3.lr if cfg.l3.lr is not None else cfg.optimizer.lr, cfg.l3.weight_decay, cfg)
 
     def layout(self) -> dict:
@@ -150,100 +145,16 @@ class ShardedExperts(RankLocalParameters):
 
     kind = "experts"
 
-    def __init__(self, dispatches: list[ExpertParallelDispatch], ep_rank: int, expert_dp_group,
-                 expert_dp_size: int, cfg: Config) -> None:
-        self.dispatches, self.ep_rank = dispatches, ep_rank
-        self.expert_dp_group, self.expert_dp_size = expert_dp_group, expert_dp_size
-        super().__init__([weight for dispatch in dispatches for weight in dispatch.tables()], cfg.optimizer.lr,
-                         cfg.optimizer.weight_decay, cfg, copies=expert_dp_size)
+    def __init__(self, backends: list[ExpertParallelExperts], parallel: ParallelState, cfg: Config) -> None:
+        self.backends, self.parallel = backends, parallel
+        super().__init__([weight for backend in backends for weight in backend.tables()], cfg.optimizer.lr,
+                         cfg.optimizer.weight_decay, cfg, copies=parallel.dp_size // parallel.ep_size)
 
     def prepare_gradients(self) -> None:
         super().prepare_gradients()
-        for dispatch in self.dispatches:
-            dispatch.reduce_gradients(self.expert_dp_group, self.expert_dp_size)
+        for backend in self.backends:
+            backend.reduce_gradients()
 
     def layout(self) -> dict:
-        return {"num_experts": [dispatch.num_experts for dispatch in self.dispatches],
-                "expert_parallel": self.dispatches[0].ep_size, "ep_rank": self.ep_rank}
-
-
-def check_layout(checkpoint_dir: Path, num_shards: int | None, expert_files: int | None = None) -> None:
-    """Refuse, in one line, a checkpoint whose L³ rows are sharded over another number of ranks
-    (`num_shards` None: this run does not shard them), or whose experts were split into
-    another number of per-rank files (`expert_files` None: no expert parallelism)."""
-    saved = len(list(checkpoint_dir.glob("l3_rows_rank*.pt")))
-    if saved != (num_shards or 0):
-        have = f"sharded over {saved} ranks (TP×DP)" if saved else "not sharded"
-        want = f"{num_shards} (TP×DP)" if num_shards else "none (one shard)"
-        raise L3TrainError(f"cannot resume {checkpoint_dir}: its L³ rows are {have}, this run's shards are {want}; "
-                           f"resume with the same TP×DP (resharding checkpoints is not supported)")
-    saved = len(list(checkpoint_dir.glob("experts_rank*.pt")))
-    if saved != (expert_files or 0):
-        have = f"split into {saved} per-rank files" if saved else "not split (no expert parallelism)"
-        want = f"{expert_files} ranks" if expert_files else "no expert parallelism"
-        raise L3TrainError(f"cannot resume {checkpoint_dir}: its experts are {have}, this run has {want}; "
-                           f"resume with the same ranks and moe.expert_parallel (resharding checkpoints is "
-                           f"not supported)")
-
-
-def module_grad_norm(model: nn.Module, parallel) -> float:
-    """Global norm of `model`'s gradients at ZeRO-0, where DeepSpeed does not report it before
-    its step (gradients are whole and already averaged over DP after the boundary backward)."""
-    if parallel.tp_size > 1:
-        from l3train.parallel.tensor_parallel import tensor_parallel_grad_norm
-
-        return tensor_parallel_grad_norm(model, parallel)
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
-def dense_grad_norm(engine, model: nn.Module, parallel) -> float:
-    """Global norm of the dense (DeepSpeed-managed) gradients after the boundary backward,
-    before `engine.step()`: from the whole, already averaged `p.grad` at ZeRO-0, from the
-    ZeRO optimizer's reduced partitions at stages 1-3."""
-    from deepspeed.runtime.utils import combine_grad_norm_groups
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    optimizer = engine.optimizer
-    if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        return float(optimizer.scaled_global_norm()) / optimizer.loss_scale
-    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
-        return float(combine_grad_norm_groups(optimizer._get_norm_groups())) / optimizer.loss_scale
-    if isinstance(optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0:
-        return module_grad_norm(model, parallel)
-    raise L3TrainError(f"sharded L³ rows cannot clip jointly with DeepSpeed's {type(optimizer).__name__}; "
-                       f"use parallel.zero_stage=2 or 3, or parallel.shard_l3_rows=false")
-
-
-def clip_global_norm(engine, model: nn.Module, parallel, rank_local: list[RankLocalParameters],
-                     max_norm: float) -> float:
-    """Make this step's clipping that of one process; returns the global norm before clipping.
-
-    Call at the accumulation boundary between the last `engine.backward` and `engine.step()`.
-    total = sqrt(dense² + Σ rank-local²) (the rank-local shares are summed over the world,
-    each distinct gradient once). DeepSpeed multiplies the dense gradients by
-    threshold / (dense + 1e-6) when that is < 1; with threshold = max_norm·(dense + 1e-6)/(total + 1e-6)
-    this is the single-process coefficient max_norm / (total + 1e-6), which the rank-local
-    tensors get too. The threshold lives in the ZeRO optimizers' `clip_grad` and, at ZeRO-0,
-    in the engine config's `gradient_clipping`.
-    """
-    for part in rank_local:
-        part.prepare_gradients()
-    dense = dense_grad_norm(engine, model, parallel)
-    local_squared = torch.zeros((), dtype=torch.float32, device=rank_local[0].params[0].device)
-    for part in rank_local:
-        local_squared += part.squared_grad_norm()
-    dist.all_reduce(local_squared)
-    total = (dense ** 2 + local_squared.item()) ** 0.5
-    if max_norm > 0:
-        threshold = max_norm * (dense + _CLIP_EPS) / (total + _CLIP_EPS)
-        if hasattr(engine.optimizer, "clip_grad"):
-            engine.optimizer.clip_grad = threshold
-        else:
-            engine._config.gradient_clipping = threshold
-        coefficient = max_norm / (total + _CLIP_EPS)
-        if coefficient < 1.0:
-            for part in rank_local:
-                part.scale_gradients(coefficient)
-    return total
+        return {"num_experts": [backend.num_experts for backend in self.backends],
+                "expert_parallel": self.parallel.ep_size, "ep_rank": self.parallel.ep_rank}

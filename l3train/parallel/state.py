@@ -28,7 +28,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from l3train.errors import L3TrainError
 from l3train.parallel.cpu_shims import apply_cpu_shims
 
 
@@ -51,18 +50,16 @@ class ParallelState:
 
 
 def initialize_parallel(tensor_parallel: int, expert_parallel: int = 1) -> ParallelState:
-    """Create the TP, DP and expert groups over the already initialised default process group.
+    """Create the TP, DP and expert groups over the already initialised default process group
+    (`validate_for_world` has checked that they fit).
 
     Applies the CPU shims first when there is no CUDA device (megatron's layers need them)."""
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first")
     world = dist.get_world_size()
-    if tensor_parallel < 1 or world % tensor_parallel:
-        raise L3TrainError(f"parallel.tensor_parallel={tensor_parallel} must divide the number of ranks "
-                           f"({world}); launch a multiple of {tensor_parallel} ranks or change it")
-    if (world // tensor_parallel) % expert_parallel:
-        raise L3TrainError(f"moe.expert_parallel={expert_parallel} must divide the number of data-parallel ranks "
-                           f"({world // tensor_parallel}); launch a multiple of {expert_parallel} ranks or change it")
+    if tensor_parallel < 1 or world % tensor_parallel or (world // tensor_parallel) % expert_parallel:
+        # Users get these as config errors from l3train.config.validate_for_world first.
+        raise ValueError(f"TP={tensor_parallel} and EP={expert_parallel} do not fit {world} ranks")
     apply_cpu_shims()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -76,8 +76,6 @@ from megatron.core.tensor_parallel.layers import (param_is_not_tensor_parallel_d
                                                   set_tensor_model_parallel_attributes)
 from torch import Tensor, nn
 
-from l3train.config import ModelConfig
-from l3train.errors import L3TrainError
 from l3train.model.llama import DecoderLM, SwiGLU
 from l3train.parallel.state import ParallelState
 
@@ -106,18 +104,6 @@ class _SequenceParallelEmbedding(VocabParallelEmbedding):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return super().forward(tokens).transpose(0, 1)
-
-
-def check_tensor_parallel(cfg: ModelConfig, tensor_parallel: int) -> None:
-    """Refuse, naming the config key, a model whose sharded dimensions TP does not divide."""
-    if tensor_parallel == 1:
-        return
-    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.n_kv_heads,
-             "model.ffn_hidden_size": cfg.ffn_hidden_size, "model.vocab_size": cfg.vocab_size}
-    for key, size in sizes.items():
-        if size % tensor_parallel:
-            raise L3TrainError(f"{key}={size} is not divisible by parallel.tensor_parallel={tensor_parallel}: "
-                               f"tensor parallelism splits it over the ranks")
 
 
 def _shard(full: Tensor, dim: int, state: ParallelState) -> Tensor:
@@ -180,9 +166,8 @@ def parallelize_tensor(model: DecoderLM, state: ParallelState, sequence_parallel
     with the residual stream split along the sequence if `sequence_parallel`.
 
     Call on every rank with identically initialised plain models, before DeepSpeed wraps it."""
-    check_tensor_parallel(model.cfg, state.tp_size)
     if sequence_parallel and model.moe_layers():
-        raise L3TrainError("parallel.sequence_parallel does not support MoE blocks (moe.blocks); turn one of them off")
+        raise ValueError("sequence parallelism does not support MoE blocks (the config check refuses it)")
     dtype = model.output.weight.dtype
     # CPU initialisation keeps megatron from allocating on a CUDA device here: like the plain
     # model, the sharded one is built on the host and moved to the device by DeepSpeed.

@@ -158,3 +158,35 @@ def test_training_without_a_validation_split(reference_run, tmp_path):
     result = run_trainer(config, f"run_dir={run_dir}", "data.split=100,0,0", "training.steps=2")
     assert "validation is skipped" in result.stdout
     assert sorted(metrics(run_dir, "train/loss")) == [1, 2] and metrics(run_dir, "val/loss") == {}
+
+
+def test_overrides_and_flags_come_in_any_order():
+    from l3train.train import parse_args
+
+    args = parse_args(["--config", "c.yaml", "run_dir=x", "--resume", "training.steps=600",
+                       "--exit-after-steps", "3", "l3.after_blocks=[1]"])
+    assert args.config == "c.yaml" and args.resume and args.exit_after_steps == 3
+    assert args.overrides == ["run_dir=x", "training.steps=600", "l3.after_blocks=[1]"]
+
+
+def test_the_readme_library_example_runs(reference_run, tmp_path):
+    """README's ```python block, run as written except for its config and overrides (the test's
+    tiny config, 2 steps), then one more step through `train_step` as its comment suggests."""
+    import re
+
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    _, _, config = reference_run
+    run_dir = tmp_path / "run"
+    script = block.replace('"configs/tiny_l3.yaml"', repr(str(config))).replace(
+        '["training.steps=100"]', repr([f"run_dir={run_dir}", "training.steps=2", "training.log_interval=1"]))
+    assert script != block and "Trainer(" in script
+    script += ("\nassert status == 0 and trainer.step == 2\n"
+               "trainer.cfg.training.steps = 3\n"
+               "stats = trainer.train_step(trainer.batch(trainer.step))\n"
+               "print('EXTRA_STEP', stats.step, float(stats.loss), stats.micro_batches)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=trainer_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(metrics(run_dir, "train/loss")) == [1, 2]
+    step, loss, micro = result.stdout.split("EXTRA_STEP ")[1].split()
+    assert step == "3" and 0 < float(loss) < 20 and micro == "2"  # 8 sequences in micro-batches of 4

@@ -8,7 +8,6 @@ stated v; their sizes rest on the assumed corpus mean d_t written in the `# size
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -22,16 +21,14 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from l3train.config import Config, L3Config, ModelConfig, MoEConfig, config_from_dict, load_config
-from l3train.model.accounting import ModelStats, model_stats
 from l3train.model.llama import DecoderLM
+from l3train.sizing import search
+from l3train.sizing.accounting import ModelStats, model_stats
+from l3train.sizing.baseline_configs import COMMAND_LINE, SIZES_LINE
+from training_harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 TOOL = REPO / "tools" / "size_configs.py"
-_SPEC = importlib.util.spec_from_file_location("size_configs", TOOL)
-size_configs = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(size_configs)
-SIZES_LINE = size_configs.SIZES_LINE
 
 # tiny_l3.yaml states its sizes in prose (measured on the quickstart allocation); all others carry a `# sizes:` line.
 PROSE_SIZED = {"tiny_l3.yaml"}
@@ -46,7 +43,7 @@ ISO_SPARSE_PAIRS = {"tiny_moe.yaml": "tiny_l3.yaml", "paper_800m_moe.yaml": "pap
 # their `# command:` line), so moe.expert_parallel can split them over a node of 8 GPUs.
 EXPERTS_MULTIPLE = {"tiny_moe.yaml": 1, "paper_800m_moe.yaml": 8, "paper_1p5b_moe.yaml": 8,
                     "paper_2p6b_moe.yaml": 8}
-# The tool aims at both within size_configs.MOE_GOAL (1%) and reaches it for every shipped
+# The tool aims at both within search.MOE_GOAL (1%) and reaches it for every shipped
 # config, the paper ones with E a multiple of 8 included (worst: FLOPs 0.65% for tiny, 0.36%
 # for 2p6b; sparsity 0.69% for 2p6b), so the tests hold it to the same 1%: FLOPs must be
 # within 1%, sparsity within 1%.
@@ -188,7 +185,7 @@ def test_size_configs_writes_a_loadable_iso_flop_dense_config(tmp_path):
 
 def shipped_command(moe_name: str) -> list[str]:
     """The size_configs.py arguments recorded in a shipped MoE config's `# command:` line."""
-    match = size_configs.COMMAND_LINE.search((REPO / "configs" / moe_name).read_text())
+    match = COMMAND_LINE.search((REPO / "configs" / moe_name).read_text())
     assert match, f"{moe_name} has no '# command:' line"
     return shlex.split(match.group(1))
 
@@ -240,8 +237,8 @@ def test_iso_sparse_moe_honours_the_experts_multiple(multiple):
     cfg = load_config(REPO / "configs" / "tiny_l3.yaml")
     seq = cfg.data.seq_length
     l3 = model_stats(cfg.model, cfg.l3, seq, TINY_L3_ROWS, tiny_l3_mean_rows())
-    dense = size_configs.iso_flop_dense(cfg.model, seq, l3.flops_per_token)
-    _, moe = size_configs.iso_sparse_moe(dense, seq, l3.flops_per_token, l3.sparsity, 2, multiple)
+    dense = search.iso_flop_dense(cfg.model, seq, l3.flops_per_token)
+    _, moe = search.iso_sparse_moe(dense, seq, l3.flops_per_token, l3.sparsity, 2, multiple)
     assert moe.num_experts % multiple == 0 and moe.num_experts >= 2
 
 
@@ -255,11 +252,11 @@ def test_size_configs_honours_the_experts_multiple(tmp_path):
     moe_cfg = load_config(output)
     assert int(printed.group(1)) == moe_cfg.moe.num_experts and moe_cfg.moe.num_experts % 8 == 0
     text = output.read_text()
-    assert "--moe-experts-multiple 8" in size_configs.COMMAND_LINE.search(text).group(1)
+    assert "--moe-experts-multiple 8" in COMMAND_LINE.search(text).group(1)
     _, l3 = stats_of(REPO / "configs" / "tiny_l3.yaml")
     moe = model_stats(moe_cfg.model, moe_cfg.l3, moe_cfg.data.seq_length, moe=moe_cfg.moe)
     sparsity_miss = abs(moe.sparsity / l3.sparsity - 1)
-    assert sparsity_miss > size_configs.MOE_GOAL  # so the header must own up to it
+    assert sparsity_miss > search.MOE_GOAL  # so the header must own up to it
     assert "MISSES the 1% goal: " in text and f"sparsity by {sparsity_miss:.2%}" in text
 
 
@@ -337,6 +334,10 @@ def test_size_configs_bad_input_is_one_line_exit_2(args, message):
 def test_paper_configs_can_shard_rows_and_experts_on_many_ranks(path):
     """Paper runs are multi-GPU: the trainer's precondition for sharded L³ rows and
     expert-parallel experts (bf16 needs ZeRO-2/3) must hold for the shipped files."""
-    from l3train.train import check_rank_local_precision
+    from l3train.config import validate_for_world
 
-    check_rank_local_precision(load_config(path))
+    cfg = load_config(path)
+    ranks = 8 * cfg.parallel.tensor_parallel * cfg.moe.expert_parallel
+    layout = validate_for_world(cfg, ranks)
+    assert layout.rows_sharded == bool(cfg.l3.after_blocks)
+    assert layout.experts_split == (bool(cfg.moe.blocks) and cfg.moe.expert_parallel > 1)

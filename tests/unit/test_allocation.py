@@ -1,8 +1,8 @@
-"""Row allocations (LZW, uniform, frequency), the allocation file, and tools/lzw_allocate.py."""
+"""Row allocations (LZW, uniform, frequency), the allocation file, building one from a corpus
+(l3train/allocation/build.py) and its CLI tools/lzw_allocate.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +13,9 @@ import pytest
 
 from l3train.allocation import (
     Allocation,
+    CorpusOptions,
+    TextFile,
+    build_allocation,
     fast_lzw_counts,
     frequency_allocation,
     lzw_allocation,
@@ -20,9 +23,10 @@ from l3train.allocation import (
     reference_lzw_counts,
     uniform_allocation,
 )
+from l3train.allocation.build import dataset_batches, limit_tokens
 from l3train.errors import L3TrainError
+from training_harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "lzw_allocate.py"
 
 # Worked example 1 of the spec, sorted by count (ties in insertion order):
@@ -258,14 +262,6 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def load_tool_module():
-    spec = importlib.util.spec_from_file_location("lzw_allocate", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_text_lzw_equals_reference_mode_and_in_process(tiny_corpus, tmp_path):
     from l3train.data.tokenizer import Tokenizer
 
@@ -307,11 +303,35 @@ def test_cli_data_prefix_strips_eod_and_matches_the_documents(tiny_corpus, tmp_p
     assert allocation.token_frequencies[tokenizer.eod_id] == 0
 
 
-def test_dataset_batches_stream_in_pieces(tiny_corpus, monkeypatch):
-    tool = load_tool_module()
-    whole_tokens, whole_offsets = next(tool.dataset_batches(tiny_corpus.data_prefix, eod_id=2)[0])
-    monkeypatch.setattr(tool, "BATCH_TOKENS", 1000)
-    batches, total = tool.dataset_batches(tiny_corpus.data_prefix, eod_id=2)
+def test_build_allocation_in_process_equals_the_cli(tiny_corpus, tmp_path):
+    from l3train.data.tokenizer import Tokenizer
+
+    output = tmp_path / "allocation.npz"
+    result = run_tool("--data-prefix", tiny_corpus.data_prefix, "-v", "6000", "-k", "64", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    from_cli = Allocation.load(output)
+    from_prefix = build_allocation(tiny_corpus.data_prefix, "lzw", 6000, 64)
+    assert from_prefix.metadata() == from_cli.metadata()
+    np.testing.assert_array_equal(from_prefix.rows_per_token, from_cli.rows_per_token)
+
+    # The same documents as text lines (the paper's loop) and as token sequences (the C trie).
+    tokenizer = Tokenizer.load(tiny_corpus.tokenizer_path)
+    lines = tiny_corpus.text_path.read_text().splitlines()
+    from_text = build_allocation(TextFile(tiny_corpus.text_path), "lzw-reference", 6000, 64,
+                                 CorpusOptions(tokenizer=tiny_corpus.tokenizer_path, max_tokens=20000))
+    from_sequences = build_allocation([tokenizer.encode(line) for line in lines], "lzw", 6000, 64,
+                                      CorpusOptions(tokenizer_id=tokenizer.tokenizer_id,
+                                                    vocab_size=tokenizer.vocab_size, max_tokens=20000))
+    np.testing.assert_array_equal(from_sequences.rows_per_token, from_text.rows_per_token)
+    np.testing.assert_array_equal(from_sequences.token_frequencies, from_text.token_frequencies)
+    assert from_sequences.tokens_scanned == 20000
+    with pytest.raises(L3TrainError, match="needs a corpus"):
+        build_allocation(None, "lzw", 6000, 64, CorpusOptions(tokenizer_id="abc", vocab_size=600))
+
+
+def test_dataset_batches_stream_in_pieces(tiny_corpus):
+    whole_tokens, whole_offsets = next(dataset_batches(tiny_corpus.data_prefix, eod_id=2)[0])
+    batches, total = dataset_batches(tiny_corpus.data_prefix, eod_id=2, batch_tokens=1000)
     pieces = list(batches)
     assert len(pieces) > 10 and total == len(whole_tokens) + len(whole_offsets) - 1
     assert np.array_equal(np.concatenate([tokens for tokens, _ in pieces]), whole_tokens)
@@ -320,9 +340,8 @@ def test_dataset_batches_stream_in_pieces(tiny_corpus, monkeypatch):
 
 
 def test_limit_tokens_cuts_the_crossing_document():
-    tool = load_tool_module()
     batches = iter([(np.arange(10), np.array([0, 4, 4, 10])), (np.arange(5), np.array([0, 5]))])
-    limited = list(tool.limit_tokens(batches, 6))
+    limited = list(limit_tokens(batches, 6))
     assert len(limited) == 1
     tokens, offsets = limited[0]
     assert tokens.tolist() == [0, 1, 2, 3, 4, 5] and offsets.tolist() == [0, 4, 4, 6]

@@ -24,7 +24,7 @@ def test_l3_rows_have_their_own_group():
     model = DecoderLM(cfg.model, cfg.l3, np.full(32, 3))
     groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
     assert set(groups) == {"dense", "no_decay", "l3_rows"}
-    table_ids = {id(model.l3_layers()[0].key_table), id(model.l3_layers()[0].value_table)}
+    table_ids = {id(model.l3_layers()[0].rows.key_table), id(model.l3_layers()[0].rows.value_table)}
     assert {id(p) for p in groups["l3_rows"]["params"]} == table_ids
     assert groups["l3_rows"]["lr"] == 5e-2 and groups["l3_rows"]["weight_decay"] == 0.01
     assert groups["dense"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0

@@ -56,10 +56,10 @@ def _module_worker(output: Path) -> None:
         tokens = torch.randint(0, cfg.vocab_size, (3, 16), generator=generator)
         labels = torch.randint(0, cfg.vocab_size, (3, 16), generator=generator)
 
-        logits = plain(tokens)
+        logits = plain(tokens).logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()
-        shard_logits = parallel(tokens)
+        shard_logits = parallel(tokens).logits
         gathered = gather_from_tensor_model_parallel_region(shard_logits.detach())
         tp_loss = vocab_parallel_token_losses(shard_logits, labels).mean()
         tp_loss.backward()
@@ -109,7 +109,7 @@ def test_tp2_forward_and_gradients_equal_the_plain_model(tmp_path):
         assert worst[1] <= 1e-5, (name, worst)
     assert sorted(results) == ["gqa_l3", "gqa_l3_sp", "tied", "tied_sp"]
     assert "grad output.weight" not in results["tied"]["diffs"]  # one shared parameter, compared once
-    assert "grad lookups.0.lookup.key_table" in results["gqa_l3_sp"]["diffs"]
+    assert "grad lookups.0.lookup.rows.key_table" in results["gqa_l3_sp"]["diffs"]
 
 
 @pytest.fixture(scope="module")
@@ -191,16 +191,16 @@ def test_tensor_parallel_config_errors_are_one_line(config, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_check_tensor_parallel_names_the_key():
-    from l3train.config import ModelConfig
+def test_tensor_parallel_sizes_are_checked_at_load_naming_the_key():
+    from l3train.config import config_from_dict
     from l3train.errors import L3TrainError
-    from l3train.parallel.tensor_parallel import check_tensor_parallel
 
-    check_tensor_parallel(ModelConfig(n_heads=4, n_kv_heads=2, ffn_hidden_size=128, vocab_size=512), 2)
+    sizes = ["model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128", "model.vocab_size=512"]
+    config_from_dict({}, [*sizes, "parallel.tensor_parallel=2"])
     with pytest.raises(L3TrainError, match=r"model.n_kv_heads=2 is not divisible by parallel.tensor_parallel=4"):
-        check_tensor_parallel(ModelConfig(n_heads=4, n_kv_heads=2, ffn_hidden_size=128, vocab_size=512), 4)
+        config_from_dict({}, [*sizes, "parallel.tensor_parallel=4"])
     with pytest.raises(L3TrainError, match=r"model.vocab_size=511"):
-        check_tensor_parallel(ModelConfig(n_heads=4, n_kv_heads=4, ffn_hidden_size=128, vocab_size=511), 2)
+        config_from_dict({}, ["model.n_kv_heads=4", "model.vocab_size=511", "parallel.tensor_parallel=2"])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from l3train.model.l3_layer import LargeLookupLayer
 from l3train.parallel.shard_plan import plan_shards
 from l3train.parallel.sharded_l3 import shard_lookup_layer
+from l3train.parallel.state import ParallelState
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
     sharded = LargeLookupLayer(rows, d_in=d_model, d_emb=d_model if tied else 8, d_up=24, tied_kv=tied).double()
     sharded.load_state_dict(full.state_dict())
     plan = plan_shards(rows, frequencies, tp_size * dp_size)
-    shard_lookup_layer(sharded, plan, tp_rank, tp_size, tp_groups[dp_rank], dp_rank, dp_size, dp_groups[tp_rank])
+    state = ParallelState(tp_rank, tp_size, tp_groups[dp_rank], dp_rank, dp_size, dp_groups[tp_rank])
+    backend = shard_lookup_layer(sharded, plan, state)
 
     ids = torch.randint(0, vocab, (dp_size * per_replica,), generator=gen)
     ids[:20] = 5
@@ -52,7 +54,7 @@ def main() -> None:
 
     def replica_loss(layer, r, x_r):
         span = slice(r * per_replica, (r + 1) * per_replica)
-        return (layer(x_r, ids[span]) * weights[span]).sum() / per_replica
+        return (layer(x_r, ids[span])[0] * weights[span]).sum() / per_replica
 
     x_full = x.clone().requires_grad_()
     total = sum(replica_loss(full, r, x_full[r * per_replica:(r + 1) * per_replica]) for r in range(dp_size))
@@ -68,20 +70,20 @@ def main() -> None:
             failures.append(f"{name}: relative error {error:.3g}")
 
     span = slice(dp_rank * per_replica, (dp_rank + 1) * per_replica)
-    check("output", sharded(x_local.detach(), ids[span]), full(x[span], ids[span]))
+    check("output", sharded(x_local.detach(), ids[span])[0], full(x[span], ids[span])[0])
     check("grad x", x_local.grad, x_full.grad[span] * dp_size)
     shard = dp_rank * tp_size + tp_rank
     own_rows = torch.as_tensor(plan.global_row_indices(shard))
-    check("grad key rows", sharded.row_attention.keys.grad, full.key_table.grad[own_rows])
+    check("grad key rows", backend.local.keys.grad, full.rows.key_table.grad[own_rows])
     if not tied:
-        check("grad value rows", sharded.row_attention.values.grad, full.value_table.grad[own_rows])
+        check("grad value rows", backend.local.values.grad, full.rows.value_table.grad[own_rows])
     if any(name.endswith("_table") for name, _ in sharded.named_parameters()):
         failures.append("the sharded tables are still parameters of the layer")
     for name, param in sharded.named_parameters():
         grad = param.grad.clone()
         dist.all_reduce(grad, group=dp_groups[tp_rank])  # what DDP/ZeRO does for replicated parameters
         check(f"grad {name}", grad / dp_size, dict(full.named_parameters())[name].grad)
-    stored = sharded.row_attention.keys.shape[0]
+    stored = backend.local.keys.shape[0]
     expected = int(plan.rows_per_shard()[shard])
     if stored != expected:
         failures.append(f"stores {stored} rows, plan says {expected}")

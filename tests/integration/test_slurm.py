@@ -1,7 +1,7 @@
 """SLURM acceptance: launch/slurm/pretrain.sbatch and launch/sweep.py on a real two-node cluster.
 
 launch/slurm/cluster.sh starts munged, slurmctld and slurmd for nodes n1 and n2 on this
-machine (CPU_RECIPES.md, SLURM section); jobs are submitted with the real sbatch and
+machine (docs/cpu.md, SLURM section); jobs are submitted with the real sbatch and
 run torchrun over gloo on both nodes. Checked: a 2-node run finishes with a checkpoint
 in its per-job run directory; a 3-point sweep finishes with its manifest; a job stopped
 with SIGUSR1 saves, requeues itself and resumes from its checkpoint under the same job id;
@@ -139,6 +139,24 @@ def test_sweep_of_three_learning_rates(cluster, tiny_config, tmp_path):
             run["name"].removeprefix("tiny-lr"))
         final_losses.append(metrics(run_dir, "train/loss")[12])
     assert len(set(final_losses)) == 3, final_losses  # three different trainings
+
+
+def test_trainer_error_is_the_logs_last_line(cluster, tiny_config, tmp_path):
+    """A user error that only the trainers find (the job's up-front check parses the config but
+    loads no tokenizer): each rank prints it and torchrun's failure report follows; the job
+    repeats the error as the log's last line and exits 2."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config)
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config),
+                            "model.vocab_size=256")
+    record = cluster.wait(job_id, log)
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0", tail(log)
+    assert "trainer exit statuses: 2 x2" in text and "ChildFailedError" in text, tail(log)
+    assert lines[-1].startswith("error: model.vocab_size=256 is smaller than the tokenizer's vocabulary"), tail(log)
+    assert lines[-2].endswith("training failed; see the errors above"), tail(log)
+    assert lines.count(lines[-1]) == 3  # once per rank, and again last
 
 
 def submit_long_run(cluster, tiny_config: dict, tmp_path: Path, steps: int,

@@ -136,7 +136,7 @@ def test_plan_padding_is_bounded():
 
 
 def naive_layer_forward(layer, x, ids):
-    keys, values = layer.tables()
+    keys, values = layer.rows.tables()
     looked_up = row_attention_loop(x, ids, layer.bounds, keys, values)
     return layer.mix(torch.cat([layer.norm(layer.up(looked_up)), x], -1))
 
@@ -149,13 +149,13 @@ def test_layer_matches_formula_with_all_gradients(tied, norm):
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 6, (50,))
     results = []
-    for forward in (lambda: layer(x, ids), lambda: naive_layer_forward(layer, x, ids)):
+    for forward in (lambda: layer(x, ids)[0], lambda: naive_layer_forward(layer, x, ids)):
         layer.zero_grad()
         x.grad = None
         forward().pow(2).sum().backward()
         results.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
     names = ["x"] + [n for n, _ in layer.named_parameters()]
-    assert {"key_table", "up.weight", "mix.weight"} <= set(names)
+    assert {"rows.key_table", "up.weight", "mix.weight"} <= set(names)
     for name, got, want in zip(names, *results):
         assert got.abs().max() > 0, name
         assert_close_relative(got, want, 1e-10)
@@ -168,7 +168,7 @@ def test_allocation_is_saved_and_loaded_with_weights():
     assert torch.equal(state["bounds"], torch.tensor([0, 3, 4, 6]))
     other.load_state_dict(state)
     assert torch.equal(other.bounds, trained.bounds)
-    assert torch.equal(other.key_table, trained.key_table)
+    assert torch.equal(other.rows.key_table, trained.rows.key_table)
 
 
 def test_tied_layer_rejects_mismatched_widths():

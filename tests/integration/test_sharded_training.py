@@ -24,7 +24,7 @@ from training_harness import (REPO, assert_losses_close, free_port, metrics, run
                               stop_and_resume, tiny_l3_config, trainer_env, write_config)
 
 GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
-TABLE = "lookups.0.lookup.key_table"
+TABLE = "lookups.0.lookup.rows.key_table"
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,11 @@ def test_sharded_training_equals_one_process(nproc, tp, stage, sp, reference_run
     gathered = _gathered_table(states)
     assert not gathered.isnan().any()  # every row is stored by some rank
     # Frobenius, not element-wise: Adam's update g/(√v + eps) amplifies fp32 rounding in
-    # elements whose gradient is ~0 (dense weights show the same max-element spread).
-    assert float((gathered - reference).norm() / reference.norm()) <= 1e-5
+    # elements whose gradient is ~0 (dense weights show the same max-element spread). At
+    # TP=2 (with and without SP) the rows' gradients sum over other position subsets than in
+    # one process: 1.02e-5 measured after 20 steps (numpy 2.4, sentencepiece 0.2.3), the
+    # same before and after the trainer refactor; the DP runs stay below 1e-5.
+    assert float((gathered - reference).norm() / reference.norm()) <= (2e-5 if tp > 1 else 1e-5)
 
 
 @pytest.mark.slow
@@ -198,12 +201,10 @@ def _zero_isolation_worker(output: Path) -> None:
         torch.manual_seed(0)
         model = DecoderLM(cfg, L3Config(after_blocks=[0], d_emb=32, d_up=48), rows)
         plan = plan_shards(rows, None, 2)
-        attention = shard_lookup_layer(model.l3_layers()[0], plan, 0, 1, state.tp_group, state.dp_rank,
-                                       state.dp_size, state.dp_group)
-        table = attention.keys
+        table = shard_lookup_layer(model.l3_layers()[0], plan, state).local.keys
         tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
 
-        model(tokens).float().square().mean().backward()  # plain autograd: this rank's row gradient
+        model(tokens).logits.float().square().mean().backward()  # plain autograd: this rank's row gradient
         expected = table.grad.clone()
         table.grad = None
         model.zero_grad(set_to_none=True)
@@ -225,7 +226,7 @@ def _zero_isolation_worker(output: Path) -> None:
                    if hasattr(table, name)]
         if touched:
             failures.append(f"the row table carries DeepSpeed attributes {touched}")
-        engine.backward(engine(tokens).float().square().mean())
+        engine.backward(engine(tokens).logits.float().square().mean())
         error = float((table.grad - expected).abs().max() / expected.abs().max())
         if error > 1e-6:  # ZeRO-3's gathered forward may round differently, not more
             failures.append(f"engine.backward changed the row gradient (relative {error:.2g}): reduced or scaled")

@@ -22,11 +22,11 @@ import torch
 from l3train.data import indexed
 from l3train.data.corpus import build_corpus, iter_documents, meta_path
 from l3train.data.dataset import batch_for_step, build_datasets, dataset_cache_root
-from l3train.data.indexed import preprocess
+from l3train.data.indexed import IndexedDocuments, preprocess, read_meta
 from l3train.data.tokenizer import Tokenizer, iter_training_sentences, train_tokenizer
 from l3train.errors import L3TrainError
+from training_harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet(_: str) -> None:
@@ -38,11 +38,8 @@ def interrupt(*_args, **_kwargs):
 
 
 def read_indexed(prefix: str) -> list[list[int]]:
-    """Every document of a .bin/.idx pair, read with megatron-core's own reader."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    return [dataset[i].tolist() for i in range(len(dataset))]
+    """Every document of a .bin/.idx pair."""
+    return [document.tolist() for document in IndexedDocuments(prefix)]
 
 
 def same_files(prefix_a: str, prefix_b: str) -> bool:
@@ -161,9 +158,32 @@ def test_preprocess_round_trips_documents_exactly(tiny_corpus):
     # uint16 tokens for a 512 vocabulary: 2 bytes each.
     tokens = sum(map(len, stored))
     assert Path(f"{tiny_corpus.data_prefix}.bin").stat().st_size == 2 * tokens
-    meta = json.loads(Path(f"{tiny_corpus.data_prefix}.meta.json").read_text())
+    meta = read_meta(tiny_corpus.data_prefix)
     assert meta["tokenizer_id"] == tiny_corpus.tokenizer_id and meta["tokens"] == tokens
     assert not Path(f"{tiny_corpus.data_prefix}.parts").exists()
+
+
+def test_indexed_documents_read_what_megatron_reads(tiny_corpus):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    megatron = IndexedDataset(tiny_corpus.data_prefix)  # preprocessing writes one sequence per document
+    expected = [megatron[i].tolist() for i in range(len(megatron))]
+    documents = IndexedDocuments(tiny_corpus.data_prefix)
+    assert read_indexed(tiny_corpus.data_prefix) == expected
+    assert (documents.num_documents, documents.num_tokens) == (len(expected), sum(map(len, expected)))
+    batches = list(documents.batches(batch_tokens=1000))
+    assert len(batches) > 10
+    assert [doc.tolist() for tokens, offsets in batches for doc in np.split(tokens, offsets[1:-1])] == expected
+    stream = [token for doc in expected for token in doc]
+    assert documents.read(10, 500).tolist() == stream[10:510]  # a window across document ends
+
+
+def test_read_meta(tiny_corpus, tmp_path):
+    assert read_meta(tiny_corpus.data_prefix)["tokenizer_id"] == tiny_corpus.tokenizer_id
+    assert read_meta(tmp_path / "none") == {}  # data from other tools carries no meta
+    (tmp_path / "broken.meta.json").write_text("{")
+    with pytest.raises(L3TrainError, match=r"broken\.meta\.json is unreadable .*tools/preprocess_data\.py"):
+        read_meta(tmp_path / "broken")
 
 
 def test_preprocess_text_format(tiny_corpus, tmp_path):

@@ -17,7 +17,7 @@ from training_harness import REPO, metrics, run_trainer, tiny_l3_config, trainer
 
 from l3train.allocation.allocation import Allocation
 from l3train.config import load_config
-from l3train.model.accounting import model_stats
+from l3train.sizing.accounting import model_stats
 
 SUFFIXES = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from l3train.config import L3Config, ModelConfig
-from l3train.model.accounting import model_stats
 from l3train.model.llama import DecoderLM
+from l3train.sizing.accounting import model_stats
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, max_seq_len=16)
 
@@ -19,15 +19,16 @@ def test_causal_and_l3_sensitive():
     torch.manual_seed(0)
     model = DecoderLM(SMALL, L3Config(after_blocks=[0, 2], d_emb=32, d_up=40, allocation="a"), allocation(64))
     tokens = torch.randint(0, 64, (2, 16))
-    logits = model(tokens)
+    output = model(tokens)
+    logits = output.logits
     assert logits.shape == (2, 16, 64)
     changed = tokens.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 64
-    new_logits = model(changed)
+    new_logits = model(changed).logits
     assert torch.allclose(logits[:, :10], new_logits[:, :10], atol=1e-6)  # no look-ahead
     assert not torch.allclose(logits[:, 10], new_logits[:, 10])
     assert [name for name, _ in model.lookups.named_children()] == ["0", "2"]
-    assert all(layer.last_entropy is not None for layer in model.l3_layers())
+    assert sorted(output.l3_entropy) == [0, 2] and all(e.isfinite() for e in output.l3_entropy.values())
 
 
 def test_l3_rows_receive_gradients_only_for_seen_tokens():
@@ -35,11 +36,11 @@ def test_l3_rows_receive_gradients_only_for_seen_tokens():
     rows = allocation(64)
     model = DecoderLM(SMALL, L3Config(after_blocks=[1], d_emb=16, d_up=24, tied_kv=False, allocation="a"), rows)
     tokens = torch.randint(0, 32, (2, 16))  # tokens 32..63 never appear
-    model(tokens).sum().backward()
+    model(tokens).logits.sum().backward()
     layer = model.l3_layers()[0]
     seen_rows = int(layer.bounds[32])
-    assert layer.key_table.grad[:seen_rows].abs().sum() > 0
-    assert layer.value_table.grad[seen_rows:].abs().sum() == 0
+    assert layer.rows.key_table.grad[:seen_rows].abs().sum() > 0
+    assert layer.rows.value_table.grad[seen_rows:].abs().sum() == 0
 
 
 def test_tied_embeddings_share_one_tensor():

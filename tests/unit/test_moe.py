@@ -33,7 +33,7 @@ def _fixed_routing_layer() -> tuple[MoEFeedForward, torch.Tensor]:
 
 def test_router_losses_match_hand_computed_values_on_fixed_routing():
     layer, x = _fixed_routing_layer()
-    layer(x)
+    _, stats = layer(x)
     # Logits per position: [2,0,0], [2,0,0], [0,2,0], [0,0,0]; top-1 experts 0, 0, 1, 0.
     e2 = math.exp(2)
     peaked, flat = e2 / (e2 + 2), 1 / (e2 + 2)  # softmax of a one-hot logit row of 2
@@ -41,10 +41,10 @@ def test_router_losses_match_hand_computed_values_on_fixed_routing():
     assigned = [3 / 4, 1 / 4, 0]
     aux = 3 * sum(f * p for f, p in zip(assigned, mean_probability))
     z = (3 * math.log(e2 + 2) ** 2 + math.log(3) ** 2) / 4
-    assert layer.aux_loss.item() == pytest.approx(aux, rel=1e-6)
-    assert layer.z_loss.item() == pytest.approx(z, rel=1e-6)
-    assert layer.last_load.tolist() == assigned
-    weighted = router_loss([layer, layer], MoEConfig(aux_loss_weight=0.01, z_loss_weight=0.001))
+    assert stats.aux_loss.item() == pytest.approx(aux, rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(z, rel=1e-6)
+    assert stats.load.tolist() == assigned
+    weighted = router_loss([stats, stats], MoEConfig(aux_loss_weight=0.01, z_loss_weight=0.001))
     assert weighted.item() == pytest.approx(2 * (0.01 * aux + 0.001 * z), rel=1e-6)
 
 
@@ -84,10 +84,10 @@ def _per_position_reference(layer: MoEFeedForward, x: torch.Tensor, keep: torch.
 def test_dropless_dispatch_equals_per_position_loop_with_gradients():
     layer = _layer()
     x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
+    out, stats = layer(x)
     reference = _per_position_reference(layer, x.reshape(-1, 8)).reshape(x.shape)
     torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
-    assert layer.last_dropped == 0.0
+    assert stats.dropped_fraction == 0.0
     grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     expected = torch.autograd.grad(reference.square().sum(), [x, *layer.parameters()])
     for got, want in zip(grads, expected):
@@ -111,16 +111,17 @@ def test_capacity_keeps_the_largest_gates_like_megatron_core(capacity_factor):
     _, kept_map = apply_router_token_dropping(dense_gates, routing_map, 2, capacity_factor)
     assert torch.equal(kept_map.gather(1, experts), keep)
 
-    out = layer(x)
-    assert layer.last_dropped == pytest.approx(1 - keep.float().mean().item())
+    out, stats = layer(x)
+    assert stats.dropped_fraction.item() == pytest.approx(1 - keep.float().mean().item())
     if capacity_factor < 1:
-        assert layer.last_dropped > 0.4
+        assert stats.dropped_fraction > 0.4
     torch.testing.assert_close(out, _per_position_reference(layer, x, keep), rtol=1e-10, atol=1e-12)
 
 
 def test_an_expert_without_tokens_is_fine():
     layer = _layer(num_experts=8, top_k=1)
     x = torch.randn(3, 8, dtype=torch.float64)  # at most 3 of 8 experts are used
-    layer(x).sum().backward()
-    assert (layer.last_load == 0).sum() >= 5
+    out, stats = layer(x)
+    out.sum().backward()
+    assert (stats.load == 0).sum() >= 5
     assert layer.experts.w1.grad is not None

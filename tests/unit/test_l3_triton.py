@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # (name, tied, d_in, d_emb, dtype, config overrides). Rows per token span 1..70 and the
 # ids include unique and repeated tokens plus one with more positions than a tile.

@@ -1,5 +1,6 @@
 """Launchers without a cluster: sweep.py's dry run and input errors, local.sh training on
-2 gloo ranks (and resuming), and the batch script's refusal to run outside SLURM.
+2 gloo ranks (and resuming) and repeating a trainer's one-line error last, and the batch
+script's refusal to run outside SLURM.
 The SLURM submissions themselves are in test_slurm.py."""
 
 from __future__ import annotations
@@ -88,3 +89,18 @@ def test_local_sh_trains_on_two_processes_and_resumes(tmp_path, tiny_corpus, tin
     assert "resuming at step 6" in second.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert sorted(metrics(run_dir, "train/loss")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_local_sh_repeats_the_trainers_error_last(tmp_path, tiny_corpus, tiny_allocation):
+    """An unknown key is refused by every rank (each parses the config) under torchrun, whose
+    failure report then buries the trainer's one-line error: local.sh prints it again last,
+    once, and exits 2 like the trainer (torchrun itself exits 1)."""
+    config = write_config(tmp_path / "config.yaml", tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation))
+    result = run("bash", "launch/local.sh", "2", str(config), "training.bogus=1", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert lines[-1].startswith("error: training.bogus: unknown key"), result.stderr[-4000:]
+    report = lines.index(next(line for line in lines if "ChildFailedError" in line))  # torchrun's report ...
+    assert lines[report:].count(lines[-1]) == 1  # ... then the error line, once
+    assert 2 <= lines.count(lines[-1]) <= 3  # printed by a rank or two, and again last

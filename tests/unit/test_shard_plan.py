@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from l3train.errors import L3TrainError
 from l3train.model.l3_attention import row_attention
 from l3train.model.l3_layer import bounds_from_rows
 from l3train.parallel.shard_plan import ShardPlan, allocation_hash, max_over_mean, plan_shards
+from training_harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "shard_plan.py"
 
 

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ from l3train.allocation import (
     reference_lzw_counts,
 )
 from l3train.errors import L3TrainError
+from training_harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_reference_reproduces_worked_example_one():

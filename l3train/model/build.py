@@ -1,0 +1,33 @@
+"""Build the model a config describes, with its L³ allocation checked against the tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from l3train.allocation.allocation import Allocation
+from l3train.config import Config
+from l3train.data.tokenizer import Tokenizer
+from l3train.errors import L3TrainError
+from l3train.model.llama import DecoderLM
+
+
+def load_allocation(cfg: Config) -> Allocation | None:
+    """The L³ allocation of `cfg` (None for a model without L³ layers), checked against the
+    tokenizer and model vocabulary."""
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise L3TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"vocabulary ({tokenizer.vocab_size}, {cfg.data.tokenizer})")
+    if not cfg.l3.after_blocks:
+        return None
+    return Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size,
+                           expect_tokenizer_id=tokenizer.tokenizer_id)
+
+
+def build_model(cfg: Config) -> tuple[DecoderLM, Allocation | None]:
+    """The plain (unparallelized) DecoderLM of `cfg`, initialised from `training.seed` (the same
+    weights on every rank), and its allocation."""
+    allocation = load_allocation(cfg)
+    torch.manual_seed(cfg.training.seed)
+    rows_per_token = allocation.rows_per_token if allocation else None
+    return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe), allocation

@@ -1,0 +1,55 @@
+"""Gradient norms and clipping by the global norm of one process, across DeepSpeed's dense
+gradients and the rank-local tensors kept outside it (sharded L³ rows, expert-parallel experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from l3train.parallel.sharded_optim import RankLocalParameters
+from l3train.parallel.state import ParallelState
+from l3train.trainer import deepspeed_adapter
+
+# DeepSpeed clips by dividing by (norm + 1e-6) / threshold; the same epsilon keeps the
+# rank-local coefficient identical to the one DeepSpeed applies to the dense gradients.
+_CLIP_EPS = 1e-6
+
+
+def module_grad_norm(model: nn.Module, parallel: ParallelState) -> float:
+    """Global norm of `model`'s whole (ZeRO-0, already DP-averaged) gradients; under TP the
+    sharded gradients' squares are summed over the TP group, replicated ones counted once."""
+    if parallel.tp_size > 1:
+        from l3train.parallel.tensor_parallel import tensor_parallel_grad_norm
+
+        return tensor_parallel_grad_norm(model, parallel)
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_local: list[RankLocalParameters],
+                     max_norm: float) -> float:
+    """Make this step's clipping that of one process; returns the global norm before clipping.
+
+    Call at the accumulation boundary between the last `engine.backward` and `engine.step()`.
+    total = sqrt(dense² + Σ rank-local²) (the rank-local shares are summed over the world,
+    each distinct gradient once). DeepSpeed multiplies the dense gradients by
+    threshold / (dense + 1e-6) when that is < 1; with threshold = max_norm·(dense + 1e-6)/(total + 1e-6)
+    this is the single-process coefficient max_norm / (total + 1e-6), which the rank-local
+    tensors get too.
+    """
+    for part in rank_local:
+        part.prepare_gradients()
+    dense = deepspeed_adapter.dense_grad_norm(engine, lambda: module_grad_norm(model, parallel))
+    local_squared = torch.zeros((), dtype=torch.float32, device=rank_local[0].params[0].device)
+    for part in rank_local:
+        local_squared += part.squared_grad_norm()
+    dist.all_reduce(local_squared)
+    total = (dense ** 2 + local_squared.item()) ** 0.5
+    if max_norm > 0:
+        deepspeed_adapter.set_clip_threshold(engine, max_norm * (dense + _CLIP_EPS) / (total + _CLIP_EPS))
+        coefficient = max_norm / (total + _CLIP_EPS)
+        if coefficient < 1.0:
+            for part in rank_local:
+                part.scale_gradients(coefficient)
+    return total

@@ -1,0 +1,100 @@
+"""Every place l3train reaches into DeepSpeed beyond its public API, in one module.
+
+DeepSpeed owns the dense parameters: ZeRO partitioning, gradient reduction, loss scaling,
+clipping and the checkpoint files. Sharded L³ rows and expert-parallel experts live outside
+it (l3train.parallel.sharded_optim), and clipping all of them by one global norm needs the
+dense norm *before* `engine.step()` and a way to set the clip threshold of that step; for
+both DeepSpeed has no public API, so this adapter uses its internals:
+
+- ZeRO 1/2 (`DeepSpeedZeroOptimizer`): `scaled_global_norm()` and `loss_scale`;
+- ZeRO 3 (`DeepSpeedZeroOptimizer_Stage3`): `_get_norm_groups()` combined by
+  `deepspeed.runtime.utils.combine_grad_norm_groups`, and `loss_scale`;
+- the threshold: the ZeRO optimizers' `clip_grad`, and at ZeRO-0 the engine's
+  `_config.gradient_clipping`.
+
+`tests/unit/test_deepspeed_adapter.py` pins these names on the installed version
+(`PINNED_VERSION`, the one requirements.txt installs): upgrading DeepSpeed fails that test
+first, not a training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from l3train.config import Config, WorldLayout
+from l3train.errors import L3TrainError
+
+PINNED_VERSION = "0.19.8"
+
+
+def engine_config(cfg: Config, layout: WorldLayout) -> dict:
+    """The DeepSpeed config of a run: batch layout, ZeRO stage, precision and clipping."""
+    return {
+        "train_batch_size": cfg.training.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.gradient_accumulation_steps,
+        # Explicit: DeepSpeed's default would silently clip at 1.0.
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.training.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict, mpu: object | None):
+    """`deepspeed.initialize` → (engine, scheduler). Without an mpu DeepSpeed treats every
+    rank as data parallel, which is exact at TP=1."""
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=config, mpu=mpu)
+    return engine, scheduler
+
+
+def dense_grad_norm(engine, whole_gradient_norm: Callable[[], float]) -> float:
+    """Global norm of the DeepSpeed-managed gradients after the boundary backward, before
+    `engine.step()`: from the ZeRO optimizer's reduced partitions at stages 1-3; at ZeRO-0
+    the gradients are whole and already averaged, and `whole_gradient_norm` computes it."""
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return float(optimizer.scaled_global_norm()) / optimizer.loss_scale
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return float(combine_grad_norm_groups(optimizer._get_norm_groups())) / optimizer.loss_scale
+    if isinstance(optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0:
+        return whole_gradient_norm()
+    raise L3TrainError(f"sharded L³ rows cannot clip jointly with DeepSpeed's {type(optimizer).__name__}; "
+                       f"use parallel.zero_stage=2 or 3, or parallel.shard_l3_rows=false")
+
+
+def set_clip_threshold(engine, threshold: float) -> None:
+    """The gradient-norm threshold DeepSpeed applies at the next `engine.step()`."""
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = threshold
+    else:
+        engine._config.gradient_clipping = threshold
+
+
+def reported_grad_norm(engine) -> float | None:
+    """The norm DeepSpeed computed in its last step (None where it does not report one)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def load_engine_checkpoint(engine, root: str, tag: str) -> dict | None:
+    """Load DeepSpeed's part of checkpoint `root/tag`; its client state, None if it found nothing."""
+    path, client_state = engine.load_checkpoint(root, tag=tag)
+    return None if path is None else client_state
+
+
+def save_engine_checkpoint(engine, root: str, tag: str, client_state: dict) -> None:
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)

@@ -1,0 +1,171 @@
+"""What a run reports: one console line per log interval, TensorBoard events and metrics.jsonl.
+
+The trainer hands every step's `StepStats` to the `Monitor`; the step's figures stay on the
+device (no host sync per step for monitoring) and are reduced over the ranks only on the
+steps that are logged. Only rank 0 writes. `metrics.jsonl` holds the same scalars as
+TensorBoard, one JSON object per logged step, for scripts (the report tool, tests) that
+should not parse event files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from l3train.config import Config
+from l3train.model.moe import RouterStats
+from l3train.parallel.state import ParallelState
+from l3train.utils.atomic import atomic_write_text
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as this rank saw it (tensors stay on the device until logged)."""
+
+    step: int  # optimizer steps completed
+    loss: Tensor  # this rank's mean LM loss over its micro-batches
+    grad_norm: float | None  # global norm before clipping (None where DeepSpeed reports none)
+    lr: float
+    seconds: float  # wall time of the step
+    l3_entropy: dict[int, Tensor]  # by block: summed mean entropy of the step's micro-batches
+    router: Tensor | None  # summed `router_vector`s of the step's micro-batches
+    micro_batches: int
+
+
+def router_vector(router: dict[int, RouterStats]) -> Tensor | None:
+    """Per MoE block, in block order: [aux loss, z-loss, dropped fraction, load per expert]."""
+    if not router:
+        return None
+    return torch.cat([torch.cat([torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(),
+                                              stats.dropped_fraction]), stats.load])
+                      for _, stats in sorted(router.items())])
+
+
+def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: float) -> str:
+    parts = [f"step {step:>6}/{cfg.training.steps}", f"loss {scalars['train/loss']:.4f}",
+             f"lr {scalars['train/lr']:.2e}"]
+    if "train/grad_norm" in scalars:
+        parts.append(f"grad_norm {scalars['train/grad_norm']:.3f}")
+    parts.append(f"{scalars['train/tokens_per_s']:,.0f} tok/s")
+    entropies = [v for k, v in scalars.items() if k.startswith("l3/entropy")]
+    if entropies:
+        parts.append("l3_entropy " + "/".join(f"{e:.2f}" for e in entropies))
+    if "train/moe_aux_loss" in scalars:
+        imbalance = max(v for k, v in scalars.items() if k.endswith("load_max_over_mean"))
+        parts.append(f"moe_aux {scalars['train/moe_aux_loss']:.3f} z {scalars['train/moe_z_loss']:.3f} "
+                     f"max_load {imbalance:.2f}x")
+    parts.append(f"elapsed {elapsed:.0f}s")
+    return " | ".join(parts)
+
+
+class Monitor:
+    """Accumulates `StepStats` between log steps; reduces and writes them on log steps."""
+
+    def __init__(self, cfg: Config, parallel: ParallelState, is_main: bool, start_step: int) -> None:
+        self.cfg, self.parallel, self.is_main = cfg, parallel, is_main
+        self.pending: list[StepStats] = []
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+        if is_main:
+            self._open(Path(cfg.run_dir), purge_step=start_step + 1 if start_step else None)
+
+    def _open(self, run_dir: Path, purge_step: int | None) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a crashed run logged past its last checkpoint.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        jsonl_path = run_dir / "metrics.jsonl"
+        if purge_step is not None and jsonl_path.exists():
+            kept = [line for line in jsonl_path.read_text().splitlines() if _step_of(line) < purge_step]
+            atomic_write_text(jsonl_path, "".join(line + "\n" for line in kept))
+        self.jsonl = open(jsonl_path, "a")
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(f"[l3train] {message}", flush=True)
+
+    def record(self, stats: StepStats, elapsed: float) -> None:
+        """Keep `stats`; on a log step (every `training.log_interval` and the last) reduce
+        the interval over the ranks and write it."""
+        self.pending.append(stats)
+        if stats.step % self.cfg.training.log_interval == 0 or stats.step == self.cfg.training.steps:
+            scalars = self._reduce(self.pending)
+            self.pending = []
+            self.write(stats.step, scalars, format_line(stats.step, self.cfg, scalars, elapsed))
+
+    def _reduce(self, steps: list[StepStats]) -> dict[str, float]:
+        parallel = self.parallel
+        # Each step's loss is averaged over the DP replicas (TP ranks of a replica hold the same).
+        losses = torch.stack([s.loss.float() for s in steps])
+        dist.all_reduce(losses, group=parallel.dp_group)
+        per_step = [value / parallel.dp_size for value in losses.tolist()]
+        seconds = sum(s.seconds for s in steps)
+        scalars = {"train/loss": sum(per_step) / len(per_step), "train/lr": steps[-1].lr,
+                   "train/tokens_per_s": self.tokens_per_step * len(steps) / max(seconds, 1e-9),
+                   **self._entropies(steps)}
+        if steps[-1].router is not None:
+            summed = torch.stack([s.router for s in steps]).sum(0)
+            scalars.update(self._router_scalars(summed, sum(s.micro_batches for s in steps)))
+        if steps[-1].grad_norm is not None:
+            scalars["train/grad_norm"] = steps[-1].grad_norm
+        return scalars
+
+    def _entropies(self, steps: list[StepStats]) -> dict[str, float]:
+        """Mean softmax entropy of each L³ layer over the interval's micro-batches and all ranks
+        (TP ranks agree, except under sequence parallelism where each holds a slice)."""
+        blocks = sorted(steps[-1].l3_entropy)
+        if not blocks:
+            return {}
+        values = torch.stack([torch.stack([s.l3_entropy[b] for b in blocks]) for s in steps]).float().sum(0)
+        dist.all_reduce(values)
+        values /= dist.get_world_size() * sum(s.micro_batches for s in steps)
+        return {f"l3/entropy_after_block_{b}": v for b, v in zip(blocks, values.tolist())}
+
+    def _router_scalars(self, summed: Tensor, count: int) -> dict[str, float]:
+        """Per MoE block the two router losses, the dropped fraction (with a capacity factor),
+        each expert's share of the assignments and the busiest expert's share over the mean
+        (1 = balanced), averaged over the micro-batches and DP ranks; and the router losses
+        averaged over blocks."""
+        summed = summed.clone()
+        dist.all_reduce(summed, group=self.parallel.dp_group)
+        values = (summed / (count * self.parallel.dp_size)).tolist()
+        moe, scalars, aux, z = self.cfg.moe, {}, [], []
+        width = 3 + moe.num_experts
+        for position, index in enumerate(sorted(moe.blocks)):
+            prefix, block = f"moe/block_{index}", values[position * width:(position + 1) * width]
+            aux.append(block[0])
+            z.append(block[1])
+            scalars[f"{prefix}/aux_loss"], scalars[f"{prefix}/z_loss"] = block[0], block[1]
+            if moe.capacity_factor is not None:
+                scalars[f"{prefix}/dropped_fraction"] = block[2]
+            load = block[3:]
+            scalars.update({f"{prefix}/load_expert_{e:03d}": share for e, share in enumerate(load)})
+            scalars[f"{prefix}/load_max_over_mean"] = max(load) * moe.num_experts
+        return {"train/moe_aux_loss": sum(aux) / len(aux), "train/moe_z_loss": sum(z) / len(z), **scalars}
+
+    def write(self, step: int, scalars: dict[str, float], console: str | None = None) -> None:
+        if not self.is_main:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if console:
+            print(console, flush=True)
+
+    def close(self) -> None:
+        if self.is_main:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash sorts last (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -1,0 +1,212 @@
+"""The Trainer: build a run from its config, take optimizer steps, validate, checkpoint.
+
+    trainer = Trainer(cfg, resume=True)
+    trainer.build()       # ranks, model, parallelization, data, DeepSpeed engine, resume
+    trainer.train()       # the loop; returns the exit status (75 when stopped by a signal)
+
+One code path for 1 process, data parallel over gloo (CPU) or NCCL (GPU), and SLURM. The
+plain model is built identically on every rank, then `l3train.parallel.parallelize` makes
+it this rank's part (tensor parallelism, sharded L³ rows, expert parallelism) before
+DeepSpeed wraps the dense parameters; the rank-local rows and experts are stepped,
+clipped and checkpointed beside the engine.
+
+Data order is a pure function of (seed, step), and per-step randomness is reseeded from
+(seed, step, data-parallel rank), so the same config gives the same losses and `--resume`
+continues the exact trajectory of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, save_checkpoint
+from l3train.config import Config, validate_for_world
+from l3train.distributed import expected_world_size, init_distributed
+from l3train.preemption import EXIT_REQUEUE, StopRequest
+from l3train.trainer.monitor import StepStats
+from l3train.utils.atomic import atomic_write_text
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.device):
+    for start in range(0, batch["tokens"].shape[0], size):
+        yield {k: v[start:start + size].to(device) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, exit_after_steps: int = 0) -> None:
+        self.cfg, self.resume, self.exit_after_steps = cfg, resume, exit_after_steps
+        self.stop = StopRequest()  # before the slow start-up, so an early signal is not lost
+        # Every world-dependent check, before the slow start-up.
+        self.layout = validate_for_world(cfg, expected_world_size())
+        self.step = 0  # optimizer steps completed
+
+    def build(self) -> None:
+        """Ranks and process groups, the parallel model, data, the DeepSpeed engine, and the
+        checkpoint to resume from."""
+        cfg = self.cfg
+        if not self.resume:
+            refuse_existing_checkpoints(cfg)
+        self.world = init_distributed()
+        from l3train.data.dataset import build_datasets
+        from l3train.model.build import build_model
+        from l3train.optim import build_optimizer, build_scheduler
+        from l3train.parallel.parallelize import parallelize
+        from l3train.parallel.state import DeepSpeedMPU, initialize_parallel
+        from l3train.trainer import deepspeed_adapter
+        from l3train.trainer.monitor import Monitor
+
+        self.parallel = initialize_parallel(self.layout.tensor_parallel, self.layout.expert_parallel)
+        model, allocation = build_model(cfg)
+        self.parts = parallelize(model, allocation, cfg, self.layout, self.parallel, self.world.device)
+        tr = cfg.training
+        self.train_ds, self.valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
+                                                      tr.eval_batches * tr.global_batch_size)
+        optimizer = build_optimizer(self.parts.model, cfg)
+        self.engine, self.scheduler = deepspeed_adapter.initialize_engine(
+            self.parts.model, optimizer, build_scheduler(optimizer, cfg),
+            deepspeed_adapter.engine_config(cfg, self.layout), DeepSpeedMPU() if self.parallel.tp_size > 1 else None)
+        if self.resume:
+            self.step = load_latest_checkpoint(self.engine, cfg, self.parts, self.world.rank, self.world.size) or 0
+        self.start_step = self.step
+        self.monitor = Monitor(cfg, self.parallel, self.world.is_main, self.start_step)
+        if self.world.is_main:
+            atomic_write_text(Path(cfg.run_dir) / "config.yaml", cfg.to_yaml())
+        self.monitor.info(self._describe())
+        if self.valid_ds is None:
+            self.monitor.info(f"data.split={cfg.data.split!r} has no validation part: validation is skipped")
+
+    def _describe(self) -> str:
+        cfg, layout, parts = self.cfg, self.layout, self.parts
+        params = (sum(p.numel() for p in parts.model.parameters())
+                  + sum(p.numel() for part in parts.rank_local for p in part.params))
+        sequence = ", sequence parallel" if cfg.parallel.sequence_parallel else ""
+        where = f" (TP={layout.tensor_parallel}{sequence} × DP={layout.data_parallel})" if layout.tensor_parallel > 1 else ""
+        if parts.rows is not None:
+            where += f", L³ rows sharded over {parts.rows.plan.num_shards} ranks"
+        if parts.experts is not None:
+            where += f", experts split over {layout.expert_parallel} ranks (EP)"
+        per_rank = " per rank" if layout.tensor_parallel > 1 or parts.rank_local else ""
+        start = f"resuming at step {self.step}" if self.step else "starting from scratch"
+        return (f"{layout.world_size} rank(s){where} on {self.world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
+                f"{cfg.training.precision}, {params / 1e6:.2f}M parameters{per_rank}, {start}; "
+                f"micro-batch {layout.micro_batch_size} × {layout.gradient_accumulation_steps} accumulation "
+                f"step(s) per rank; run dir {cfg.run_dir}")
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's share of the global batch of `step` (on the host)."""
+        from l3train.data.dataset import batch_for_step
+
+        return batch_for_step(self.train_ds, step, self.cfg.training.global_batch_size, self.parallel.dp_rank,
+                              self.parallel.dp_size)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepStats:
+        """One optimizer step on this rank's share `batch` of the global batch of step `self.step`."""
+        from l3train.parallel.state import seed_parallel
+        from l3train.trainer.loss import lm_loss, training_loss
+        from l3train.trainer.monitor import router_vector
+
+        start, cfg, engine = time.time(), self.cfg, self.engine
+        # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
+        seed_parallel(cfg.training.seed * 1_000_003 + self.step * 1_009 + self.parallel.dp_rank)
+        step_loss = torch.zeros((), device=self.world.device)
+        entropy, router, grad_norm, count = {}, None, None, 0
+        for micro in micro_batches(batch, self.layout.micro_batch_size, self.world.device):
+            output = engine(micro["tokens"])
+            loss = lm_loss(output.logits, micro["labels"], micro["loss_mask"], self.parallel.tp_size > 1)
+            engine.backward(training_loss(output, loss, cfg.moe))
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                grad_norm = self._grad_norm_and_clip()
+            engine.step()
+            if boundary:
+                for part in self.parts.rank_local:
+                    part.step()
+            step_loss += loss.detach()  # the LM loss: comparable with dense and L³ runs
+            entropy = {b: entropy.get(b, 0) + value for b, value in output.l3_entropy.items()}
+            vector = router_vector(output.router)
+            router = vector if router is None else router + vector
+            count += 1
+        self.step += 1
+        return StepStats(step=self.step, loss=step_loss / engine.gradient_accumulation_steps(),
+                         grad_norm=self._reported_norm(grad_norm), lr=self.scheduler.get_last_lr()[0],
+                         seconds=time.time() - start, l3_entropy=entropy, router=router, micro_batches=count)
+
+    def _grad_norm_and_clip(self) -> float | None:
+        """At the accumulation boundary, before `engine.step()`: with rank-local tensors, clip
+        everything by the single-process global norm; the norm before clipping where known."""
+        from l3train.trainer.clipping import clip_global_norm, module_grad_norm
+
+        if self.parts.rank_local:
+            return clip_global_norm(self.engine, self.parts.model, self.parallel, self.parts.rank_local,
+                                    self.cfg.optimizer.grad_clip)
+        return module_grad_norm(self.parts.model, self.parallel) if self.cfg.parallel.zero_stage == 0 else None
+
+    def _reported_norm(self, norm: float | None) -> float | None:
+        from l3train.trainer.deepspeed_adapter import reported_grad_norm
+
+        return reported_grad_norm(self.engine) if norm is None else norm
+
+    def validate(self) -> float | None:
+        """Mean validation loss over `training.eval_batches` fixed batches; None without a validation split."""
+        from l3train.data.dataset import batch_for_step
+        from l3train.trainer.loss import lm_loss
+
+        if self.valid_ds is None:
+            return None
+        tr, parallel, engine = self.cfg.training, self.parallel, self.engine
+        engine.eval()
+        total = torch.zeros((), device=self.world.device)
+        with torch.no_grad():
+            for index in range(tr.eval_batches):
+                batch = batch_for_step(self.valid_ds, index, tr.global_batch_size, parallel.dp_rank, parallel.dp_size)
+                for micro in micro_batches(batch, self.layout.micro_batch_size, self.world.device):
+                    total += lm_loss(engine(micro["tokens"]).logits, micro["labels"], micro["loss_mask"],
+                                     parallel.tp_size > 1)
+        engine.train()
+        mean = (total / (tr.eval_batches * engine.gradient_accumulation_steps())).detach().float().clone()
+        dist.all_reduce(mean, group=parallel.dp_group)  # the TP ranks of one replica hold the same value
+        return mean.item() / parallel.dp_size
+
+    def _log_validation(self, step: int) -> None:
+        loss = self.validate()
+        if loss is not None:
+            self.monitor.write(step, {"val/loss": loss}, f"step {step:>6}/{self.cfg.training.steps} | val_loss {loss:.4f}")
+
+    def save(self) -> Path:
+        rank = self.world.rank
+        path = save_checkpoint(self.engine, self.cfg, self.step, self.world.is_main,
+                               lambda directory: [part.save(directory, rank) for part in self.parts.rank_local])
+        self.monitor.info(f"saved checkpoint {path}")
+        return path
+
+    def train(self) -> int:
+        """The training loop; returns the process exit status (EXIT_REQUEUE when stopped by a signal)."""
+        tr = self.cfg.training
+        if self.step == 0:
+            self._log_validation(0)
+        run_start = time.time()
+        while self.step < tr.steps:
+            stats = self.train_step(self.batch(self.step))
+            self.monitor.record(stats, time.time() - run_start)
+            done = stats.step
+            if done % tr.eval_interval == 0 or done == tr.steps:
+                self._log_validation(done)
+            preempted = done < tr.steps and self.stop.agreed(self.world.device)
+            exiting = self.exit_after_steps > 0 and done - self.start_step >= self.exit_after_steps
+            if done % self.cfg.checkpoint.save_interval == 0 or done == tr.steps or exiting or preempted:
+                self.save()
+            if preempted:
+                self.monitor.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) at step {done}: "
+                                  f"checkpoint saved, exiting with status {EXIT_REQUEUE} for requeue")
+                self.monitor.close()
+                return EXIT_REQUEUE
+            if exiting:
+                self.monitor.info(f"exiting after {self.exit_after_steps} steps as asked; continue with --resume")
+                break
+        self.monitor.close()
+        dist.barrier()
+        return 0

@@ -1,0 +1,91 @@
+"""The DeepSpeed adapter (l3train/trainer/deepspeed_adapter.py) pinned on the installed version:
+every internal it touches exists and behaves as the trainer assumes, at ZeRO 0-3."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from training_harness import REPO, trainer_env
+
+
+def test_installed_deepspeed_is_the_pinned_version():
+    import deepspeed
+
+    from l3train.trainer.deepspeed_adapter import PINNED_VERSION
+
+    assert deepspeed.__version__ == PINNED_VERSION
+    requirement = re.search(r"^deepspeed==(\S+)$", (REPO / "requirements.txt").read_text(), re.M)
+    assert requirement and requirement.group(1) == PINNED_VERSION
+
+
+def _worker(output: Path) -> None:
+    """World of one: per ZeRO stage, the adapter's dense norm equals the gradients' norm, the
+    threshold it sets is the one the step clips with, and the reported norm is that norm."""
+    import torch
+
+    from l3train.distributed import init_distributed
+    from l3train.trainer import deepspeed_adapter
+
+    init_distributed()
+    report = {}
+    for stage in range(4):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        reference = [p.detach().clone() for p in model.parameters()]
+        config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1e9,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 1 << 30}
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        engine, _ = deepspeed_adapter.initialize_engine(model, optimizer, None, config, None)
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+        engine.backward(engine(x).square().sum())
+        # The expected norm from a plain copy of the model.
+        plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        with torch.no_grad():
+            for p, r in zip(plain.parameters(), reference):
+                p.copy_(r)
+        plain(x).square().sum().backward()
+        expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])).item()
+        whole = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()  # noqa: E731
+        dense = deepspeed_adapter.dense_grad_norm(engine, whole)
+        deepspeed_adapter.set_clip_threshold(engine, expected / 4)  # clip the step to a quarter
+        engine.step()
+        after = deepspeed_adapter.reported_grad_norm(engine)
+        # SGD with lr 1 moves the weights by exactly the clipped gradient.
+        step = torch.linalg.vector_norm(torch.stack([
+            (now - before).norm() for now, before in zip(_full_params(engine), reference)])).item()
+        report[stage] = {"dense": dense, "expected": expected, "reported": after, "step_norm": step}
+        engine.destroy()
+    output.write_text(json.dumps(report))
+
+
+def _full_params(engine):
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):  # a no-op below ZeRO-3
+        return [p.detach().clone() for p in params]
+
+
+@pytest.mark.slow
+def test_adapter_internals_behave_as_assumed_at_every_zero_stage(tmp_path):
+    output = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, __file__, str(output)], cwd=REPO, env=trainer_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert sorted(report) == ["0", "1", "2", "3"]
+    for stage, figures in report.items():
+        assert figures["dense"] == pytest.approx(figures["expected"], rel=1e-5), stage
+        assert figures["step_norm"] == pytest.approx(figures["expected"] / 4, rel=1e-4), stage
+        if figures["reported"] is not None:
+            assert figures["reported"] == pytest.approx(figures["expected"], rel=1e-5), stage
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
