@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from l3train.config import Config
 from l3train.model.moe import RouterStats
-from l3train.parallel.state import ParallelState
 from l3train.utils.atomic import atomic_write_text
+
+if TYPE_CHECKING:  # megatron-core is slow to import: the trainer imports this before its checks
+    from l3train.parallel.state import ParallelState
 
 
 @dataclass

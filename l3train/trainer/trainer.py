@@ -25,9 +25,13 @@ import torch.distributed as dist
 
 from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, save_checkpoint
 from l3train.config import Config, validate_for_world
+from l3train.data.dataset import batch_for_step, build_datasets
 from l3train.distributed import expected_world_size, init_distributed
+from l3train.errors import L3TrainError
 from l3train.preemption import EXIT_REQUEUE, StopRequest
-from l3train.trainer.monitor import StepStats
+from l3train.trainer import deepspeed_adapter
+from l3train.trainer.loss import lm_loss, training_loss
+from l3train.trainer.monitor import Monitor, StepStats, router_vector
 from l3train.utils.atomic import atomic_write_text
 
 
@@ -51,13 +55,14 @@ class Trainer:
         if not self.resume:
             refuse_existing_checkpoints(cfg)
         self.world = init_distributed()
-        from l3train.data.dataset import build_datasets
+        if self.world.size != self.layout.world_size:
+            raise L3TrainError(f"{self.world.size} ranks joined, but the launcher announced {self.layout.world_size} "
+                               f"(WORLD_SIZE or SLURM_NTASKS); start the trainers with torchrun or srun")
+        # Imported here, after the checks: megatron-core takes seconds to import.
         from l3train.model.build import build_model
         from l3train.optim import build_optimizer, build_scheduler
         from l3train.parallel.parallelize import parallelize
         from l3train.parallel.state import DeepSpeedMPU, initialize_parallel
-        from l3train.trainer import deepspeed_adapter
-        from l3train.trainer.monitor import Monitor
 
         self.parallel = initialize_parallel(self.layout.tensor_parallel, self.layout.expert_parallel)
         model, allocation = build_model(cfg)
@@ -98,16 +103,12 @@ class Trainer:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """This rank's share of the global batch of `step` (on the host)."""
-        from l3train.data.dataset import batch_for_step
-
         return batch_for_step(self.train_ds, step, self.cfg.training.global_batch_size, self.parallel.dp_rank,
                               self.parallel.dp_size)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepStats:
         """One optimizer step on this rank's share `batch` of the global batch of step `self.step`."""
-        from l3train.parallel.state import seed_parallel
-        from l3train.trainer.loss import lm_loss, training_loss
-        from l3train.trainer.monitor import router_vector
+        from l3train.parallel.state import seed_parallel  # loaded by build(); megatron-core
 
         start, cfg, engine = time.time(), self.cfg, self.engine
         # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
@@ -146,15 +147,10 @@ class Trainer:
         return module_grad_norm(self.parts.model, self.parallel) if self.cfg.parallel.zero_stage == 0 else None
 
     def _reported_norm(self, norm: float | None) -> float | None:
-        from l3train.trainer.deepspeed_adapter import reported_grad_norm
-
-        return reported_grad_norm(self.engine) if norm is None else norm
+        return deepspeed_adapter.reported_grad_norm(self.engine) if norm is None else norm
 
     def validate(self) -> float | None:
         """Mean validation loss over `training.eval_batches` fixed batches; None without a validation split."""
-        from l3train.data.dataset import batch_for_step
-        from l3train.trainer.loss import lm_loss
-
         if self.valid_ds is None:
             return None
         tr, parallel, engine = self.cfg.training, self.parallel, self.engine
