@@ -112,6 +112,9 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_batches: int = 4
     log_interval: int = 10
+    # A step whose loss or gradient is not finite is skipped (no update anywhere); this many
+    # in a row stop the run.
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -213,6 +216,7 @@ def _validate(cfg: Config) -> None:
                 "training.steps": tr.steps, "training.micro_batch_size": tr.micro_batch_size,
                 "training.global_batch_size": tr.global_batch_size, "training.eval_interval": tr.eval_interval,
                 "training.eval_batches": tr.eval_batches, "training.log_interval": tr.log_interval,
+                "training.max_skipped_steps": tr.max_skipped_steps,
                 "checkpoint.save_interval": cfg.checkpoint.save_interval,
                 "parallel.tensor_parallel": cfg.parallel.tensor_parallel, "moe.num_experts": moe.num_experts,
                 "moe.top_k": moe.top_k, "moe.expert_hidden_size": moe.expert_hidden_size,

@@ -25,19 +25,52 @@ def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
             not_decayed.append(param)
         else:
             decayed.append(param)
-    opt = cfg.optimizer
-    groups = [{"name": "dense", "params": decayed, "weight_decay": opt.weight_decay, "lr": opt.lr},
-              {"name": "no_decay", "params": not_decayed, "weight_decay": 0.0, "lr": opt.lr}]
-    if l3_rows:
-        groups.append({"name": "l3_rows", "params": l3_rows, "weight_decay": cfg.l3.weight_decay,
-                       "lr": cfg.l3.lr if cfg.l3.lr is not None else opt.lr})
-    return [g for g in groups if g["params"]]
+    groups = [{"name": "dense", "params": decayed}, {"name": "no_decay", "params": not_decayed},
+              {"name": "l3_rows", "params": l3_rows}]
+    return [{**group, **group_hyperparameters(group["name"], cfg)} for group in groups if group["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def group_hyperparameters(name: str, cfg: Config) -> dict:
+    """lr, weight decay, betas and eps of the parameter group `name` under `cfg`."""
     opt = cfg.optimizer
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                             eps=opt.eps, weight_decay=opt.weight_decay)
+    lr, weight_decay = {"dense": (opt.lr, opt.weight_decay), "no_decay": (opt.lr, 0.0),
+                        "l3_rows": (cfg.l3.lr if cfg.l3.lr is not None else opt.lr, cfg.l3.weight_decay)}[name]
+    return {"lr": lr, "weight_decay": weight_decay, "betas": (opt.beta1, opt.beta2), "eps": opt.eps}
+
+
+def apply_hyperparameters(param_groups: list[dict], scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          cfg: Config) -> None:
+    """After a resume with changed settings: restoring optimizer and scheduler state brought
+    back the checkpoint's lr, weight decay, betas and eps; set `cfg`'s, at the restored step
+    of the schedule (whose multiplier already follows `cfg`)."""
+    settings = [group_hyperparameters(group["name"], cfg) for group in param_groups]
+    scheduler.base_lrs = [setting["lr"] for setting in settings]
+    for group, setting in zip(param_groups, settings):
+        group.update(setting, initial_lr=setting["lr"])
+        group["lr"] = setting["lr"] * lr_multiplier(scheduler.last_epoch, cfg)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be cancelled: DeepSpeed's optimizers (ZeRO 0-3, bf16) call
+    the client optimizer's `step()` on the master weights and then copy them to the model, so
+    cancelling it here skips a step whose loss or gradient was not finite without touching
+    DeepSpeed's bookkeeping (gradients are still cleared, the LR schedule still advances)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next_step = False
+
+    def step(self, closure=None):
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> SkippableAdamW:
+    opt = cfg.optimizer
+    return SkippableAdamW(parameter_groups(model, cfg), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                          weight_decay=opt.weight_decay)
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:

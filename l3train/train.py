@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <run_dir>/checkpoints/latest if it exists (else start fresh)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: accept changed keys that alter the training trajectory (seed, "
+                             "batch sizes, data, learning-rate schedule, ...); each change is logged")
     parser.add_argument("--exit-after-steps", type=int, default=0, metavar="N",
                         help="save a checkpoint and exit after N optimizer steps of this invocation "
                              "(e.g. to fit a job's time slot; continue with --resume)")
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         raise L3TrainError(f"--exit-after-steps must be >= 0, got {args.exit_after_steps}")
     from l3train.trainer.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps)
+    if args.allow_config_change and not args.resume:
+        raise L3TrainError("--allow-config-change only applies with --resume")
+    trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps,
+                      allow_config_change=args.allow_config_change)
     trainer.build()
     return trainer.train()
 

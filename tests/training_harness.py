@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +36,20 @@ def trainer_env() -> dict[str, str]:
     return env
 
 
-def run_trainer(config: Path, *args: str, nproc: int = 0, check: bool = True,
-                timeout: int = 600) -> subprocess.CompletedProcess:
+def trainer_command(config: Path, *args: str, nproc: int = 0) -> list[str]:
     """`python -m l3train.train` (nproc=0) or torchrun with `nproc` gloo ranks."""
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     else:
         launcher = [sys.executable]
-    cmd = [*launcher, "-m", "l3train.train", "--config", str(config), *args]
+    return [*launcher, "-m", "l3train.train", "--config", str(config), *args]
+
+
+def run_trainer(config: Path, *args: str, nproc: int = 0, check: bool = True,
+                timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m l3train.train` (nproc=0) or torchrun with `nproc` gloo ranks."""
+    cmd = trainer_command(config, *args, nproc=nproc)
     result = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer failed ({result.returncode}): {' '.join(cmd)}\n"
@@ -64,6 +73,43 @@ def stop_and_resume(config: Path, run_dir: Path, overrides: list[str], stop_afte
     run_trainer(config, *common, "--exit-after-steps", str(stop_after), nproc=nproc)
     second = run_trainer(config, *common, "--resume", nproc=nproc)
     assert f"resuming at step {stop_after}" in second.stdout
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until the run's metrics.jsonl has a line for `step` (log_interval=1)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(f'"step": {step},' in line for line in path.read_text().splitlines()):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL `process` and all its descendants at once (torchrun starts each rank in a
+    session of its own, so killing the launcher's process group would spare them)."""
+    root = psutil.Process(process.pid)
+    for victim in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def crash_and_resume(config: Path, run_dir: Path, overrides: list[str], nproc: int, kill_at: int) -> int:
+    """Train until step `kill_at` is logged, SIGKILL the launcher and every rank at once (a node
+    failure), then `--resume` to the end; returns the step the resume started from."""
+    common = [f"run_dir={run_dir}", "training.log_interval=1", *overrides]
+    process = subprocess.Popen(trainer_command(config, *common, nproc=nproc), cwd=REPO, env=trainer_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, kill_at, process)
+    finally:
+        kill_tree(process)
+    resumed = run_trainer(config, *common, "--resume", nproc=nproc)
+    return int(resumed.stdout.split("resuming at step ")[1].split()[0].rstrip(";"))
 
 
 def write_config(path: Path, tree: dict) -> Path:

@@ -4,11 +4,16 @@ Datasets are megatron-core `GPTDataset`s (blended with `BlendedDataset` when sev
 prefixes are given) built by `BlendedMegatronDatasetBuilder`, so sampling, splitting and
 blending behave exactly as in Megatron-LM.
 
-Batches are a pure function of (dataset, step): step `s` uses samples
-`s*global_batch_size + arange(global_batch_size)` (modulo the dataset length) and data
-parallel rank `r` takes the `r`-th contiguous slice. A resumed run therefore sees exactly
-the samples it would have seen, and the union over DP ranks is the single-process batch,
-without any sampler state to checkpoint.
+Batches are a pure function of (dataset, seed, step): step `s` uses the positions
+`s*global_batch_size + arange(global_batch_size)` of an endless stream of samples, and data
+parallel rank `r` takes the `r`-th contiguous slice. The training dataset holds exactly one
+epoch of the training split (megatron's shuffle), whatever `training.steps` is: the number
+of samples asked of megatron feeds its shuffle, so sizing it by the run's length would make
+the order of every step depend on `training.steps`, and extending a run would change the
+steps already taken. Epoch `e > 0` of the stream reads the same samples in a permutation
+seeded by (seed, e). A resumed or extended run therefore sees exactly the samples it would
+have seen, and the union over DP ranks is the single-process batch, without any sampler
+state to checkpoint.
 
 Megatron caches its sample indices on disk, and with `path_to_cache=None` it writes them
 under `<prefix>/cache/` beside the user's data, keyed only by path and config: a
@@ -25,6 +30,7 @@ must be on storage all ranks see (a shared home, or set $L3TRAIN_DATASET_CACHE).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -165,11 +171,19 @@ def _prepare_cache_dir(cache_dir: Path, prefixes: list[str]) -> None:
                 link.symlink_to(Path(f"{prefix}{suffix}").resolve())
 
 
+def _samples_per_epoch(lengths: np.ndarray, split: list[float], seq_length: int) -> int:
+    """Samples in one epoch of a prefix's training split, as megatron counts them (each
+    sample reads seq_length + 1 tokens; consecutive samples share one)."""
+    end = int(round(split[0] * len(lengths)))
+    return max(1, (int(lengths[:end].sum()) - 1) // seq_length)
+
+
 def _checked_inputs(
-    data: DataSettings, train_samples: int, valid_samples: int
-) -> tuple[list[str], list[float] | None, list[float], Tokenizer]:
-    """Prefixes, blend weights (None for one dataset), split fractions and tokenizer of
-    `data`, every file checked before megatron sees it."""
+    data: DataSettings, train_samples: int | None, valid_samples: int
+) -> tuple[list[str], list[float] | None, list[float], Tokenizer, int]:
+    """Prefixes, blend weights (None for one dataset), split fractions, tokenizer and the
+    training samples to build (one epoch when `train_samples` is None) of `data`, every
+    file checked before megatron sees it."""
     prefixes = [str(p) for p in data.prefixes]
     if not prefixes:
         raise L3TrainError(
@@ -183,7 +197,7 @@ def _checked_inputs(
         )
     if data.seq_length < 1:
         raise L3TrainError(f"data.seq_length must be positive, got {data.seq_length}")
-    if train_samples < 1 or valid_samples < 0:
+    if (train_samples is not None and train_samples < 1) or valid_samples < 0:
         raise L3TrainError(
             f"need train_samples >= 1 and valid_samples >= 0, got {train_samples}, {valid_samples}"
         )
@@ -193,16 +207,18 @@ def _checked_inputs(
             "data.tokenizer is not set: give the sentencepiece .model used for preprocessing"
         )
     tokenizer = Tokenizer.load(data.tokenizer)
+    epoch = 0
     for prefix in prefixes:
         _, lengths = check_indexed_dataset(prefix)
         _check_split_sizes(prefix, lengths, split)
         _check_tokenizer_matches(prefix, tokenizer)
+        epoch += _samples_per_epoch(lengths, split, data.seq_length)
     if len(prefixes) == 1:
         weights = None  # a one-dataset "blend" is just that dataset
     elif weights is None:
         # Equal weights, as data.weights documents; megatron's None would weight by size.
         weights = [1.0] * len(prefixes)
-    return prefixes, weights, split, tokenizer
+    return prefixes, weights, split, tokenizer, epoch if train_samples is None else train_samples
 
 
 def _gpt_dataset_config(staged: list[str], weights: list[float] | None, split: list[float], seed: int,
@@ -229,16 +245,19 @@ def _gpt_dataset_config(staged: list[str], weights: list[float] | None, split: l
 
 
 def build_datasets(
-    data: DataSettings, seed: int, train_samples: int, valid_samples: int
+    data: DataSettings, seed: int, valid_samples: int, train_samples: int | None = None
 ) -> tuple[Any, Any]:
     """Build the (train, valid) datasets; valid is None when the split gives it nothing.
+    The training dataset holds `train_samples`, or one epoch of the training split (summed
+    over the blend's prefixes) when None: what the trainer asks, so that the data order
+    does not depend on the run's length.
 
     `data` is any object with `prefixes`, `weights`, `split`, `seq_length`, `tokenizer`.
     Each dataset yields dicts with `tokens` and `labels` (LongTensor[seq_length], labels
     are tokens shifted by one) and `loss_mask`. Call on every rank when a process group
     is initialized (megatron synchronizes the ranks inside).
     """
-    prefixes, weights, split, tokenizer = _checked_inputs(data, train_samples, valid_samples)
+    prefixes, weights, split, tokenizer, train_samples = _checked_inputs(data, train_samples, valid_samples)
     with _quiet_megatron():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
@@ -272,10 +291,23 @@ def build_datasets(
     return train_ds, valid_ds
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def sample_index(position: int, size: int, seed: int) -> int:
+    """The dataset index at `position` of the endless sample stream: epoch 0 is the dataset
+    in order (megatron's shuffle), epoch e > 0 a permutation of it seeded by (seed, e)."""
+    epoch, offset = divmod(position, size)
+    return offset if epoch == 0 else int(_epoch_permutation(size, seed, epoch)[offset])
+
+
 def batch_for_step(
-    dataset: Any, step: int, global_batch_size: int, dp_rank: int, dp_size: int
+    dataset: Any, step: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """This DP rank's share of the global batch for `step`, as stacked tensors.
+    """This DP rank's share of the global batch for `step`, as stacked tensors (positions past
+    the dataset's end continue in later epochs, see `sample_index`).
 
     Returns `tokens`, `labels` (LongTensor[b, seq]) and `loss_mask` (FloatTensor[b, seq])
     with b = global_batch_size // dp_size.
@@ -292,7 +324,7 @@ def batch_for_step(
         raise L3TrainError("the dataset is empty: nothing to draw batches from")
     local = global_batch_size // dp_size
     first = step * global_batch_size + dp_rank * local
-    samples = [dataset[(first + i) % size] for i in range(local)]
+    samples = [dataset[sample_index(first + i, size, seed)] for i in range(local)]
     return {
         "tokens": torch.stack([s["tokens"] for s in samples]).long(),
         "labels": torch.stack([s["labels"] for s in samples]).long(),

@@ -142,6 +142,13 @@ class ShardPlan:
     def allocation_hash(self) -> str:
         return allocation_hash(self.rows_per_token)
 
+    @property
+    def ownership_hash(self) -> str:
+        """Identity of which shard owns which token (16 hex digits of a sha256): two plans with
+        the same per-shard counts but other owners differ here."""
+        owner = np.ascontiguousarray(np.asarray(self.owner, dtype="<i8"))
+        return hashlib.sha256(owner.tobytes() + str(self.num_shards).encode()).hexdigest()[:16]
+
     def _check_shard(self, shard: int) -> None:
         if not 0 <= shard < self.num_shards:
             raise L3TrainError(f"shard {shard} is outside [0, {self.num_shards})")

@@ -6,8 +6,8 @@ Why outside DeepSpeed: these tensors differ across ranks (even in shape for the 
 ZeRO must never partition, gather or all-reduce them. They are not parameters of the
 module DeepSpeed wraps; this module gives them what DeepSpeed gives the dense parameters:
 
-- their own `torch.optim.AdamW` (rows: l3.lr / l3.weight_decay; experts: the dense lr and
-  weight decay; the dense betas/eps) and the same warmup + cosine LambdaLR, stepped right
+- their own `torch.optim.AdamW` (rows: the hyperparameters of the `l3_rows` group, l3.lr /
+  l3.weight_decay; experts: those of the `dense` group) and the same warmup + cosine LambdaLR, stepped right
   after `engine.step()` at each accumulation boundary. Gradients accumulate correctly over
   micro-batches because DeepSpeed's `engine.backward` scales the loss by 1/GAS, and the
   lookups scale these tensors' gradients by 1/DP (the DP average); experts are then summed
@@ -34,7 +34,7 @@ from torch import nn
 
 from l3train.config import Config
 from l3train.errors import L3TrainError
-from l3train.optim import build_scheduler
+from l3train.optim import build_scheduler, group_hyperparameters
 from l3train.parallel.expert_parallel import ExpertParallelExperts
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.sharded_l3 import ShardedRowTable
@@ -51,13 +51,11 @@ class RankLocalParameters(ABC):
 
     kind = ""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float, cfg: Config,
-                 copies: int = 1) -> None:
+    def __init__(self, params: list[nn.Parameter], group: str, cfg: Config, copies: int = 1) -> None:
+        """`group`: whose hyperparameters these tensors take (l3train.optim.group_hyperparameters)."""
         self.params = params
         self.copies = copies  # ranks holding an identical copy of each gradient (counted once in the norm)
-        opt = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                           weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}])
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def prepare_gradients(self) -> None:
@@ -79,9 +77,11 @@ class RankLocalParameters(ABC):
         for param in self.params:
             param.grad.mul_(coefficient)
 
-    def step(self) -> None:
-        """AdamW step and LR schedule, then clear the gradients."""
-        self.optimizer.step()
+    def step(self, skip: bool = False) -> None:
+        """AdamW step (none when `skip`: the step's loss or gradient was not finite) and LR
+        schedule, then clear the gradients."""
+        if not skip:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
 
@@ -126,16 +126,20 @@ class ShardedRows(RankLocalParameters):
 
     def __init__(self, backends: list[ShardedRowTable], plan: ShardPlan, cfg: Config) -> None:
         self.plan, self.shard = plan, backends[0].routing.shard
-        super().__init__([table for backend in backends for table in backend.tables()],
-                         cfg.l3.lr if cfg.l3.lr is not None else cfg.optimizer.lr, cfg.l3.weight_decay, cfg)
+        super().__init__([table for backend in backends for table in backend.tables()], "l3_rows", cfg)
 
     def layout(self) -> dict:
         return {"plan": self.plan.state_dict(), "shard": self.shard}
 
     def check_layout(self, saved: dict, path: Path) -> None:
-        """The same allocation and number of shards (verified through the plan) and this rank's shard."""
-        ShardPlan.from_state_dict(saved["plan"], expect_rows_per_token=self.plan.rows_per_token,
-                                  expect_num_shards=self.plan.num_shards, source=str(path))
+        """The same allocation and number of shards (verified through the plan), the same owner
+        of every token, and this rank's shard."""
+        plan = ShardPlan.from_state_dict(saved["plan"], expect_rows_per_token=self.plan.rows_per_token,
+                                         expect_num_shards=self.plan.num_shards, source=str(path))
+        if plan.ownership_hash != self.plan.ownership_hash:
+            raise L3TrainError(f"{path} was sharded with token ownership {plan.ownership_hash}, this run's shard "
+                               f"plan gives {self.plan.ownership_hash}; its rows would land in the wrong tokens "
+                               f"(resharding checkpoints is not supported)")
         if saved["shard"] != self.shard:
             raise L3TrainError(f"{path} holds shard {saved['shard']}, this rank's is {self.shard}")
 
@@ -147,8 +151,8 @@ class ShardedExperts(RankLocalParameters):
 
     def __init__(self, backends: list[ExpertParallelExperts], parallel: ParallelState, cfg: Config) -> None:
         self.backends, self.parallel = backends, parallel
-        super().__init__([weight for backend in backends for weight in backend.tables()], cfg.optimizer.lr,
-                         cfg.optimizer.weight_decay, cfg, copies=parallel.dp_size // parallel.ep_size)
+        super().__init__([weight for backend in backends for weight in backend.tables()], "dense", cfg,
+                         copies=parallel.dp_size // parallel.ep_size)
 
     def prepare_gradients(self) -> None:
         super().prepare_gradients()

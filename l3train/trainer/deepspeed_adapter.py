@@ -57,14 +57,28 @@ def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
     return engine, scheduler
 
 
+def _zero_optimizer_classes() -> tuple[type, type]:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3
+
+
+def exposes_grad_norm(engine) -> bool:
+    """Whether `dense_grad_norm` can tell the norm before `engine.step()`: not for DeepSpeed's
+    bf16 optimizer at ZeRO 0/1, which computes it inside its step."""
+    optimizer = engine.optimizer
+    return isinstance(optimizer, _zero_optimizer_classes()) or (
+        isinstance(optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0)
+
+
 def dense_grad_norm(engine, whole_gradient_norm: Callable[[], float]) -> float:
     """Global norm of the DeepSpeed-managed gradients after the boundary backward, before
     `engine.step()`: from the ZeRO optimizer's reduced partitions at stages 1-3; at ZeRO-0
     the gradients are whole and already averaged, and `whole_gradient_norm` computes it."""
     from deepspeed.runtime.utils import combine_grad_norm_groups
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3 = _zero_optimizer_classes()
     optimizer = engine.optimizer
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
         return float(optimizer.scaled_global_norm()) / optimizer.loss_scale

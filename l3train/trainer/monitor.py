@@ -39,6 +39,8 @@ class StepStats:
     l3_entropy: dict[int, Tensor]  # by block: summed mean entropy of the step's micro-batches
     router: Tensor | None  # summed `router_vector`s of the step's micro-batches
     micro_batches: int
+    skipped: bool = False  # not applied: its loss or gradient was not finite
+    skipped_steps: int = 0  # skipped steps of this run so far
 
 
 def router_vector(router: dict[int, RouterStats]) -> Tensor | None:
@@ -115,6 +117,8 @@ class Monitor:
             scalars.update(self._router_scalars(summed, sum(s.micro_batches for s in steps)))
         if steps[-1].grad_norm is not None:
             scalars["train/grad_norm"] = steps[-1].grad_norm
+        if steps[-1].skipped_steps:
+            scalars["train/skipped_steps"] = steps[-1].skipped_steps
         return scalars
 
     def _entropies(self, steps: list[StepStats]) -> dict[str, float]:

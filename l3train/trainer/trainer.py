@@ -12,18 +12,20 @@ clipped and checkpointed beside the engine.
 
 Data order is a pure function of (seed, step), and per-step randomness is reseeded from
 (seed, step, data-parallel rank), so the same config gives the same losses and `--resume`
-continues the exact trajectory of an uninterrupted run.
+continues the exact trajectory of an uninterrupted run. A step whose loss or gradient is not
+finite is skipped on every rank (no update to the dense weights, the rows or the experts).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, save_checkpoint
+from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, run_identity, save_checkpoint
 from l3train.config import Config, validate_for_world
 from l3train.data.dataset import batch_for_step, build_datasets
 from l3train.distributed import expected_world_size, init_distributed
@@ -41,12 +43,15 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.devic
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, exit_after_steps: int = 0) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, exit_after_steps: int = 0,
+                 allow_config_change: bool = False) -> None:
         self.cfg, self.resume, self.exit_after_steps = cfg, resume, exit_after_steps
+        self.allow_config_change = allow_config_change
         self.stop = StopRequest()  # before the slow start-up, so an early signal is not lost
         # Every world-dependent check, before the slow start-up.
         self.layout = validate_for_world(cfg, expected_world_size())
-        self.step = 0  # optimizer steps completed
+        self.step = 0  # optimizer steps completed (skipped ones included: they consumed their data)
+        self.skipped_steps = self.skipped_in_a_row = 0
 
     def build(self) -> None:
         """Ranks and process groups, the parallel model, data, the DeepSpeed engine, and the
@@ -60,7 +65,7 @@ class Trainer:
                                f"(WORLD_SIZE or SLURM_NTASKS); start the trainers with torchrun or srun")
         # Imported here, after the checks: megatron-core takes seconds to import.
         from l3train.model.build import build_model
-        from l3train.optim import build_optimizer, build_scheduler
+        from l3train.optim import apply_hyperparameters, build_optimizer, build_scheduler
         from l3train.parallel.parallelize import parallelize
         from l3train.parallel.state import DeepSpeedMPU, initialize_parallel
 
@@ -68,18 +73,28 @@ class Trainer:
         model, allocation = build_model(cfg)
         self.parts = parallelize(model, allocation, cfg, self.layout, self.parallel, self.world.device)
         tr = cfg.training
-        self.train_ds, self.valid_ds = build_datasets(cfg.data, tr.seed, tr.steps * tr.global_batch_size,
-                                                      tr.eval_batches * tr.global_batch_size)
-        optimizer = build_optimizer(self.parts.model, cfg)
+        # One epoch of training samples, not steps × batch: see l3train.data.dataset.
+        self.train_ds, self.valid_ds = build_datasets(cfg.data, tr.seed, tr.eval_batches * tr.global_batch_size)
+        self.identity = run_identity(self.layout, cfg.parallel.zero_stage,
+                                     allocation.rows_per_token if allocation else None,
+                                     self.parts.rows.plan if self.parts.rows else None)
+        self.optimizer = build_optimizer(self.parts.model, cfg)  # DeepSpeed steps this very object
         self.engine, self.scheduler = deepspeed_adapter.initialize_engine(
-            self.parts.model, optimizer, build_scheduler(optimizer, cfg),
+            self.parts.model, self.optimizer, build_scheduler(self.optimizer, cfg),
             deepspeed_adapter.engine_config(cfg, self.layout), DeepSpeedMPU() if self.parallel.tp_size > 1 else None)
-        if self.resume:
-            self.step = load_latest_checkpoint(self.engine, cfg, self.parts, self.world.rank, self.world.size) or 0
-        self.start_step = self.step
+        resumed = load_latest_checkpoint(self.engine, cfg, self.identity, self.parts, self.world.rank,
+                                         self.world.size, self.allow_config_change) if self.resume else None
+        if resumed and resumed.config_changes:
+            # Restored optimizer state carries the checkpoint's hyperparameters; the new ones apply.
+            apply_hyperparameters(self.optimizer.param_groups, self.scheduler, cfg)
+            for part in self.parts.rank_local:
+                apply_hyperparameters(part.optimizer.param_groups, part.scheduler, cfg)
+        self.step = self.start_step = resumed.step if resumed else 0
         self.monitor = Monitor(cfg, self.parallel, self.world.is_main, self.start_step)
         if self.world.is_main:
             atomic_write_text(Path(cfg.run_dir) / "config.yaml", cfg.to_yaml())
+        for change in resumed.config_changes if resumed else []:
+            self.monitor.info(f"config changed on resume (--allow-config-change): {change}")
         self.monitor.info(self._describe())
         if self.valid_ds is None:
             self.monitor.info(f"data.split={cfg.data.split!r} has no validation part: validation is skipped")
@@ -103,8 +118,9 @@ class Trainer:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """This rank's share of the global batch of `step` (on the host)."""
-        return batch_for_step(self.train_ds, step, self.cfg.training.global_batch_size, self.parallel.dp_rank,
-                              self.parallel.dp_size)
+        tr = self.cfg.training
+        return batch_for_step(self.train_ds, step, tr.global_batch_size, self.parallel.dp_rank,
+                              self.parallel.dp_size, tr.seed)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepStats:
         """One optimizer step on this rank's share `batch` of the global batch of step `self.step`."""
@@ -114,27 +130,32 @@ class Trainer:
         # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
         seed_parallel(cfg.training.seed * 1_000_003 + self.step * 1_009 + self.parallel.dp_rank)
         step_loss = torch.zeros((), device=self.world.device)
-        entropy, router, grad_norm, count = {}, None, None, 0
+        entropy, router, grad_norm, count, skipped = {}, None, None, 0, False
         for micro in micro_batches(batch, self.layout.micro_batch_size, self.world.device):
             output = engine(micro["tokens"])
             loss = lm_loss(output.logits, micro["labels"], micro["loss_mask"], self.parallel.tp_size > 1)
             engine.backward(training_loss(output, loss, cfg.moe))
+            step_loss += loss.detach()  # the LM loss: comparable with dense and L³ runs
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 grad_norm = self._grad_norm_and_clip()
+                skipped = self._not_finite(step_loss, grad_norm)
+                self.optimizer.skip_next_step = skipped
             engine.step()
             if boundary:
                 for part in self.parts.rank_local:
-                    part.step()
-            step_loss += loss.detach()  # the LM loss: comparable with dense and L³ runs
+                    part.step(skip=skipped)
             entropy = {b: entropy.get(b, 0) + value for b, value in output.l3_entropy.items()}
             vector = router_vector(output.router)
             router = vector if router is None else router + vector
             count += 1
         self.step += 1
+        self.skipped_steps += skipped
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         return StepStats(step=self.step, loss=step_loss / engine.gradient_accumulation_steps(),
                          grad_norm=self._reported_norm(grad_norm), lr=self.scheduler.get_last_lr()[0],
-                         seconds=time.time() - start, l3_entropy=entropy, router=router, micro_batches=count)
+                         seconds=time.time() - start, l3_entropy=entropy, router=router, micro_batches=count,
+                         skipped=skipped, skipped_steps=self.skipped_steps)
 
     def _grad_norm_and_clip(self) -> float | None:
         """At the accumulation boundary, before `engine.step()`: with rank-local tensors, clip
@@ -144,7 +165,18 @@ class Trainer:
         if self.parts.rank_local:
             return clip_global_norm(self.engine, self.parts.model, self.parallel, self.parts.rank_local,
                                     self.cfg.optimizer.grad_clip)
-        return module_grad_norm(self.parts.model, self.parallel) if self.cfg.parallel.zero_stage == 0 else None
+        if not deepspeed_adapter.exposes_grad_norm(self.engine):
+            return None
+        return deepspeed_adapter.dense_grad_norm(self.engine, lambda: module_grad_norm(self.parts.model, self.parallel))
+
+    def _not_finite(self, step_loss: torch.Tensor, grad_norm: float | None) -> bool:
+        """Whether any rank saw a non-finite loss, or the global gradient norm is not finite
+        (where it is known before the step: see `deepspeed_adapter.exposes_grad_norm`)."""
+        bad = (~torch.isfinite(step_loss)).float()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad.fill_(1.0)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
 
     def _reported_norm(self, norm: float | None) -> float | None:
         return deepspeed_adapter.reported_grad_norm(self.engine) if norm is None else norm
@@ -167,17 +199,38 @@ class Trainer:
         dist.all_reduce(mean, group=parallel.dp_group)  # the TP ranks of one replica hold the same value
         return mean.item() / parallel.dp_size
 
+    def _report_skipped(self, stats: StepStats) -> None:
+        limit = self.cfg.training.max_skipped_steps
+        self.monitor.info(f"step {stats.step}: non-finite loss or gradient (grad_norm {stats.grad_norm}), update "
+                          f"skipped ({self.skipped_in_a_row} in a row, {self.skipped_steps} in total)")
+        if self.skipped_in_a_row >= limit:
+            raise L3TrainError(f"{limit} steps in a row (to step {stats.step}) had a non-finite loss or gradient "
+                               f"(training.max_skipped_steps={limit}); the run diverged: resume from the last "
+                               f"checkpoint with a lower learning rate or more warmup")
+
     def _log_validation(self, step: int) -> None:
         loss = self.validate()
         if loss is not None:
             self.monitor.write(step, {"val/loss": loss}, f"step {step:>6}/{self.cfg.training.steps} | val_loss {loss:.4f}")
 
     def save(self) -> Path:
-        rank = self.world.rank
-        path = save_checkpoint(self.engine, self.cfg, self.step, self.world.is_main,
-                               lambda directory: [part.save(directory, rank) for part in self.parts.rank_local])
+        """Checkpoint the current step (collective); refused if any weight is not finite."""
+        self._check_finite_weights()
+        path = save_checkpoint(self.engine, self.cfg, self.step, self.identity, self.parts, self.world.rank,
+                               self.world.size)
         self.monitor.info(f"saved checkpoint {path}")
         return path
+
+    def _check_finite_weights(self) -> None:
+        named = [(name, getattr(p, "ds_tensor", p)) for name, p in self.parts.model.named_parameters()]
+        named += [(f"{part.kind}[{i}]", p) for part in self.parts.rank_local for i, p in enumerate(part.params)]
+        first = next((name for name, tensor in named if not torch.isfinite(tensor.detach()).all()), None)
+        flag = torch.tensor(float(first is not None), device=self.world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            where = f"{first} on rank {self.world.rank}" if first else "a weight on another rank"
+            raise L3TrainError(f"refusing to save a checkpoint of step {self.step}: {where} is not finite; "
+                               f"resume from the last checkpoint with a lower learning rate")
 
     def train(self) -> int:
         """The training loop; returns the process exit status (EXIT_REQUEUE when stopped by a signal)."""
@@ -189,6 +242,8 @@ class Trainer:
             stats = self.train_step(self.batch(self.step))
             self.monitor.record(stats, time.time() - run_start)
             done = stats.step
+            if stats.skipped:
+                self._report_skipped(stats)
             if done % tr.eval_interval == 0 or done == tr.steps:
                 self._log_validation(done)
             preempted = done < tr.steps and self.stop.agreed(self.world.device)

@@ -33,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
+        sync_directory(path.parent)  # the rename itself must survive a crash too
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -42,3 +43,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sync_directory(path: str | os.PathLike) -> None:
+    """fsync a directory, so that the renames and new entries in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

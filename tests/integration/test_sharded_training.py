@@ -15,13 +15,14 @@ Run as a script under torchrun, this file is the worker of the ZeRO-isolation te
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from training_harness import (REPO, assert_losses_close, free_port, metrics, run_expecting_error, run_trainer,
-                              stop_and_resume, tiny_l3_config, trainer_env, write_config)
+from training_harness import (REPO, assert_losses_close, crash_and_resume, free_port, metrics, run_expecting_error,
+                              run_trainer, stop_and_resume, tiny_l3_config, trainer_env, write_config)
 
 GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
 TABLE = "lookups.0.lookup.rows.key_table"
@@ -159,6 +160,19 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
     message = run_expecting_error("--config", str(config), *common, "--resume")
     assert "its L³ rows are sharded over 2 ranks (TP×DP)" in message
     assert "resharding checkpoints is not supported" in message
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical_dp2_zero2(config, runs, tmp_path):
+    """A node failure: every process SIGKILLed at a random step after a checkpoint; --resume
+    gives, from the checkpoint on, the uninterrupted run's per-step losses bit for bit."""
+    whole = runs(2, 1, 2)
+    kill_at = random.Random().randint(6, 18)
+    crashed = tmp_path / "crashed"
+    resumed_at = crash_and_resume(config, crashed, ["parallel.zero_stage=2", "checkpoint.save_interval=5"], 2,
+                                  kill_at)
+    assert 5 <= resumed_at <= kill_at, (resumed_at, kill_at)
+    assert metrics(crashed, "train/loss") == metrics(whole, "train/loss"), f"killed after step {kill_at}"
 
 
 @pytest.mark.slow

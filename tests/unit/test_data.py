@@ -21,8 +21,8 @@ import torch
 
 from l3train.data import indexed
 from l3train.data.corpus import build_corpus, iter_documents, meta_path
-from l3train.data.dataset import batch_for_step, build_datasets, dataset_cache_root
-from l3train.data.indexed import IndexedDocuments, preprocess, read_meta
+from l3train.data.dataset import batch_for_step, build_datasets, dataset_cache_root, sample_index
+from l3train.data.indexed import IndexedDocuments, check_indexed_dataset, preprocess, read_meta
 from l3train.data.tokenizer import Tokenizer, iter_training_sentences, train_tokenizer
 from l3train.errors import L3TrainError
 from training_harness import REPO
@@ -288,9 +288,9 @@ def test_preprocess_input_errors(tiny_corpus, tmp_path):
 
 def test_batches_are_deterministic_per_step_and_split_over_dp_ranks(tiny_corpus):
     settings = data_settings(tiny_corpus)
-    train, valid = build_datasets(settings, seed=1, train_samples=200, valid_samples=16)
-    again, _ = build_datasets(settings, seed=1, train_samples=200, valid_samples=16)
-    other, _ = build_datasets(settings, seed=2, train_samples=200, valid_samples=16)
+    train, valid = build_datasets(settings, 1, 16, 200)
+    again, _ = build_datasets(settings, 1, 16, 200)
+    other, _ = build_datasets(settings, 2, 16, 200)
     assert len(train) >= 200 and len(valid) >= 16
 
     batch = batch_for_step(train, step=3, global_batch_size=8, dp_rank=0, dp_size=1)
@@ -310,16 +310,35 @@ def test_batches_are_deterministic_per_step_and_split_over_dp_ranks(tiny_corpus)
     for key in batch:
         assert torch.equal(torch.cat([s[key] for s in shards]), batch[key])
 
-    # Sample indices are step * global_batch_size + arange, modulo the dataset length.
-    step = len(train) // 8 + 5
-    wrapped = batch_for_step(train, step, 8, 0, 1)
-    expected = [train[(step * 8 + i) % len(train)]["tokens"] for i in range(8)]
+    # Positions step * global_batch_size + arange; past the dataset's end, later epochs read
+    # every sample once more, each epoch in its own order seeded by (seed, epoch).
+    size = len(train)
+    second_epoch = [sample_index(position, size, seed=1) for position in range(size, 2 * size)]
+    third_epoch = [sample_index(position, size, seed=1) for position in range(2 * size, 3 * size)]
+    assert sorted(second_epoch) == sorted(third_epoch) == list(range(size))
+    assert second_epoch != third_epoch != list(range(size))
+    assert second_epoch != [sample_index(position, size, seed=2) for position in range(size, 2 * size)]
+    step = size // 8 + 5
+    wrapped = batch_for_step(train, step, 8, 0, 1, seed=1)
+    expected = [train[sample_index(step * 8 + i, size, seed=1)]["tokens"] for i in range(8)]
     assert torch.equal(wrapped["tokens"], torch.stack(expected))
+
+
+def test_training_dataset_is_one_epoch_whatever_the_run_length(tiny_corpus):
+    """The trainer builds one epoch (no sample count): megatron's shuffle depends on the
+    count, so a count from training.steps would reorder every step when a run is extended."""
+    settings = data_settings(tiny_corpus)
+    epoch, _ = build_datasets(settings, 1, 16)
+    _, lengths = check_indexed_dataset(tiny_corpus.data_prefix)
+    tokens = int(lengths[:round(0.98 * len(lengths))].sum())  # the training split's documents
+    assert len(epoch) == (tokens - 1) // 32
+    longer, _ = build_datasets(settings, 1, 16, train_samples=3 * len(epoch))
+    assert not torch.equal(batch_for_step(epoch, 0, 8, 0, 1)["tokens"], batch_for_step(longer, 0, 8, 0, 1)["tokens"])
 
 
 def test_samples_are_real_text_windows(tiny_corpus):
     tokenizer = Tokenizer.load(tiny_corpus.tokenizer_path)
-    train, _ = build_datasets(data_settings(tiny_corpus, seq_length=64), 0, 10, 1)
+    train, _ = build_datasets(data_settings(tiny_corpus, seq_length=64), 0, 1, 10)
     text = tokenizer.decode(train[0]["tokens"].tolist())
     corpus_text = " ".join(tiny_corpus.documents)
     # A window decodes to pieces of corpus text (documents joined at EOD).
@@ -331,7 +350,7 @@ def test_blend_follows_weights(tiny_corpus, tmp_path):
     settings = data_settings(tiny_corpus, prefixes=[tiny_corpus.data_prefix, second])
     for weights, expected in (([1.0, 3.0], [100, 300]), (None, [200, 200])):
         train, valid = build_datasets(
-            SimpleNamespace(**{**vars(settings), "weights": weights}), 0, 400, 20
+            SimpleNamespace(**{**vars(settings), "weights": weights}), 0, 20, 400
         )
         assert len(train) == 400 and len(valid) == 20
         assert np.bincount(np.asarray(train.dataset_index)).tolist() == expected
@@ -340,7 +359,7 @@ def test_blend_follows_weights(tiny_corpus, tmp_path):
 
 
 def test_split_without_validation_gives_none(tiny_corpus):
-    train, valid = build_datasets(data_settings(tiny_corpus, split="100,0,0"), 0, 50, 0)
+    train, valid = build_datasets(data_settings(tiny_corpus, split="100,0,0"), 0, 0, 50)
     assert valid is None and len(train) >= 50
 
 
@@ -348,7 +367,7 @@ def test_megatron_index_cache_stays_out_of_the_data_dir(tiny_corpus, tmp_path):
     prefix = copy_prefix(tiny_corpus.data_prefix, tmp_path / "data")
     before = sorted(p.name for p in (tmp_path / "data").iterdir())
     settings = data_settings(tiny_corpus, prefixes=[prefix])
-    train, _ = build_datasets(settings, 5, 100, 4)
+    train, _ = build_datasets(settings, 5, 4, 100)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before
     def cache_entries() -> list[Path]:
         target = Path(f"{prefix}.bin").resolve()
@@ -361,14 +380,14 @@ def test_megatron_index_cache_stays_out_of_the_data_dir(tiny_corpus, tmp_path):
     (entries[0] / "COMPLETE").unlink()
     for npy in entries[0].rglob("*.npy"):
         npy.write_bytes(npy.read_bytes()[:20])
-    rebuilt, _ = build_datasets(settings, 5, 100, 4)
+    rebuilt, _ = build_datasets(settings, 5, 4, 100)
     assert torch.equal(
         batch_for_step(rebuilt, 2, 4, 0, 1)["tokens"], batch_for_step(train, 2, 4, 0, 1)["tokens"]
     )
 
     # Re-preprocessing the prefix changes the files' identity, so no stale indices.
     Path(f"{prefix}.idx").touch()
-    build_datasets(settings, 5, 100, 4)
+    build_datasets(settings, 5, 4, 100)
     assert len(cache_entries()) == 2
 
 
@@ -376,11 +395,11 @@ def test_single_rank_process_group_matches_no_process_group(tiny_corpus, tmp_pat
     import torch.distributed as dist
 
     settings = data_settings(tiny_corpus, seq_length=16)
-    plain, _ = build_datasets(settings, 9, 64, 4)
+    plain, _ = build_datasets(settings, 9, 4, 64)
     store = f"file://{tmp_path / 'store'}"
     dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
-        grouped, _ = build_datasets(settings, 9, 64, 4)
+        grouped, _ = build_datasets(settings, 9, 4, 64)
     finally:
         dist.destroy_process_group()
     a, b = batch_for_step(plain, 1, 8, 0, 1), batch_for_step(grouped, 1, 8, 0, 1)
@@ -392,7 +411,7 @@ def _rank_batches(rank: int, world: int, store: str, settings: dict, out: str) -
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        train, _ = build_datasets(SimpleNamespace(**settings), 3, 64, 4)
+        train, _ = build_datasets(SimpleNamespace(**settings), 3, 4, 64)
         torch.save(batch_for_step(train, 2, 8, rank, world), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -405,7 +424,7 @@ def test_two_rank_union_equals_single_process_batch(tiny_corpus, tmp_path):
     settings = vars(data_settings(tiny_corpus, seq_length=16))
     out = str(tmp_path / "batch")
     mp.spawn(_rank_batches, args=(2, str(tmp_path / "store"), settings, out), nprocs=2)
-    train, _ = build_datasets(SimpleNamespace(**settings), 3, 64, 4)
+    train, _ = build_datasets(SimpleNamespace(**settings), 3, 4, 64)
     single = batch_for_step(train, 2, 8, 0, 1)
     shards = [torch.load(f"{out}.{rank}") for rank in range(2)]
     for key in single:
@@ -439,7 +458,7 @@ def test_damaged_data_is_a_clear_error(tiny_corpus, tmp_path, damage, message):
     elif damage == "tiny_idx":
         idx.write_bytes(b"MMIDI")
     with pytest.raises(L3TrainError, match=message) as err:
-        build_datasets(data_settings(tiny_corpus, prefixes=[prefix]), 0, 10, 1)
+        build_datasets(data_settings(tiny_corpus, prefixes=[prefix]), 0, 1, 10)
     assert "tools/preprocess_data.py" in str(err.value)
 
 
@@ -454,15 +473,15 @@ def test_dataset_config_errors(tiny_corpus, tmp_path):
     ]
     for overrides, message in cases:
         with pytest.raises(L3TrainError, match=message):
-            build_datasets(data_settings(tiny_corpus, **overrides), 0, 10, 1)
+            build_datasets(data_settings(tiny_corpus, **overrides), 0, 1, 10)
     # A 5-document dataset gives its 2% validation split nothing.
     docs = tmp_path / "five.jsonl"
     docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus.documents[:5]))
     prefix = str(tmp_path / "five")
     preprocess(docs, prefix, tiny_corpus.tokenizer_path, progress=False, log=quiet)
     with pytest.raises(L3TrainError, match=r"has 5 documents; its valid split \(2.0%\) gets none"):
-        build_datasets(data_settings(tiny_corpus, prefixes=[prefix]), 0, 10, 1)
-    train, _ = build_datasets(data_settings(tiny_corpus), 0, 10, 1)
+        build_datasets(data_settings(tiny_corpus, prefixes=[prefix]), 0, 1, 10)
+    train, _ = build_datasets(data_settings(tiny_corpus), 0, 1, 10)
     with pytest.raises(L3TrainError, match="not divisible"):
         batch_for_step(train, 0, 6, 0, 4)
 
@@ -472,7 +491,7 @@ def test_tokenizer_mismatch_with_data_is_caught(tiny_corpus, tmp_path):
         iter_training_sentences(tiny_corpus.documents[:300]), tmp_path / "other", 400
     )
     with pytest.raises(L3TrainError, match=rf"tokenized with tokenizer {tiny_corpus.tokenizer_id}"):
-        build_datasets(data_settings(tiny_corpus, tokenizer=str(other.path)), 0, 10, 1)
+        build_datasets(data_settings(tiny_corpus, tokenizer=str(other.path)), 0, 1, 10)
 
 
 # --- command lines ------------------------------------------------------------------
