@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class ParallelConfig:
     # Partition the L³ rows over the TP×DP ranks by the static router (when there are > 1
     # ranks and L³ layers); their optimizer and checkpoints are then outside DeepSpeed.
     shard_l3_rows: bool = True
+    # A collective that waits longer than this fails instead of hanging (a rank that froze);
+    # a rank that died is noticed at once through its closed connections.
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -152,6 +156,9 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -187,6 +194,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads "3e-4" (no dot) as a string
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise L3TrainError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
@@ -263,6 +272,8 @@ def _validate(cfg: Config) -> None:
         (0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={opt.lr}], got {opt.min_lr}"),
         (0 <= opt.warmup_steps <= tr.steps, "optimizer.warmup_steps",
          f"must be in [0, training.steps={tr.steps}], got {opt.warmup_steps}"),
+        (cfg.parallel.collective_timeout_minutes > 0, "parallel.collective_timeout_minutes",
+         f"must be > 0, got {cfg.parallel.collective_timeout_minutes}"),
         (opt.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables clipping), got {opt.grad_clip}"),
         (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {cfg.checkpoint.keep_last}"),
     ]

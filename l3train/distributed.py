@@ -7,6 +7,7 @@ imported: on machines without CUDA it selects DeepSpeed's CPU accelerator.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -73,14 +74,27 @@ def expected_world_size() -> int:
     return 1
 
 
-def init_distributed() -> World:
-    """Initialise torch.distributed through DeepSpeed (which also sets up its own comm)."""
+# The exit status of a rank that lost contact with another one (neither a user error, 2,
+# nor a requeue after a stop signal, 75).
+EXIT_RANK_LOST = 3
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective failed because a peer went away: NCCL raises DistError (c10d's type);
+    gloo raises a plain RuntimeError from its TCP transport."""
+    return isinstance(err, torch.distributed.DistError) or "gloo/transport" in str(err)
+
+
+def init_distributed(timeout_minutes: float = 10.0) -> World:
+    """Initialise torch.distributed through DeepSpeed (which also sets up its own comm); a
+    collective waiting longer than `timeout_minutes` fails instead of hanging."""
     if "RANK" not in os.environ:
         _rank_environment_without_torchrun()
     device = select_accelerator()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
+                               auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size(),
                  local_rank=int(os.environ["LOCAL_RANK"]), device=device)

@@ -10,8 +10,12 @@ Overrides and flags may come in any order. The training itself is l3train.traine
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
 
 from l3train.config import load_config
+from l3train.distributed import EXIT_RANK_LOST, is_collective_failure
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 
 
@@ -43,8 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         raise L3TrainError("--allow-config-change only applies with --resume")
     trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps,
                       allow_config_change=args.allow_config_change)
-    trainer.build()
-    return trainer.train()
+    try:
+        trainer.build()
+        return trainer.train()
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        # One line instead of a traceback per surviving rank; the launcher (torchrun's failure
+        # report, srun's task list) names the rank that died first.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
+        print(f"error: rank {rank}: lost contact with another rank during a collective ({str(err).splitlines()[0][:200]}); "
+              f"a rank died, was killed or lost its node: see the launcher's report for which, then restart "
+              f"with --resume", file=sys.stderr, flush=True)
+        return EXIT_RANK_LOST
 
 
 if __name__ == "__main__":

@@ -91,8 +91,12 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL `process` and all its descendants at once (torchrun starts each rank in a
     session of its own, so killing the launcher's process group would spare them)."""
-    root = psutil.Process(process.pid)
-    for victim in [*root.children(recursive=True), root]:
+    try:
+        root = psutil.Process(process.pid)
+        victims = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:  # already gone
+        victims = []
+    for victim in victims:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.send_signal(signal.SIGKILL)
     process.wait()

@@ -59,7 +59,7 @@ class Trainer:
         cfg = self.cfg
         if not self.resume:
             refuse_existing_checkpoints(cfg)
-        self.world = init_distributed()
+        self.world = init_distributed(cfg.parallel.collective_timeout_minutes)
         if self.world.size != self.layout.world_size:
             raise L3TrainError(f"{self.world.size} ranks joined, but the launcher announced {self.layout.world_size} "
                                f"(WORLD_SIZE or SLURM_NTASKS); start the trainers with torchrun or srun")

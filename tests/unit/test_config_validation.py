@@ -81,3 +81,11 @@ def test_a_batch_that_does_not_split_says_what_to_set():
         validate_for_world(config_from_dict({}, ["training.global_batch_size=24"]), 2)
     with pytest.raises(L3TrainError, match=r"parallel.tensor_parallel=2 must divide the number of ranks \(3\)"):
         validate_for_world(config_from_dict({}, ["parallel.tensor_parallel=2"]), 3)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; configs and overrides mean a number."""
+    cfg = config_from_dict({"optimizer": {"min_lr": "1E-5"}}, ["optimizer.lr=5e-4"])
+    assert cfg.optimizer.lr == 5e-4 and cfg.optimizer.min_lr == 1e-5
+    with pytest.raises(L3TrainError, match="optimizer.lr: expected float, got str '5e-4x'"):
+        config_from_dict({}, ["optimizer.lr=5e-4x"])

@@ -1,0 +1,69 @@
+"""Failures that must end cleanly: SIGKILLs while checkpoints are written never leave a
+`latest` that does not verify and load; a rank that dies makes every process exit quickly,
+non-zero, with the lost rank named."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from training_harness import (REPO, kill_tree, run_trainer, tiny_l3_config, trainer_command, trainer_env,
+                              wait_for_step, write_config)
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.fixture
+def config(tmp_path, tiny_corpus, tiny_allocation) -> Path:
+    return write_config(tmp_path / "config.yaml", tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation))
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_while_saving_never_break_latest(config, tmp_path):
+    run_dir, report_path, seed = tmp_path / "run", tmp_path / "report.json", random.randrange(1 << 30)
+    cmd = [sys.executable, str(WORKERS / "kill_during_save_worker.py"), str(config), str(run_dir), "20",
+           str(report_path), str(seed)]
+    result = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"seed {seed}\n" + result.stdout[-3000:] + result.stderr[-5000:]
+    rounds = json.loads(report_path.read_text())["rounds"]
+    assert len(rounds) == 20 and all(r["killed"] for r in rounds), rounds
+    assert all(r["problem"] is None for r in rounds), rounds  # `latest` verifies after every kill
+    # Each round's trainer resumed from the previous round's `latest` and saved after it: it loaded.
+    assert all(r["first_save"] > (r["resumed_from"] or "") for r in rounds)
+    assert sum(r["mid_save"] for r in rounds) >= 10, rounds  # the kills did land inside saves
+    resumed = run_trainer(config, f"run_dir={run_dir}", "training.steps=100000", "--resume", "--exit-after-steps",
+                          "1", "--allow-config-change")
+    assert f"resuming at step {int(rounds[-1]['latest'].split('_')[1])}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_every_process_within_a_minute(config, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = trainer_command(config, f"run_dir={run_dir}", "training.steps=100000", "checkpoint.save_interval=100000",
+                          "training.eval_interval=100000", "training.log_interval=1", nproc=2)
+    log = (tmp_path / "out.log").open("w+")
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "RANK" in p.environ()}
+        killed_at = time.time()
+        ranks[1].kill()
+        launcher.wait(timeout=120)
+        elapsed = time.time() - killed_at
+        survivors = [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        kill_tree(launcher)
+    log.seek(0)
+    output = log.read()
+    print(f"rank death: every process gone {elapsed:.1f} s after SIGKILL of rank 1")
+    assert launcher.returncode != 0 and not survivors
+    assert elapsed < 60, output[-3000:]
+    assert "rank: 1 (local_rank: 1)" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    assert "error: rank 0: lost contact with another rank" in output, output[-3000:]
