@@ -41,9 +41,9 @@ def main() -> None:
     rank = dist.get_rank()
     poisoned = {3} if mode == "skip" else set(range(2, 1000))
 
-    def poison(_module, _inputs, output):
+    def poison(_module, _inputs, output):  # a block returns (hidden states, router stats)
         if rank == 1 and trainer.step in poisoned:
-            return output * float("nan")
+            return output[0] * float("nan"), output[1]
         return output
 
     trainer.parts.model.blocks[0].register_forward_hook(poison)
