@@ -358,7 +358,9 @@ def _set_override(tree: dict[str, Any], assignment: str) -> None:
     try:
         node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise L3TrainError(f"override {dotted}: cannot parse value {raw!r}: {err}") from None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise L3TrainError(f"override {dotted}: cannot parse value {raw!r} ({problem}); values are YAML, "
+                           f"e.g. [1, 3] or 3e-4") from None
 
 
 def config_from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:

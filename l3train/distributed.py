@@ -8,9 +8,12 @@ imported: on machines without CUDA it selects DeepSpeed's CPU accelerator.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -64,6 +67,12 @@ def _rank_environment_without_torchrun() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher announced it (torchrun's RANK, srun's
+    SLURM_PROCID; 0 without a launcher), known before torch.distributed starts."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def expected_world_size() -> int:
     """The number of ranks this process will join, known before torch.distributed starts:
     torchrun's WORLD_SIZE, srun's task count, else 1."""
@@ -72,6 +81,25 @@ def expected_world_size() -> int:
     if "SLURM_PROCID" in os.environ:
         return int(os.environ.get("SLURM_NTASKS", "1"))
     return 1
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a process that has used torch.distributed, without interpreter finalization.
+
+    Why: a gloo worker thread that finishes a collective releases its tensors' Python
+    wrappers, which takes the GIL. If the main thread begins finalizing between torch's
+    `Py_IsInitialized()` check and that GIL acquisition, CPython ends the worker thread with
+    `pthread_exit`; the forced unwind crosses noexcept destructors and the process aborts
+    ("terminate called without an active exception", SIGABRT) after its work is done.
+    `destroy_process_group()` cannot prevent it: it does not join gloo's threads while
+    megatron-core and DeepSpeed still hold their groups. Callers first pass a barrier (all
+    ranks are past their last collective), then exit here; nothing l3train needs runs in
+    atexit handlers or finalizers (logs and writers are closed explicitly).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # The exit status of a rank that lost contact with another one (neither a user error, 2,

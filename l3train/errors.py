@@ -24,20 +24,36 @@ def run_cli(main: Callable[[], int | None]) -> None:
         status = main()
     except L3TrainError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except OSError as err:  # unwritable output, missing directory, full disk: name the path
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status or 0)
+        status = 2
+    _exit(status or 0)
+
+
+def _exit(status: int) -> NoReturn:
+    """`sys.exit`, except in a process that joined torch.distributed: that one must skip
+    interpreter finalization (l3train.distributed.exit_process says why)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from l3train.distributed import exit_process
+
+        exit_process(status)
+    sys.exit(status)
 
 
 class CliArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors follow the one-line convention.
 
     Plain argparse prints the usage block plus a message; raising `L3TrainError`
-    instead lets `run_cli` print a single `error: ...` line (exit 2).
+    instead lets `run_cli` print a single `error: ...` line (exit 2). Abbreviated flags
+    are refused: `--resum` must not silently mean `--resume`.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise L3TrainError(f"{message} (see {self.prog} --help)")

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
               f"a rank died, was killed or lost its node: see the launcher's report for which, then restart "
               f"with --resume", file=sys.stderr, flush=True)
         return EXIT_RANK_LOST
+    finally:
+        trainer.close()  # explicitly: the process ends without finalizers (exit_process)
 
 
 if __name__ == "__main__":

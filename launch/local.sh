@@ -25,8 +25,9 @@ EOF
 case "${1:-}" in
   -h | --help) usage; exit 0 ;;
 esac
+# Argument errors are one `error: ...` line and exit status 2, like the trainer's.
 if [ $# -lt 2 ]; then
-  usage >&2
+  echo "error: expected NPROC and CONFIG, got $# argument(s) (usage: launch/local.sh NPROC CONFIG [key.sub=value ...]; see --help)" >&2
   exit 2
 fi
 NPROC=$1

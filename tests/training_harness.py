@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import psutil
@@ -102,6 +104,15 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def assert_crash_resume_is_exact(config: Path, whole_run: Path, run_dir: Path, overrides: list[str]) -> None:
+    """With checkpoints every 5 of 20 steps: SIGKILL every process after a random step past the
+    first checkpoint, `--resume`, and compare all per-step losses with `whole_run` bit for bit."""
+    kill_at = random.Random().randint(6, 18)
+    resumed_at = crash_and_resume(config, run_dir, [*overrides, "checkpoint.save_interval=5"], 2, kill_at)
+    assert 5 <= resumed_at <= kill_at, (resumed_at, kill_at)
+    assert metrics(run_dir, "train/loss") == metrics(whole_run, "train/loss"), f"killed after step {kill_at}"
+
+
 def crash_and_resume(config: Path, run_dir: Path, overrides: list[str], nproc: int, kill_at: int) -> int:
     """Train until step `kill_at` is logged, SIGKILL the launcher and every rank at once (a node
     failure), then `--resume` to the end; returns the step the resume started from."""
@@ -114,6 +125,19 @@ def crash_and_resume(config: Path, run_dir: Path, overrides: list[str], nproc: i
         kill_tree(process)
     resumed = run_trainer(config, *common, "--resume", nproc=nproc)
     return int(resumed.stdout.split("resuming at step ")[1].split()[0].rstrip(";"))
+
+
+def finish_worker(status: int = 0) -> NoReturn:
+    """Leave a torchrun worker: a barrier (every rank is past its last collective), then exit
+    without interpreter finalization, which can abort a gloo process at exit
+    (l3train.distributed.exit_process explains the race)."""
+    import torch.distributed as dist
+
+    from l3train.distributed import exit_process
+
+    if dist.is_initialized():
+        dist.barrier()
+    exit_process(status)
 
 
 def write_config(path: Path, tree: dict) -> Path:

@@ -13,6 +13,7 @@ import argparse
 
 from l3train.data.corpus import MIN_CHARS, build_corpus, meta_path
 from l3train.errors import CliArgumentParser, run_cli
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 DEFAULT_OUTPUT = "data/corpus/stdlib_docstrings.jsonl"
 
@@ -41,11 +42,14 @@ def parse_args() -> argparse.Namespace:
         help="standard library directory to read (default: the running Python's)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_argument(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    refuse_existing([args.output, meta_path(args.output)], "a corpus JSONL or its .meta.json record",
+                    args.overwrite)
     stats = build_corpus(
         args.output, max_mb=args.max_mb, stdlib=args.stdlib, progress=not args.quiet
     )

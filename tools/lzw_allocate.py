@@ -33,21 +33,15 @@ from pathlib import Path
 from l3train.allocation import MODES, TextFile
 from l3train.allocation.build import CorpusOptions, open_corpus, scan_and_allocate, summary_lines
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data-prefix",
-        metavar="PREFIX",
-        help="Megatron indexed dataset <PREFIX>.bin/.idx; each document is one LZW document",
-    )
-    source.add_argument(
-        "--text",
-        metavar="FILE",
-        help="UTF-8 text, one document per line (needs --tokenizer)",
-    )
+    source.add_argument("--data-prefix", metavar="PREFIX",
+                        help="Megatron indexed dataset <PREFIX>.bin/.idx; each document is one LZW document")
+    source.add_argument("--text", metavar="FILE", help="UTF-8 text, one document per line (needs --tokenizer)")
     identity = parser.add_mutually_exclusive_group()
     identity.add_argument(
         "--tokenizer",
@@ -84,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--corpus", metavar="TEXT", help="free-text corpus description to record (default: derived)")
     parser.add_argument("--output", required=True, metavar="FILE.npz", help="allocation file to write")
+    add_overwrite_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.data_prefix is None and args.text is None and args.mode != "uniform":
@@ -102,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     start = time.monotonic()
     args = parse_args()
+    refuse_existing([args.output], "an L³ allocation file", args.overwrite)  # before the scan
     source = TextFile(args.text) if args.text is not None else args.data_prefix  # None: no corpus (uniform)
     options = CorpusOptions(tokenizer=args.tokenizer, tokenizer_id=args.tokenizer_id, vocab_size=args.vocab_size,
                             eod_id=args.eod_id, max_tokens=args.max_tokens, description=args.corpus)

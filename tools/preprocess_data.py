@@ -14,6 +14,7 @@ import argparse
 
 from l3train.data.indexed import DEFAULT_CHUNK_LINES, preprocess
 from l3train.errors import CliArgumentParser, run_cli
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,11 +42,15 @@ def parse_args() -> argparse.Namespace:
         help=f"input lines per resumable chunk (default {DEFAULT_CHUNK_LINES})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_argument(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    # Only finished datasets count: an interrupted run's <prefix>.parts/ is resumed, not refused.
+    refuse_existing([f"{args.output_prefix}{suffix}" for suffix in (".bin", ".idx", ".meta.json")],
+                    "a tokenized dataset: <prefix>.bin/.idx/.meta.json", args.overwrite)
     stats = preprocess(
         args.input,
         args.output_prefix,

@@ -17,9 +17,9 @@ active parameters; relative paths resolve from the current directory, as in trai
     python tools/report.py runs/dense-1 runs/l3-1 --output reports/pair   # run directories
 
 Writes DIR/report.md, DIR/loss_vs_tokens.png and DIR/val_loss_vs_active_params.png,
-each atomically. A run directory given explicitly must hold a config.yaml and at least
-one logged training step; runs of a study that have not logged a step yet are skipped
-with a warning.
+each atomically; if one exists already, nothing is written unless --overwrite is given.
+A run directory given explicitly must hold a config.yaml and at least one logged training
+step; runs of a study that have not logged a step yet are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from l3train.analysis.report import collect_runs, write_report
+from l3train.analysis.report import collect_runs, report_files, write_report
 from l3train.errors import CliArgumentParser, run_cli
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, metavar="STUDY_DIR_OR_RUN_DIR")
     parser.add_argument("--output", required=True, type=Path, help="directory for report.md and the plots")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
+    refuse_existing(report_files(args.output), "a report of tools/report.py", args.overwrite)
     runs = collect_runs(args.paths)
     best = write_report(runs, args.output)
     print(f"report of {len(runs)} run(s) in {args.output}"

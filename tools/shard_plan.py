@@ -37,6 +37,7 @@ from l3train.allocation import Allocation
 from l3train.analysis.shard_stats import check_dataset_tokenizer, format_balances, plan_balance, sample_batches
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.parallel.shard_plan import METHODS, plan_shards
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 DATA_DEFAULTS = {"batches": 20, "global_batch": 16, "seq_length": 128}
 
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help=f"tokens per sequence (default {DATA_DEFAULTS['seq_length']})")
     data.add_argument("--seed", type=int, default=0, help="seed of the window choice (default 0)")
     parser.add_argument("--output", metavar="FILE.npz", help="write the --method plan here")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error(f"--shards must be at least 1, got {args.shards}")
@@ -76,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    refuse_existing([args.output] if args.output else [], "a shard plan file", args.overwrite)
     allocation = Allocation.load(args.allocation)
     if args.shards > allocation.vocab_size:
         raise L3TrainError(f"--shards {args.shards} exceeds the vocab size {allocation.vocab_size}: "

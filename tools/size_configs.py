@@ -32,6 +32,7 @@ from l3train.sizing.accounting import add_l3_figure_arguments, l3_figures
 from l3train.sizing.baseline_configs import dense_yaml, moe_yaml, summary_lines
 from l3train.sizing.search import MAX_EXPERTS, size_baselines
 from l3train.utils.atomic import atomic_write_text
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
 def main() -> int:
@@ -45,7 +46,10 @@ def main() -> int:
                              "ranks); 8 for nodes of 8 GPUs")
     parser.add_argument("--output-dense", metavar="FILE", help="write the iso-FLOP dense config here")
     parser.add_argument("--output-moe", metavar="FILE", help="write the iso-sparse MoE config here")
+    add_overwrite_argument(parser)
     args = parser.parse_args()
+    refuse_existing([path for path in (args.output_dense, args.output_moe) if path], "a config file",
+                    args.overwrite)
     if args.moe_top_k < 1:
         raise L3TrainError(f"--moe-top-k must be >= 1, got {args.moe_top_k}")
     if not 1 <= args.moe_experts_multiple <= MAX_EXPERTS:

@@ -15,6 +15,7 @@ import time
 from l3train.data.corpus import check_input, detect_format, iter_documents
 from l3train.data.tokenizer import iter_training_sentences, train_tokenizer
 from l3train.errors import CliArgumentParser, run_cli
+from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,11 +56,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
+    add_overwrite_argument(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    refuse_existing([f"{args.output_prefix}{suffix}" for suffix in (".model", ".vocab")],
+                    "a sentencepiece tokenizer: <prefix>.model/.vocab", args.overwrite)
     for path in args.input:
         check_input(path)
     start = time.monotonic()

@@ -70,6 +70,10 @@ def read_metrics(path: Path) -> tuple[dict[int, float], dict[int, float]]:
             if number == len(lines):
                 break
             raise L3TrainError(f"{path}:{number} is not JSON; the metrics file is corrupt") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            # The trainer writes one {"step": N, ...} object per line; anything else is damage.
+            raise L3TrainError(f"{path}:{number} is not a metrics record (a JSON object with an integer "
+                               f"\"step\"); the metrics file is corrupt")
         if "train/loss" in row:
             train[row["step"]] = row["train/loss"]
         if "val/loss" in row:
@@ -230,11 +234,17 @@ def plot_val_vs_active(runs: list[Run], path: Path) -> None:
     save_figure(fig, path)
 
 
+def report_files(output: Path) -> tuple[Path, Path, Path]:
+    """The files `write_report` writes into `output`: report.md and the two plots."""
+    return output / "report.md", output / "loss_vs_tokens.png", output / "val_loss_vs_active_params.png"
+
+
 def write_report(runs: list[Run], output: Path) -> Run | None:
     """Write report.md and the two plots into `output`; return the run with the best final
     validation loss (None if no run has one yet)."""
+    report, loss_plot, val_plot = report_files(output)
     output.mkdir(parents=True, exist_ok=True)
-    plot_loss_vs_tokens(runs, output / "loss_vs_tokens.png")
-    plot_val_vs_active(runs, output / "val_loss_vs_active_params.png")
-    atomic_write_text(output / "report.md", markdown(runs))
+    plot_loss_vs_tokens(runs, loss_plot)
+    plot_val_vs_active(runs, val_plot)
+    atomic_write_text(report, markdown(runs))
     return min((run for run in runs if run.final_val is not None), key=lambda run: run.final_val, default=None)

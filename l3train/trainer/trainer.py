@@ -28,9 +28,10 @@ import torch.distributed as dist
 from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, run_identity, save_checkpoint
 from l3train.config import Config, validate_for_world
 from l3train.data.dataset import batch_for_step, build_datasets
-from l3train.distributed import expected_world_size, init_distributed
+from l3train.distributed import expected_world_size, init_distributed, launcher_rank
 from l3train.errors import L3TrainError
 from l3train.preemption import EXIT_REQUEUE, StopRequest
+from l3train.run_lock import RunDirLock
 from l3train.trainer import deepspeed_adapter
 from l3train.trainer.loss import lm_loss, training_loss
 from l3train.trainer.monitor import Monitor, StepStats, router_vector
@@ -52,11 +53,15 @@ class Trainer:
         self.layout = validate_for_world(cfg, expected_world_size())
         self.step = 0  # optimizer steps completed (skipped ones included: they consumed their data)
         self.skipped_steps = self.skipped_in_a_row = 0
+        # One trainer per run_dir; rank 0 holds the lock for the whole world.
+        self.lock = RunDirLock(cfg.run_dir) if launcher_rank() == 0 else None
 
     def build(self) -> None:
         """Ranks and process groups, the parallel model, data, the DeepSpeed engine, and the
         checkpoint to resume from."""
         cfg = self.cfg
+        if self.lock is not None:
+            self.lock.acquire()
         if not self.resume:
             refuse_existing_checkpoints(cfg)
         self.world = init_distributed(cfg.parallel.collective_timeout_minutes)
@@ -98,6 +103,11 @@ class Trainer:
         self.monitor.info(self._describe())
         if self.valid_ds is None:
             self.monitor.info(f"data.split={cfg.data.split!r} has no validation part: validation is skipped")
+
+    def close(self) -> None:
+        """Release the run directory (also after a failure); the trainer is done."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _describe(self) -> str:
         cfg, layout, parts = self.cfg, self.layout, self.parts

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_harness import REPO, trainer_env
+from training_harness import REPO, finish_worker, trainer_env
 
 
 def test_installed_deepspeed_is_the_pinned_version():
@@ -62,6 +62,7 @@ def _worker(output: Path) -> None:
         report[stage] = {"dense": dense, "expected": expected, "reported": after, "step_norm": step}
         engine.destroy()
     output.write_text(json.dumps(report))
+    finish_worker()
 
 
 def _full_params(engine):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ def test_twenty_sigkills_while_saving_never_break_latest(config, tmp_path):
     assert all(r["problem"] is None for r in rounds), rounds  # `latest` verifies after every kill
     # Each round's trainer resumed from the previous round's `latest` and saved after it: it loaded.
     assert all(r["first_save"] > (r["resumed_from"] or "") for r in rounds)
-    assert sum(r["mid_save"] for r in rounds) >= 10, rounds  # the kills did land inside saves
+    assert sum(r["mid_save"] for r in rounds) >= 15, rounds  # the kills did land inside saves
     resumed = run_trainer(config, f"run_dir={run_dir}", "training.steps=100000", "--resume", "--exit-after-steps",
                           "1", "--allow-config-change")
     assert f"resuming at step {int(rounds[-1]['latest'].split('_')[1])}" in resumed.stdout
@@ -65,5 +66,7 @@ def test_a_dead_rank_ends_every_process_within_a_minute(config, tmp_path):
     print(f"rank death: every process gone {elapsed:.1f} s after SIGKILL of rank 1")
     assert launcher.returncode != 0 and not survivors
     assert elapsed < 60, output[-3000:]
-    assert "rank: 1 (local_rank: 1)" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    # torchrun's failure report names the rank that died first; the survivor says what happened.
+    root_cause = output.split("Root Cause (first observed failure)")[-1]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause) and "Signal 9 (SIGKILL)" in root_cause, output[-3000:]
     assert "error: rank 0: lost contact with another rank" in output, output[-3000:]

@@ -15,14 +15,14 @@ Run as a script under torchrun, this file is the worker of the ZeRO-isolation te
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from training_harness import (REPO, assert_losses_close, crash_and_resume, free_port, metrics, run_expecting_error,
-                              run_trainer, stop_and_resume, tiny_l3_config, trainer_env, write_config)
+from training_harness import (REPO, assert_crash_resume_is_exact, assert_losses_close, finish_worker, free_port,
+                              metrics, run_expecting_error, run_trainer, stop_and_resume, tiny_l3_config, trainer_env,
+                              write_config)
 
 GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
 TABLE = "lookups.0.lookup.rows.key_table"
@@ -166,13 +166,7 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
 def test_sigkill_and_resume_is_bit_identical_dp2_zero2(config, runs, tmp_path):
     """A node failure: every process SIGKILLed at a random step after a checkpoint; --resume
     gives, from the checkpoint on, the uninterrupted run's per-step losses bit for bit."""
-    whole = runs(2, 1, 2)
-    kill_at = random.Random().randint(6, 18)
-    crashed = tmp_path / "crashed"
-    resumed_at = crash_and_resume(config, crashed, ["parallel.zero_stage=2", "checkpoint.save_interval=5"], 2,
-                                  kill_at)
-    assert 5 <= resumed_at <= kill_at, (resumed_at, kill_at)
-    assert metrics(crashed, "train/loss") == metrics(whole, "train/loss"), f"killed after step {kill_at}"
+    assert_crash_resume_is_exact(config, runs(2, 1, 2), tmp_path / "crashed", ["parallel.zero_stage=2"])
 
 
 @pytest.mark.slow
@@ -252,10 +246,7 @@ def _zero_isolation_worker(output: Path) -> None:
         engine.destroy()
     if rank == 0:
         output.write_text(json.dumps(report))
-    # No rank tears its gloo pairs down while the other still uses them (CI once saw rank 0
-    # abort at exit, "terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

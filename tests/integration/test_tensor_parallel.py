@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from training_harness import (REPO, assert_losses_close, crash_and_resume, free_port, metrics, run_expecting_error,
-                              run_trainer, tiny_l3_config, trainer_env, write_config)
+from training_harness import (REPO, assert_crash_resume_is_exact, assert_losses_close, finish_worker, free_port,
+                              metrics, run_expecting_error, run_trainer, tiny_l3_config, trainer_env, write_config)
 
 
 def _relative_difference(actual, expected) -> float:
@@ -84,7 +83,7 @@ def _module_worker(output: Path) -> None:
         results[name] = {"diffs": dict(zip(diffs, worst.tolist())), "sharded": sharded}
     if dist.get_rank() == 0:
         output.write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    finish_worker()
 
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -186,13 +185,7 @@ def test_tp2_resume_continues_the_uninterrupted_trajectory(config, tp2_run, tmp_
 def test_tp2_sigkill_and_resume_is_bit_identical(config, tp2_run, tmp_path):
     """Every process SIGKILLed at a random step after a checkpoint; --resume gives, from the
     checkpoint on, the uninterrupted TP=2 run's per-step losses bit for bit."""
-    whole_dir, _ = tp2_run
-    kill_at = random.Random().randint(6, 18)
-    crashed = tmp_path / "crashed"
-    resumed_at = crash_and_resume(config, crashed, ["parallel.tensor_parallel=2", "checkpoint.save_interval=5"], 2,
-                                  kill_at)
-    assert 5 <= resumed_at <= kill_at, (resumed_at, kill_at)
-    assert metrics(crashed, "train/loss") == metrics(whole_dir, "train/loss"), f"killed after step {kill_at}"
+    assert_crash_resume_is_exact(config, tp2_run[0], tmp_path / "crashed", ["parallel.tensor_parallel=2"])
 
 
 def test_tensor_parallel_config_errors_are_one_line(config, tmp_path):

@@ -539,7 +539,7 @@ def test_cli_pipeline_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert Path(f"{data}.bin").exists() and "documents" in result.stdout
 
-    result = run_tool(*args, "--input", str(tmp_path / "nope.txt"))
+    result = run_tool(*args, "--input", str(tmp_path / "nope.txt"), "--overwrite")  # data.bin exists now
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: input file not found: {tmp_path / 'nope.txt'} "

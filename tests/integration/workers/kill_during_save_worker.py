@@ -2,8 +2,8 @@
 
 The parent imports everything once, then forks a trainer per round (`--resume` semantics, a
 checkpoint after every step, so most of its time is spent saving). Each round waits until
-that trainer has completed one save of its own, which proves it loaded `latest`, then
-SIGKILLs it after a random delay, and checks that `latest` names a checkpoint that verifies
+that trainer has completed one save of its own, which proves it loaded `latest`, times the
+save after it, and SIGKILLs it at a random moment of the next one; then checks that `latest` names a checkpoint that verifies
 against its manifest. Writes a JSON report.
 
 Usage: kill_during_save_worker.py CONFIG RUN_DIR ROUNDS REPORT SEED
@@ -55,6 +55,20 @@ def wait_for_new_save(root: Path, previous: str | None, pid: int, timeout: float
     raise RuntimeError("the trainer saved nothing in time")
 
 
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.001)
+
+
+def save_duration(root: Path) -> float:
+    """How long one whole save takes (its staging directory exists for that long)."""
+    wait_until(lambda: (root / ".staging").exists())
+    start = time.time()
+    wait_until(lambda: not (root / ".staging").exists())
+    return time.time() - start
+
+
 def main() -> None:
     config, run_dir, rounds, report_path, seed = sys.argv[1:]
     for slow_import in ("deepspeed", "megatron.core", "l3train.model.build"):  # once, not in every fork
@@ -67,7 +81,9 @@ def main() -> None:
         if pid == 0:
             train_forever(config, run_dir, steps=100_000)
         saved = wait_for_new_save(root, previous, pid)
-        time.sleep(rng.uniform(0.0, 0.5))
+        duration = save_duration(root)
+        wait_until(lambda: (root / ".staging").exists())
+        time.sleep(rng.uniform(0.0, duration))  # a random moment of the next save
         mid_save = (root / ".staging").exists()
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)

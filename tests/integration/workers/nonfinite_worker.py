@@ -21,6 +21,7 @@ import torch.distributed as dist
 from l3train.config import load_config
 from l3train.errors import L3TrainError
 from l3train.trainer import Trainer
+from training_harness import finish_worker
 
 
 def weights(trainer: Trainer) -> list[torch.Tensor]:
@@ -70,6 +71,7 @@ def main() -> None:
         except L3TrainError as err:
             report["save_error"] = str(err)
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    finish_worker()
 
 
 if __name__ == "__main__":

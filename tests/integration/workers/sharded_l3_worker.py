@@ -23,6 +23,7 @@ from l3train.model.l3_layer import LargeLookupLayer
 from l3train.parallel.shard_plan import plan_shards
 from l3train.parallel.sharded_l3 import shard_lookup_layer
 from l3train.parallel.state import ParallelState
+from training_harness import finish_worker
 
 
 def main() -> None:
@@ -91,8 +92,7 @@ def main() -> None:
               "rows_max_over_mean": float(plan.rows_per_shard().max() / plan.rows_per_shard().mean()),
               "failures": failures}
     (Path(sys.argv[3]) / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
-    sys.exit(1 if failures else 0)
+    finish_worker(1 if failures else 0)
 
 
 if __name__ == "__main__":
