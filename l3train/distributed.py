@@ -12,7 +12,9 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -99,7 +101,29 @@ def exit_process(status: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    record_dir = os.environ.get("L3TRAIN_EXIT_DIR")  # launch/slurm/pretrain.sbatch collects every rank's status
+    if record_dir:
+        Path(record_dir, f"rank_{os.environ.get('RANK', '0')}").write_text(f"{status}\n")
     os._exit(status)
+
+
+def lost_ranks(wait_seconds: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that did not check in as alive within
+    `wait_seconds` (None if the store is gone too). Every survivor notices a dead peer within
+    moments through its closed connections and checks in here, through the process group's
+    key-value store (torchrun's agent hosts it, so it outlives any rank)."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        store.set(f"l3train/alive/{rank}", "1")
+        deadline = time.time() + wait_seconds
+        while True:
+            missing = [r for r in range(world) if not store.check([f"l3train/alive/{r}"])]
+            if not missing or time.time() > deadline:
+                return missing
+            time.sleep(0.1)
+    except (RuntimeError, ValueError):  # the store's host died with the rank
+        return None
 
 
 # The exit status of a rank that lost contact with another one (neither a user error, 2,

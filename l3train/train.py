@@ -15,7 +15,7 @@ import sys
 import torch
 
 from l3train.config import load_config
-from l3train.distributed import EXIT_RANK_LOST, is_collective_failure
+from l3train.distributed import EXIT_RANK_LOST, is_collective_failure, lost_ranks
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 
 
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         # One line instead of a traceback per surviving rank; the launcher (torchrun's failure
         # report, srun's task list) names the rank that died first.
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
-        print(f"error: rank {rank}: lost contact with another rank during a collective ({str(err).splitlines()[0][:200]}); "
-              f"a rank died, was killed or lost its node: see the launcher's report for which, then restart "
-              f"with --resume", file=sys.stderr, flush=True)
+        lost = lost_ranks() if torch.distributed.is_initialized() else None
+        who = f"rank(s) {', '.join(map(str, lost))}" if lost else "another rank"
+        print(f"error: rank {rank}: lost contact with {who} during a collective ({str(err).splitlines()[0][:160]}); "
+              f"it died, was killed or lost its node; restart the job with --resume", file=sys.stderr, flush=True)
         return EXIT_RANK_LOST
     finally:
         trainer.close()  # explicitly: the process ends without finalizers (exit_process)

@@ -113,11 +113,13 @@ class Step:
     timeout: int = 420
 
 
-def short(steps: int = 2, run_dir: str = "") -> str:
-    """Overrides that make a tiny run take seconds: eval and a checkpoint only at its end."""
+def short(steps: int = 2, run_dir: str = "", extend: bool = False) -> str:
+    """Overrides that make a tiny run take seconds: eval and a checkpoint only at its end.
+    `extend`: a resume of a run shortened to fewer steps (its schedule changes, which must be
+    allowed)."""
     words = [f"training.steps={steps}", "optimizer.warmup_steps=1", f"training.eval_interval={steps}",
              "training.eval_batches=1", "training.log_interval=1", f"checkpoint.save_interval={steps}"]
-    return " ".join(words + ([f"run_dir={run_dir}"] if run_dir else []))
+    return " ".join(words + ([f"run_dir={run_dir}"] if run_dir else []) + (["--allow-config-change"] if extend else []))
 
 
 def ckpt(run_dir: str, step: int) -> str:
@@ -296,7 +298,7 @@ REGISTRY: dict[str, Step] = {
     "bash launch/quickstart.sh": Step(
         append=short(), before=remember_data_files, creates=(ckpt("runs/tiny_l3", 2),),
         prints=("starting from scratch", "9.948M"), check=quickstart_checks),
-    "bash launch/quickstart.sh training.steps=100": Step(
+    "bash launch/quickstart.sh training.steps=1000 --allow-config-change": Step(
         append=short(3), creates=(ckpt("runs/tiny_l3", 3),), prints=("resuming at step 2",),
         check=quickstart_checks),
     ".venv/bin/tensorboard --logdir runs/": Step(runner=serve_tensorboard, prints=("tiny_l3/tensorboard",)),
@@ -312,7 +314,7 @@ REGISTRY: dict[str, Step] = {
         append=short(run_dir="runs/readme_2proc"), env=lambda: {"PET_MASTER_PORT": str(free_port())},
         creates=(ckpt("runs/readme_2proc", 2),), prints=("2 rank(s)",)),
     ".venv/bin/python -m l3train.train --config configs/tiny_l3.yaml --resume": Step(
-        append=short(3, run_dir="runs/readme_1proc"), creates=(ckpt("runs/readme_1proc", 3),),
+        append=short(3, run_dir="runs/readme_1proc", extend=True), creates=(ckpt("runs/readme_1proc", 3),),
         prints=("resuming at step 2",)),
     ".venv/bin/python -m l3train.train --config configs/tiny_l3.yaml training.steps=1000 parallel.zero_stage=2": Step(
         append=short(run_dir="runs/readme_zero2"), creates=(ckpt("runs/readme_zero2", 2),), prints=("ZeRO-2",)),
@@ -339,7 +341,7 @@ REGISTRY: dict[str, Step] = {
         append=short(run_dir="runs/readme_local"), creates=(ckpt("runs/readme_local", 2),),
         prints=("[local.sh] 2 process(es)", "2 rank(s)")),
     "launch/local.sh 2 configs/tiny_l3.yaml --resume": Step(
-        append=short(3, run_dir="runs/readme_local"), creates=(ckpt("runs/readme_local", 3),),
+        append=short(3, run_dir="runs/readme_local", extend=True), creates=(ckpt("runs/readme_local", 3),),
         prints=("resuming at step 2",)),
     ".venv/bin/python launch/sweep.py configs/sweeps/tiny_lr.yaml --dry-run": Step(
         prints=("dry run: 2 job(s), nothing submitted",), check=sweep_dry_run),

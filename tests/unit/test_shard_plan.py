@@ -219,3 +219,16 @@ def test_cli_bad_flags_are_one_line_errors(args):
     result = run_tool(*args)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ownership_hash_tells_plans_with_equal_shard_counts_apart():
+    """A checkpoint's rows are placed by token ownership: swapping the owners of two tokens with
+    equal rows keeps every per-shard count (the old check) but must change the identity."""
+    rows = np.array([4, 4, 2, 6])
+    plan = ShardPlan(owner=np.array([0, 1, 0, 1]), num_shards=2, rows_per_token=rows, method="lpt")
+    swapped = ShardPlan(owner=np.array([1, 0, 0, 1]), num_shards=2, rows_per_token=rows, method="lpt")
+    assert plan.rows_per_shard().tolist() == swapped.rows_per_shard().tolist()
+    assert plan.allocation_hash == swapped.allocation_hash
+    assert plan.ownership_hash != swapped.ownership_hash
+    same = ShardPlan.from_state_dict(plan.state_dict())
+    assert same.ownership_hash == plan.ownership_hash
