@@ -131,21 +131,24 @@ def _parse_split(split: str) -> list[float]:
     return [p / total for p in parts]
 
 
-def _check_split_sizes(prefix: str, lengths: np.ndarray, split: list[float]) -> None:
-    """Every non-empty split must get tokens from every prefix.
+def _split_tokens(prefix: str, lengths: np.ndarray, split: list[float]) -> list[int]:
+    """Tokens of each split (train, valid, test) of one prefix; every non-empty split must
+    get some.
 
     Megatron splits each prefix by document with the same rounding as here; a split
     that ends up with no tokens would make it loop forever looking for samples.
     """
     bounds = np.concatenate([[0.0], np.cumsum(split)])
-    n = len(lengths)
+    n, tokens = len(lengths), []
     for name, fraction, lo, hi in zip(("train", "valid", "test"), split, bounds[:-1], bounds[1:]):
         begin, end = int(round(lo * n)), int(round(hi * n))
-        if fraction > 0 and lengths[begin:end].sum() == 0:
+        tokens.append(int(lengths[begin:end].sum()))
+        if fraction > 0 and tokens[-1] == 0:
             raise L3TrainError(
                 f"dataset {prefix} has {n} documents; its {name} split ({fraction:.1%}) gets "
                 f"none. Use more data or change data.split"
             )
+    return tokens
 
 
 def _cache_key(prefixes: list[str], fields: dict[str, Any]) -> str:
@@ -169,13 +172,6 @@ def _prepare_cache_dir(cache_dir: Path, prefixes: list[str]) -> None:
             link = cache_dir / f"data{i}{suffix}"
             if not link.is_symlink():
                 link.symlink_to(Path(f"{prefix}{suffix}").resolve())
-
-
-def _samples_per_epoch(lengths: np.ndarray, split: list[float], seq_length: int) -> int:
-    """Samples in one epoch of a prefix's training split, as megatron counts them (each
-    sample reads seq_length + 1 tokens; consecutive samples share one)."""
-    end = int(round(split[0] * len(lengths)))
-    return max(1, (int(lengths[:end].sum()) - 1) // seq_length)
 
 
 def _checked_inputs(
@@ -210,9 +206,10 @@ def _checked_inputs(
     epoch = 0
     for prefix in prefixes:
         _, lengths = check_indexed_dataset(prefix)
-        _check_split_sizes(prefix, lengths, split)
+        train_tokens = _split_tokens(prefix, lengths, split)[0]
         _check_tokenizer_matches(prefix, tokenizer)
-        epoch += _samples_per_epoch(lengths, split, data.seq_length)
+        # One epoch as megatron counts it: a sample reads seq_length + 1 tokens, neighbours share one.
+        epoch += max(1, (train_tokens - 1) // data.seq_length)
     if len(prefixes) == 1:
         weights = None  # a one-dataset "blend" is just that dataset
     elif weights is None:
