@@ -11,23 +11,27 @@ from l3train.config import Config
 from l3train.model.roles import ParamRole, parameter_roles
 
 
+GROUP_NAMES = ("dense", "no_decay", "l3_rows")
+
+
+def named_parameter_groups(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """(group name, [(parameter name, parameter)]) for the non-empty groups, in the order the
+    optimizer holds them (checkpoint conversion maps optimizer state by this order): dense
+    matrices (decayed), vectors such as norms (not decayed), and the L³ key/value rows with
+    their own learning rate and weight decay: each row is updated only when its token
+    appears, so it typically wants a different step size."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
+    for name, param, role in parameter_roles(model):
+        if param.requires_grad:
+            group = {ParamRole.L3_ROWS: "l3_rows", ParamRole.VECTOR: "no_decay"}.get(role, "dense")
+            groups[group].append((name, param))
+    return [(group, members) for group, members in groups.items() if members]
+
+
 def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Three groups: dense matrices (decayed), vectors such as norms (not decayed), and the
-    L³ key/value rows with their own learning rate and weight decay: each row is updated
-    only when its token appears, so it typically wants a different step size."""
-    l3_rows, decayed, not_decayed = [], [], []
-    for _, param, role in parameter_roles(model):
-        if not param.requires_grad:
-            continue
-        if role is ParamRole.L3_ROWS:
-            l3_rows.append(param)
-        elif role is ParamRole.VECTOR:
-            not_decayed.append(param)
-        else:
-            decayed.append(param)
-    groups = [{"name": "dense", "params": decayed}, {"name": "no_decay", "params": not_decayed},
-              {"name": "l3_rows", "params": l3_rows}]
-    return [{**group, **group_hyperparameters(group["name"], cfg)} for group in groups if group["params"]]
+    """The optimizer's parameter groups (`named_parameter_groups`) with their hyperparameters."""
+    return [{"name": group, "params": [param for _, param in members], **group_hyperparameters(group, cfg)}
+            for group, members in named_parameter_groups(model)]
 
 
 def group_hyperparameters(name: str, cfg: Config) -> dict:

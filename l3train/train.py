@@ -3,6 +3,7 @@
     python -m l3train.train --config configs/tiny_l3.yaml [key.sub=value ...] [--resume]
     torchrun --nproc_per_node 2 -m l3train.train --config ... (data parallel)
     torchrun --nproc_per_node 4 -m l3train.train --config ... parallel.tensor_parallel=2 (TP=2 × DP=2)
+    python -m l3train.train --config ... --init-from runs/imported (weights of a consolidated checkpoint)
 
 Overrides and flags may come in any order. The training itself is l3train.trainer.Trainer.
 """
@@ -28,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: accept changed keys that alter the training trajectory (seed, "
                              "batch sizes, data, learning-rate schedule, ...); each change is logged")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="start from the weights of a consolidated checkpoint (tools/convert_checkpoint.py: "
+                             "consolidate, or import from Hugging Face) instead of a random initialisation; "
+                             "ignored when --resume finds a checkpoint")
     parser.add_argument("--exit-after-steps", type=int, default=0, metavar="N",
                         help="save a checkpoint and exit after N optimizer steps of this invocation "
                              "(e.g. to fit a job's time slot; continue with --resume)")
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_config_change and not args.resume:
         raise L3TrainError("--allow-config-change only applies with --resume")
     trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps,
-                      allow_config_change=args.allow_config_change)
+                      allow_config_change=args.allow_config_change, init_from=args.init_from)
     try:
         trainer.build()
         return trainer.train()

@@ -56,7 +56,8 @@ def check_config_change(saved: dict[str, Any], current: dict[str, Any], source: 
     fixed = [f"{key}={old!r} but the config has {new!r}" for key, (old, new) in changes.items() if is_fixed(key)]
     if fixed:
         raise L3TrainError(f"cannot resume {source}: it was written with {'; '.join(fixed)} (such keys fix the "
-                           f"model's tensors or their split over ranks); use the checkpoint's values or a new run_dir")
+                           f"model's tensors or their split over ranks); use the checkpoint's values, a new run_dir, or "
+                           f"tools/convert_checkpoint.py reshard for another layout")
     describe = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
     trajectory = [line for line, key in zip(describe, changes) if key not in FREE_KEYS]
     if trajectory and not allow_trajectory_change:

@@ -119,7 +119,8 @@ def save_checkpoint(engine, cfg: Config, step: int, identity: dict[str, Any], pa
     final = root / tag
     if rank == 0:
         config_hash = hashlib.sha256((staging / tag / "config.yaml").read_bytes()).hexdigest()[:16]
-        write_manifest(staging / tag, {"step": step, "tag": tag, "config_hash": config_hash, **identity}, files)
+        write_manifest(staging / tag, {"kind": "training", "step": step, "tag": tag, "config_hash": config_hash,
+                                       **identity}, files)
         _sync_tree(staging / tag)
         if final.exists():
             shutil.rmtree(final)
@@ -166,7 +167,8 @@ def _refuse_corrupt(root: Path, tag: str, problem: str, rank: int, world_size: i
 def _check_identity(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
     """The world layout, allocation and shard ownership the checkpoint was written for."""
     was, now = saved["world"], current["world"]
-    prefix, hint = f"cannot resume {directory}", "(resharding checkpoints is not supported)"
+    prefix = f"cannot resume {directory}"
+    hint = "(or move the checkpoint to this layout with tools/convert_checkpoint.py reshard)"
     if was["rows_sharded"] != now["rows_sharded"] or (now["rows_sharded"] and was["world_size"] != now["world_size"]):
         have = f"sharded over {was['world_size']} ranks (TP×DP)" if was["rows_sharded"] else "not sharded"
         want = f"{now['world_size']} (TP×DP)" if now["rows_sharded"] else "none (one shard)"

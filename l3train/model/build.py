@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from l3train.allocation.allocation import Allocation
@@ -9,6 +10,7 @@ from l3train.config import Config
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
 from l3train.model.llama import DecoderLM
+from l3train.model.roles import ParamRole, parameter_roles
 
 
 def load_allocation(cfg: Config) -> Allocation | None:
@@ -31,3 +33,19 @@ def build_model(cfg: Config) -> tuple[DecoderLM, Allocation | None]:
     torch.manual_seed(cfg.training.seed)
     rows_per_token = allocation.rows_per_token if allocation else None
     return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe), allocation
+
+
+def meta_model(cfg: Config, rows_per_token: np.ndarray | None) -> DecoderLM:
+    """The plain model of `cfg` on the meta device: its tensor names, shapes and parameter
+    roles without memory or initialisation (checkpoint conversion reads its layout from it)."""
+    with torch.device("meta"):
+        return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe)
+
+
+def names_by_role(model: DecoderLM) -> dict[ParamRole, list[str]]:
+    """The model's parameter names grouped by role, each in the model's order (which is the
+    order of the rank-local tensors of sharded rows and split experts)."""
+    names: dict[ParamRole, list[str]] = {role: [] for role in ParamRole}
+    for name, _, role in parameter_roles(model):
+        names[role].append(name)
+    return names

@@ -41,6 +41,9 @@ from l3train.parallel.sharded_l3 import ShardedRowTable
 from l3train.parallel.state import ParallelState
 
 
+RESHARD_HINT = "(or move the checkpoint to this layout with tools/convert_checkpoint.py reshard)"
+
+
 def rank_file(kind: str, rank: int) -> str:
     return f"{kind}_rank{rank:05d}.pt"
 
@@ -92,7 +95,7 @@ class RankLocalParameters(ABC):
     def check_layout(self, saved: dict, path: Path) -> None:
         if saved != self.layout():
             raise L3TrainError(f"cannot resume from {path}: it was written for {saved}, this rank has "
-                               f"{self.layout()} (resharding checkpoints is not supported)")
+                               f"{self.layout()} {RESHARD_HINT}")
 
     def save(self, directory: Path, rank: int) -> None:
         torch.save({"tensors": [param.detach().cpu() for param in self.params],
@@ -104,7 +107,7 @@ class RankLocalParameters(ABC):
         path = directory / rank_file(self.kind, rank)
         if not path.is_file():
             raise L3TrainError(f"cannot resume {directory}: it has no {path.name}; it was written with another "
-                               f"parallel layout (resharding checkpoints is not supported)")
+                               f"parallel layout {RESHARD_HINT}")
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.check_layout(state["layout"], path)
         if len(state["tensors"]) != len(self.params):
@@ -139,7 +142,7 @@ class ShardedRows(RankLocalParameters):
         if plan.ownership_hash != self.plan.ownership_hash:
             raise L3TrainError(f"{path} was sharded with token ownership {plan.ownership_hash}, this run's shard "
                                f"plan gives {self.plan.ownership_hash}; its rows would land in the wrong tokens "
-                               f"(resharding checkpoints is not supported)")
+                               f"{RESHARD_HINT}")
         if saved["shard"] != self.shard:
             raise L3TrainError(f"{path} holds shard {saved['shard']}, this rank's is {self.shard}")
 

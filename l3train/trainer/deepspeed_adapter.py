@@ -10,7 +10,13 @@ both DeepSpeed has no public API, so this adapter uses its internals:
 - ZeRO 3 (`DeepSpeedZeroOptimizer_Stage3`): `_get_norm_groups()` combined by
   `deepspeed.runtime.utils.combine_grad_norm_groups`, and `loss_scale`;
 - the threshold: the ZeRO optimizers' `clip_grad`, and at ZeRO-0 the engine's
-  `_config.gradient_clipping`.
+  `_config.gradient_clipping`;
+- setting AdamW's moments of a fresh engine (resharding a checkpoint, `set_adam_state`):
+  DeepSpeed's tensor-fragment API (`safe_set_full_optimizer_state`) writes a parameter's
+  share into the ZeRO partitions, but only once the base optimizer has state, which it
+  creates lazily at the first step; the state of the flat fp32 partitions
+  (`single_partition_of_fp32_groups` at ZeRO 1/2, `fp32_partitioned_groups_flat` at ZeRO 3)
+  is therefore created here, and at ZeRO 1/2 linked with `_lazy_init_hp_params_optimizer_state`.
 
 `tests/unit/test_deepspeed_adapter.py` pins these names on the installed version
 (`PINNED_VERSION`, the one requirements.txt installs): upgrading DeepSpeed fails that test
@@ -112,3 +118,38 @@ def load_engine_checkpoint(engine, root: str, tag: str) -> dict | None:
 
 def save_engine_checkpoint(engine, root: str, tag: str, client_state: dict) -> None:
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+
+def set_adam_state(engine, optimizer: torch.optim.Optimizer, params: list[tuple[nn.Parameter, dict[str, torch.Tensor]]],
+                   step: float) -> None:
+    """Give the AdamW that DeepSpeed steps (`optimizer`, the client optimizer) the moments
+    `{"exp_avg", "exp_avg_sq"}` of each DeepSpeed-managed parameter (this rank's TP slice,
+    whole over DP) and the step count `step`, before the engine has taken a step."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3 = _zero_optimizer_classes()
+    zero = engine.optimizer
+
+    def step_tensor() -> torch.Tensor:
+        return torch.tensor(float(step), dtype=torch.float32)  # torch's AdamW keeps its step as a tensor
+
+    if isinstance(zero, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0 and zero is optimizer:
+        for param, moments in params:
+            optimizer.state[param] = {"step": step_tensor(), **{key: value.to(param.device, param.dtype).clone()
+                                                                for key, value in moments.items()}}
+        return
+    if isinstance(zero, DeepSpeedZeroOptimizer):
+        flats = zero.single_partition_of_fp32_groups
+    elif isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+        flats = zero.fp32_partitioned_groups_flat
+    else:
+        raise L3TrainError(f"cannot restore AdamW moments into DeepSpeed's {type(zero).__name__} (bf16 at ZeRO 0/1); "
+                           f"reshard with --weights-only, or to parallel.zero_stage 2 or 3")
+    for flat in flats:
+        zero.optimizer.state[flat] = {"step": step_tensor(), "exp_avg": torch.zeros_like(flat),
+                                      "exp_avg_sq": torch.zeros_like(flat)}
+    if isinstance(zero, DeepSpeedZeroOptimizer):
+        zero._lazy_init_hp_params_optimizer_state()
+    for param, moments in params:
+        for key, value in moments.items():
+            safe_set_full_optimizer_state(param, value.to(flats[0].device, torch.float32), key)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, run_identity, save_checkpoint
+from l3train.checkpoint.consolidated import Consolidated, load_weights
 from l3train.config import Config, validate_for_world
 from l3train.data.dataset import batch_for_step, build_datasets
 from l3train.distributed import expected_world_size, init_distributed, launcher_rank
@@ -45,9 +46,12 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int, device: torch.devic
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, exit_after_steps: int = 0,
-                 allow_config_change: bool = False) -> None:
+                 allow_config_change: bool = False, init_from: str | None = None) -> None:
+        """`init_from`: a consolidated checkpoint whose weights a run starting from scratch
+        begins with (a converted or imported model); a resumed run ignores it."""
         self.cfg, self.resume, self.exit_after_steps = cfg, resume, exit_after_steps
         self.allow_config_change = allow_config_change
+        self.init_from = Consolidated(init_from) if init_from else None  # verified before the slow start-up
         self.stop = StopRequest()  # before the slow start-up, so an early signal is not lost
         # Every world-dependent check, before the slow start-up.
         self.layout = validate_for_world(cfg, expected_world_size())
@@ -76,6 +80,9 @@ class Trainer:
 
         self.parallel = initialize_parallel(self.layout.tensor_parallel, self.layout.expert_parallel)
         model, allocation = build_model(cfg)
+        if self.init_from is not None:
+            # Into the plain model: parallelize() then gives every rank its slice, as from an initialisation.
+            load_weights(model, self.init_from.state_dict(), cfg.model.tie_embeddings, str(self.init_from.directory))
         self.parts = parallelize(model, allocation, cfg, self.layout, self.parallel, self.world.device)
         tr = cfg.training
         # One epoch of training samples, not steps × batch: see l3train.data.dataset.
@@ -120,7 +127,8 @@ class Trainer:
         if parts.experts is not None:
             where += f", experts split over {layout.expert_parallel} ranks (EP)"
         per_rank = " per rank" if layout.tensor_parallel > 1 or parts.rank_local else ""
-        start = f"resuming at step {self.step}" if self.step else "starting from scratch"
+        start = (f"resuming at step {self.step}" if self.step else
+                 f"starting from the weights of {self.init_from.directory}" if self.init_from else "starting from scratch")
         return (f"{layout.world_size} rank(s){where} on {self.world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
                 f"{cfg.training.precision}, {params / 1e6:.2f}M parameters{per_rank}, {start}; "
                 f"micro-batch {layout.micro_batch_size} × {layout.gradient_accumulation_steps} accumulation "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -52,3 +53,28 @@ def sync_directory(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory beside `path`; on success fsync it and rename it over
+    `path` (an existing directory there is replaced), so readers never see a partial one.
+    On any exception the staging directory is removed and `path` is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    try:
+        yield staging
+        for child in staging.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(child, 0o666 & ~_umask())  # some writers (safetensors) leave 0600
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+        sync_directory(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+        sync_directory(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,5 +1,5 @@
 """The DeepSpeed adapter (l3train/trainer/deepspeed_adapter.py) pinned on the installed version:
-every internal it touches exists and behaves as the trainer assumes, at ZeRO 0-3."""
+every internal it touches exists and behaves as the trainer (and resharding) assumes, at ZeRO 0-3."""
 
 from __future__ import annotations
 
@@ -59,10 +59,44 @@ def _worker(output: Path) -> None:
         # SGD with lr 1 moves the weights by exactly the clipped gradient.
         step = torch.linalg.vector_norm(torch.stack([
             (now - before).norm() for now, before in zip(_full_params(engine), reference)])).item()
-        report[stage] = {"dense": dense, "expected": expected, "reported": after, "step_norm": step}
+        report[stage] = {"dense": dense, "expected": expected, "reported": after, "step_norm": step,
+                         "adam_state_error": _adam_state_error(stage)}
         engine.destroy()
     output.write_text(json.dumps(report))
     finish_worker()
+
+
+def _adam_state_error(stage: int) -> float:
+    """`set_adam_state` on a fresh engine, then one step: the largest difference from a plain
+    torch AdamW given the same moments and step count (0 when the state landed where it should)."""
+    import torch
+
+    from l3train.trainer import deepspeed_adapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    plain.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(2)
+    moments = [{"exp_avg": torch.randn(p.shape, generator=generator),
+                "exp_avg_sq": torch.rand(p.shape, generator=generator)} for p in plain.parameters()]
+    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 1 << 30}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine, _ = deepspeed_adapter.initialize_engine(model, optimizer, None, config, None)
+    deepspeed_adapter.set_adam_state(engine, optimizer, list(zip(engine.module.parameters(), moments)), step=5)
+    reference = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    for param, state in zip(plain.parameters(), moments):
+        reference.state[param] = {"step": torch.tensor(5.0), **{k: v.clone() for k, v in state.items()}}
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    engine.backward(engine(x).square().sum())
+    engine.step()
+    plain(x).square().sum().backward()
+    reference.step()
+    error = max((ours - theirs).abs().max().item() for ours, theirs in zip(_full_params(engine), plain.parameters()))
+    engine.destroy()
+    return error
 
 
 def _full_params(engine):
@@ -84,6 +118,7 @@ def test_adapter_internals_behave_as_assumed_at_every_zero_stage(tmp_path):
     for stage, figures in report.items():
         assert figures["dense"] == pytest.approx(figures["expected"], rel=1e-5), stage
         assert figures["step_norm"] == pytest.approx(figures["expected"] / 4, rel=1e-4), stage
+        assert figures["adam_state_error"] <= 1e-6, stage
         if figures["reported"] is not None:
             assert figures["reported"] == pytest.approx(figures["expected"], rel=1e-5), stage
 

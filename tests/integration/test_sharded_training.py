@@ -159,7 +159,7 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
     assert metrics(split, "train/loss") == metrics(whole, "train/loss")
     message = run_expecting_error("--config", str(config), *common, "--resume")
     assert "its L³ rows are sharded over 2 ranks (TP×DP)" in message
-    assert "resharding checkpoints is not supported" in message
+    assert "tools/convert_checkpoint.py reshard" in message
 
 
 @pytest.mark.slow

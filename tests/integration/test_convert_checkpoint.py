@@ -1,0 +1,212 @@
+"""Checkpoint conversion, proven by logits and losses on checkpoints of real training runs.
+
+- consolidate: TP=2 × DP=2 with ZeRO-2 and sharded rows, DP=2 with ZeRO-3, and an
+  expert-parallel MoE run (EP=2, with an L³ layer too) → one plain model whose logits equal
+  the training layout's own (resumed in that layout by a torchrun worker), and whose tensors
+  equal DeepSpeed's `zero_to_fp32` for every tensor it holds;
+- reshard: a one-process checkpoint → TP=2 and → DP=2 (ZeRO-2, rows sharded: another shard
+  plan); the resumed run's losses equal the original layout continuing (≤ 1e-5), and the
+  resharded checkpoint consolidates back to exactly the same weights and AdamW moments;
+- determinism, and corrupt or mismatched inputs refused in one line (exit 2), no output.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from training_harness import (REPO, assert_losses_close, metrics, run_trainer, tiny_l3_config, trainer_command,
+                              trainer_env, write_config)
+
+from l3train.checkpoint.consolidated import Consolidated, load_model
+
+pytestmark = pytest.mark.slow
+CONVERT = [sys.executable, str(REPO / "tools/convert_checkpoint.py")]
+WORKER = REPO / "tests/integration/workers/layout_logits_worker.py"
+LAYOUTS = {  # name: (ranks, overrides)
+    "tp2_dp2_zero2_rows": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=2"]),
+    "dp2_zero3_rows": (2, ["parallel.zero_stage=3"]),
+    "ep2_moe_zero2": (2, ["moe.blocks=[1]", "moe.num_experts=4", "moe.expert_parallel=2", "parallel.zero_stage=2"]),
+}
+
+
+def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*CONVERT, *map(str, args)], cwd=REPO, env=trainer_env(), capture_output=True, text=True,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def refused(*args: str) -> str:
+    """Run the converter expecting a user error: exit 2, one stderr line (returned)."""
+    result = convert(*args, check=False)
+    lines = [line for line in result.stderr.splitlines() if "[WARNING]" not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
+    root = tmp_path_factory.mktemp("convert")
+    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
+    tree["training"].update(steps=12, eval_interval=100)
+    tree["checkpoint"]["save_interval"] = 100
+    return write_config(root / "config.yaml", tree)
+
+
+@pytest.fixture(scope="module")
+def trained(config, tmp_path_factory) -> dict[str, Path]:
+    """Run directories of 4 steps in each layout of LAYOUTS, made on first use."""
+    made = {}
+
+    def run(name: str) -> Path:
+        if name not in made:
+            nproc, overrides = LAYOUTS[name]
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            run_trainer(config, f"run_dir={run_dir}", "training.steps=4", *overrides, nproc=nproc)
+            made[name] = run_dir
+        return made[name]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(3))
+
+
+def layout_logits(config: Path, run_dir: Path, name: str, tokens: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    nproc, overrides = LAYOUTS[name]
+    torch.save(tokens, tmp_path / "tokens.pt")
+    command = trainer_command(config, nproc=nproc)
+    command = [*command[:command.index("l3train.train") - 1], str(WORKER), str(config), str(tmp_path / "tokens.pt"),
+               str(tmp_path / "logits.pt"), f"run_dir={run_dir}", "training.steps=4", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_consolidated_logits_equal_the_training_layouts(name, config, trained, tokens, tmp_path):
+    run_dir = trained(name)
+    convert("consolidate", run_dir, "--output", tmp_path / "plain")
+    model = load_model(Consolidated(tmp_path / "plain"))
+    with torch.no_grad():
+        plain = model(tokens).logits
+    original = layout_logits(config, run_dir, name, tokens, tmp_path)
+    assert plain.shape == original.shape == (2, 48, 512)
+    assert (plain - original).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["dp2_zero3_rows", "ep2_moe_zero2"])
+def test_consolidated_tensors_equal_zero_to_fp32(name, trained, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir = trained(name)
+    convert("consolidate", run_dir, "--output", tmp_path / "plain")
+    ours = Consolidated(tmp_path / "plain").state_dict()
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+    assert len(theirs) > 10 and set(theirs) <= set(ours)
+    for tensor_name, value in theirs.items():
+        assert torch.equal(ours[tensor_name], value), tensor_name
+    # The rank-local tensors (rows, experts) are ours alone: DeepSpeed never held them.
+    assert set(ours) - set(theirs)
+
+
+def test_consolidation_is_deterministic_and_shards_past_the_size_limit(trained, tmp_path):
+    run_dir = trained("tp2_dp2_zero2_rows")
+    for name in ("a", "b"):
+        convert("consolidate", run_dir, "--output", tmp_path / name, "--max-shard-size", "300K")
+    files = sorted(path.name for path in (tmp_path / "a").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "a" / "model.safetensors.index.json").is_file()
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
+    assert match == files and not mismatch and not errors
+
+
+@pytest.fixture(scope="module")
+def halfway(config, tmp_path_factory) -> tuple[Path, Path]:
+    """A one-process ZeRO-0 run stopped at step 6 of 12 (a copy of its run_dir), and the same
+    run continued to step 12 in that layout: the reference."""
+    root = tmp_path_factory.mktemp("halfway")
+    run_dir = root / "run"
+    run_trainer(config, f"run_dir={run_dir}", "--exit-after-steps", "6")
+    stopped = root / "stopped"
+    shutil.copytree(run_dir, stopped)
+    run_trainer(config, f"run_dir={run_dir}", "--resume")
+    return stopped, run_dir
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tensor_parallel=2"]),
+                                          (2, ["parallel.zero_stage=2"])], ids=["tp1_to_tp2", "dp1_to_dp2_zero2"])
+def test_reshard_continues_the_original_trajectory(nproc, layout, config, halfway, tmp_path):
+    stopped, reference = halfway
+    target = tmp_path / "resharded"
+    convert("reshard", stopped, "--output", target, "--nproc", nproc, *layout)
+    result = run_trainer(target / "config.yaml", "--resume", nproc=nproc)
+    assert "resuming at step 6" in result.stdout and "rows sharded over 2 ranks" in result.stdout
+    losses, expected = metrics(target, "train/loss"), metrics(reference, "train/loss")
+    assert sorted(losses) == list(range(7, 13))
+    assert abs(losses[7] - expected[7]) <= 1e-5 * abs(expected[7])
+    assert_losses_close(losses, {step: expected[step] for step in losses}, rtol=1e-5)
+
+    # The resharded checkpoint holds exactly the original weights and AdamW state.
+    convert("consolidate", stopped, "--output", tmp_path / "before", "--with-optimizer")
+    convert("consolidate", target / "checkpoints" / "step_00000006", "--output", tmp_path / "after",
+            "--with-optimizer")
+    before, after = Consolidated(tmp_path / "before"), Consolidated(tmp_path / "after")
+    assert before.optimizer_step == after.optimizer_step == 6
+    weights, moments = after.state_dict(), after.moments()
+    for name, value in before.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    for key, values in before.moments().items():
+        assert values and all(torch.equal(moments[key][name], value) for name, value in values.items()), key
+
+
+def test_reshard_weights_only_warns_and_restarts_the_optimizer(halfway, tmp_path):
+    stopped, _ = halfway
+    result = convert("reshard", stopped, "--output", tmp_path / "fresh", "--nproc", 1, "--weights-only")
+    assert "warning: --weights-only" in result.stderr
+    convert("consolidate", tmp_path / "fresh", "--output", tmp_path / "plain", "--with-optimizer")
+    moments = Consolidated(tmp_path / "plain").moments()
+    assert all(not value.any() for value in moments["exp_avg"].values())
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(trained, halfway, tmp_path):
+    run_dir = trained("tp2_dp2_zero2_rows")
+    checkpoint = next((run_dir / "checkpoints").glob("step_*"))
+    out = tmp_path / "out"
+
+    missing = tmp_path / "missing" / checkpoint.name
+    shutil.copytree(checkpoint, missing)
+    (missing / "l3_rows_rank00001.pt").unlink()
+    assert "l3_rows_rank00001.pt is missing" in refused("consolidate", missing, "--output", out)
+
+    corrupt = tmp_path / "corrupt" / checkpoint.name
+    shutil.copytree(checkpoint, corrupt)
+    victim = corrupt / "mp_rank_01_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert "mp_rank_01_model_states.pt has CRC-32" in refused("consolidate", corrupt, "--output", out)
+
+    assert "feed_forward.w1.weight has shape" in refused("consolidate", checkpoint, "--output", out,
+                                                         "model.ffn_hidden_size=64")
+
+    convert("consolidate", halfway[0], "--output", tmp_path / "plain")
+    extra = tmp_path / "extra"
+    plain = Consolidated(tmp_path / "plain")
+    from l3train.checkpoint.consolidated import ConsolidatedContents, write_consolidated
+
+    tensors = {**plain.state_dict(), "blocks.0.attention.wz.weight": torch.zeros(2, 2)}
+    write_consolidated(extra, ConsolidatedContents(plain.config, plain.step, {}), tensors.items())
+    assert "unknown tensor blocks.0.attention.wz.weight" in refused("reshard", extra, "--output", out, "--nproc", 1,
+                                                                    "--weights-only")
+    assert "has no optimizer state" in refused("reshard", extra, "--output", out, "--nproc", 1)
+    assert "already exists" in refused("consolidate", checkpoint, "--output", tmp_path / "plain")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
