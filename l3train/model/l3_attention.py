@@ -17,9 +17,10 @@ Implementations, all with the same signature `(x, token_ids, bounds, keys, value
   a bucket is at most 2× per axis, never up to k. The autograd function stores only
   x, the output and the per-position log-sum-exp, and recomputes scores in backward
   (as FlashAttention does), so memory between forward and backward is O(N·d); scores
-  exist one bounded chunk at a time. For CUDA inputs with Triton available,
-  `row_attention_with_entropy` (hence `row_attention`) dispatches to the fused kernel in
-  `l3_triton.py` instead; `max_scores_per_chunk` does not apply there.
+  exist one bounded chunk at a time. Scores, softmax and their gradients are computed in
+  fp32 for bf16 inputs (in the input dtype for fp32/fp64). For CUDA inputs with Triton
+  available, `row_attention_with_entropy` (hence `row_attention`) dispatches to the fused
+  kernel in `l3_triton.py` instead; `max_elements_per_chunk` does not apply there.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Largest number of score entries (positions × rows) materialised at once by the
-# sorted implementation; bounds its transient memory independently of batch size.
-DEFAULT_MAX_SCORES_PER_CHUNK = 1 << 21
+# Largest number of elements a chunk of the sorted implementation materialises at once:
+# its scores (positions × rows) plus its gathered rows and positions (rows × features,
+# positions × features). Bounds its transient memory independently of batch size and of
+# the number of unique tokens (16M fp32 elements: 64 MB per buffer).
+DEFAULT_MAX_ELEMENTS_PER_CHUNK = 1 << 24
 
 
 def row_attention_loop(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor) -> Tensor:
@@ -61,13 +64,20 @@ def row_attention_padded(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Ten
 class BlockChunk:
     """A batch of same-shaped blocks: `tokens` unique ids, each with ≤ C positions and ≤ B rows.
 
-    Padded slots point at a valid index (so gathers stay in bounds) and are masked.
+    Padded slots point at a valid index (so gathers stay in bounds) and are masked. The
+    flat index lists of the valid slots are made once with the plan, so the forward and
+    backward passes scatter results with `index_select`/`index_copy_` instead of boolean
+    masks (each of which would cost a `nonzero`, a host sync, per chunk and pass).
     """
 
     positions: Tensor  # (tokens, C) original position of each slot
     position_valid: Tensor  # (tokens, C)
     rows: Tensor  # (tokens, B) row of the K/V tables for each slot
     row_valid: Tensor  # (tokens, B)
+    valid_slots: Tensor  # indices of the valid slots in positions.flatten()
+    valid_positions: Tensor  # positions.flatten()[valid_slots]
+    valid_row_slots: Tensor  # indices of the valid slots in rows.flatten()
+    valid_rows: Tensor  # rows.flatten()[valid_row_slots]
 
 
 @dataclass
@@ -78,13 +88,16 @@ class BlockPlan:
     chunks: list[BlockChunk]
 
 
-def plan_blocks(token_ids: Tensor, bounds: Tensor, max_scores_per_chunk: int = DEFAULT_MAX_SCORES_PER_CHUNK) -> BlockPlan:
+def plan_blocks(token_ids: Tensor, bounds: Tensor, max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK,
+                feature_width: int = 0) -> BlockPlan:
     """Sort positions by token id and group the unique tokens into padded chunks.
 
     Unique tokens are bucketed by (⌈log2 d_t⌉, ⌈log2 count⌉) so a bucket pads each axis
-    by less than 2×; each bucket is cut into chunks of at most `max_scores_per_chunk`
-    score entries. A token whose own block is larger is first split by positions, so the
-    only block that can exceed the budget is a single position with d_t > budget rows.
+    by less than 2×; each bucket is cut into chunks of at most `max_elements_per_chunk`
+    elements: a block of C positions and B rows counts C·B scores plus (C + B)·
+    `feature_width` gathered features (d_in + d_emb; 0 counts scores only). A token whose
+    own block is larger is first split by positions, so the only block that can exceed the
+    budget is a single position of a token whose rows alone exceed it.
     """
     token_ids = token_ids.reshape(-1)
     sorted_ids, order = torch.sort(token_ids, stable=True)
@@ -93,7 +106,8 @@ def plan_blocks(token_ids: Tensor, bounds: Tensor, max_scores_per_chunk: int = D
     token_position_starts = torch.cumsum(token_counts, 0) - token_counts
     # A frequent token with many rows alone can exceed the budget: split its positions into
     # pieces that each fit (pieces of one token share its rows; their gradients add up).
-    per_piece = (max_scores_per_chunk // token_row_counts).clamp_min(1)
+    per_piece = ((max_elements_per_chunk - token_row_counts * feature_width)
+                 // (token_row_counts + feature_width)).clamp_min(1)
     pieces = (token_counts + per_piece - 1) // per_piece
     piece_token = torch.repeat_interleave(torch.arange(len(unique_ids), device=token_ids.device), pieces)
     piece_index = torch.arange(len(piece_token), device=token_ids.device) - torch.repeat_interleave(
@@ -111,7 +125,7 @@ def plan_blocks(token_ids: Tensor, bounds: Tensor, max_scores_per_chunk: int = D
         members = torch.nonzero(bucket_key == key).flatten()
         width = int(row_counts[members].max())
         depth = int(counts[members].max())
-        per_chunk = max(1, max_scores_per_chunk // (width * depth))
+        per_chunk = max(1, max_elements_per_chunk // (width * depth + (width + depth) * feature_width))
         for first in range(0, members.numel(), per_chunk):
             chosen = members[first:first + per_chunk]
             chunks.append(_padded_chunk(order, position_starts[chosen], counts[chosen], depth,
@@ -127,7 +141,16 @@ def _padded_chunk(order: Tensor, position_starts: Tensor, counts: Tensor, depth:
     row = torch.arange(width, device=order.device)
     row_valid = row[None, :] < row_counts[:, None]
     rows = row_starts[:, None] + torch.where(row_valid, row[None, :], 0)
-    return BlockChunk(order[sorted_slot], position_valid, rows, row_valid)
+    positions = order[sorted_slot]
+    valid_slots = torch.nonzero(position_valid.flatten()).flatten()
+    valid_row_slots = torch.nonzero(row_valid.flatten()).flatten()
+    return BlockChunk(positions, position_valid, rows, row_valid, valid_slots, positions.flatten()[valid_slots],
+                      valid_row_slots, rows.flatten()[valid_row_slots])
+
+
+def _valid(chunk_values: Tensor, slots: Tensor) -> Tensor:
+    """The entries of a (tokens, slots, ...) chunk result at the flat valid `slots`."""
+    return chunk_values.flatten(0, 1).index_select(0, slots)
 
 
 def _softmax_dtype(x: Tensor) -> torch.dtype:
@@ -135,12 +158,21 @@ def _softmax_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk_probabilities(chunk: BlockChunk, x: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores (fp32, masked) of a chunk's positions against its rows, and gathered x."""
-    x_blocks = x[chunk.positions]
-    scores = torch.bmm(x_blocks, keys[chunk.rows].transpose(1, 2)).to(_softmax_dtype(x))
-    scores = scores.masked_fill(~chunk.row_valid[:, None, :], float("-inf"))
-    return scores, x_blocks, chunk.position_valid
+def _chunk_scores(chunk: BlockChunk, x_blocks: Tensor, key_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk's scores (blocks already in the compute dtype): unmasked, and with the padded
+    rows at -inf."""
+    scores = torch.bmm(x_blocks, key_blocks.transpose(1, 2))
+    return scores, scores.masked_fill(~chunk.row_valid[:, None, :], float("-inf"))
+
+
+def _gather(chunk: BlockChunk, x: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunk's positions and its key and value rows in the compute dtype (fp32 for bf16
+    inputs: scores, softmax and their gradients are computed in fp32, as in the Triton
+    kernel); the rows are gathered once when the tables are tied (the same tensor)."""
+    dtype = _softmax_dtype(x)
+    key_blocks = keys[chunk.rows].to(dtype)
+    value_blocks = key_blocks if values is keys else values[chunk.rows].to(dtype)
+    return x[chunk.positions].to(dtype), key_blocks, value_blocks
 
 
 class _SortedRowAttention(torch.autograd.Function):
@@ -148,54 +180,62 @@ class _SortedRowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, keys: Tensor, values: Tensor, plan: BlockPlan) -> tuple[Tensor, Tensor]:
-        out = x.new_zeros(plan.num_positions, values.shape[1])
+        # In the compute dtype: backward's softmax identity uses the output itself (Σ_r P·dP =
+        # dA·A), and a bf16-rounded A would cost it most of its precision.
+        out = torch.zeros(plan.num_positions, values.shape[1], dtype=_softmax_dtype(x), device=x.device)
         log_norm = torch.zeros(plan.num_positions, dtype=_softmax_dtype(x), device=x.device)
         entropy = torch.zeros_like(log_norm)
         for chunk in plan.chunks:
-            scores, _, valid = _chunk_probabilities(chunk, x, keys)
+            x_blocks, key_blocks, value_blocks = _gather(chunk, x, keys, values)
+            raw_scores, scores = _chunk_scores(chunk, x_blocks, key_blocks)
             chunk_log_norm = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - chunk_log_norm[..., None])
-            chunk_out = torch.bmm(probs.to(values.dtype), values[chunk.rows])
-            # H = log Z - Σ p·s; masked rows have p = 0 (their -inf score is zeroed first).
-            chunk_entropy = chunk_log_norm - (probs * scores.masked_fill(probs == 0, 0)).sum(-1)
-            positions = chunk.positions[valid]
-            out[positions] = chunk_out[valid]
-            log_norm[positions] = chunk_log_norm[valid]
-            entropy[positions] = chunk_entropy[valid]
+            chunk_out = torch.bmm(probs, value_blocks)
+            # H = log Z - Σ p·s; padded rows have p = 0, so their (finite) raw score adds nothing.
+            chunk_entropy = chunk_log_norm - (probs * raw_scores).sum(-1)
+            out.index_copy_(0, chunk.valid_positions, _valid(chunk_out, chunk.valid_slots))
+            log_norm.index_copy_(0, chunk.valid_positions, _valid(chunk_log_norm, chunk.valid_slots))
+            entropy.index_copy_(0, chunk.valid_positions, _valid(chunk_entropy, chunk.valid_slots))
         ctx.save_for_backward(x, keys, values, out, log_norm)
-        ctx.plan = plan
+        ctx.plan, ctx.tied = plan, values is keys
         ctx.mark_non_differentiable(entropy)
-        return out, entropy
+        return out.to(x.dtype), entropy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor):
         x, keys, values, out, log_norm = ctx.saved_tensors
+        tied = ctx.tied
+        if tied:
+            values = keys  # unpacking the saved tensors may give two objects for the one table
         grad_x = torch.zeros_like(x)
-        grad_keys = torch.zeros_like(keys)
-        grad_values = torch.zeros_like(values)
+        # Row gradients sum many positions' contributions: accumulated in the compute dtype
+        # (fp32 for bf16 tables). Tied tables: both gradients go into one buffer, returned
+        # once (no second table-sized sum).
+        grad_keys = torch.zeros_like(keys, dtype=_softmax_dtype(x))
+        grad_values = grad_keys if tied else torch.zeros_like(values, dtype=_softmax_dtype(x))
         grad_out = grad_out.contiguous()
         for chunk in ctx.plan.chunks:
-            scores, x_blocks, valid = _chunk_probabilities(chunk, x, keys)
+            x_blocks, key_blocks, value_blocks = _gather(chunk, x, keys, values)
+            _, scores = _chunk_scores(chunk, x_blocks, key_blocks)
             probs = torch.exp(scores - log_norm[chunk.positions][..., None])
             # Padded position slots duplicate a real position: zero their incoming
             # gradient so they add nothing to the key/value gradients.
-            grad_blocks = grad_out[chunk.positions] * valid[..., None]
-            value_blocks = values[chunk.rows]
-            grad_probs = torch.bmm(grad_blocks, value_blocks.transpose(1, 2)).to(probs.dtype)
+            grad_blocks = (grad_out[chunk.positions] * chunk.position_valid[..., None]).to(probs.dtype)
+            grad_probs = torch.bmm(grad_blocks, value_blocks.transpose(1, 2))
             # softmax backward: dS = P ⊙ (dP − Σ_r P·dP), with Σ_r P·dP = dA · A.
-            row_dot = (grad_blocks.to(probs.dtype) * out[chunk.positions].to(probs.dtype)).sum(-1)
-            grad_scores = (probs * (grad_probs - row_dot[..., None])).to(x.dtype)
-            positions = chunk.positions[valid]
-            grad_x[positions] = torch.bmm(grad_scores, keys[chunk.rows])[valid]
-            rows = chunk.rows[chunk.row_valid]
-            grad_keys.index_add_(0, rows, torch.bmm(grad_scores.transpose(1, 2), x_blocks)[chunk.row_valid])
-            grad_values.index_add_(
-                0, rows, torch.bmm(probs.to(values.dtype).transpose(1, 2), grad_blocks)[chunk.row_valid])
-        return grad_x, grad_keys, grad_values, None
+            row_dot = (grad_blocks * out[chunk.positions]).sum(-1)
+            grad_scores = probs * (grad_probs - row_dot[..., None])
+            grad_x.index_copy_(0, chunk.valid_positions,
+                               _valid(torch.bmm(grad_scores, key_blocks), chunk.valid_slots).to(x.dtype))
+            grad_keys.index_add_(0, chunk.valid_rows, _valid(
+                torch.bmm(grad_scores.transpose(1, 2), x_blocks), chunk.valid_row_slots))
+            grad_values.index_add_(0, chunk.valid_rows, _valid(
+                torch.bmm(probs.transpose(1, 2), grad_blocks), chunk.valid_row_slots))
+        return grad_x, grad_keys.to(keys.dtype), None if tied else grad_values.to(values.dtype), None
 
 
 def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
-                               max_scores_per_chunk: int = DEFAULT_MAX_SCORES_PER_CHUNK) -> tuple[Tensor, Tensor]:
+                               max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> tuple[Tensor, Tensor]:
     """Sorted block-diagonal row attention; also returns each position's softmax entropy.
 
     x: (N, d_in), token_ids: (N,), bounds: (vocab+1,), keys: (v, d_in), values: (v, d_emb).
@@ -206,11 +246,30 @@ def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, key
         from l3train.model.l3_triton import triton_available, triton_row_attention_with_entropy
         if triton_available():
             return triton_row_attention_with_entropy(x, token_ids, bounds, keys, values)
-    plan = plan_blocks(token_ids, bounds, max_scores_per_chunk)
+    plan = _plan_for(token_ids, bounds, max_elements_per_chunk, x.shape[1] + values.shape[1])
     return _SortedRowAttention.apply(x, keys, values, plan)
 
 
+_last_plan: tuple[Tensor, Tensor, tuple[int, int], BlockPlan] | None = None
+
+
+def _plan_for(token_ids: Tensor, bounds: Tensor, max_elements_per_chunk: int, feature_width: int) -> BlockPlan:
+    """`plan_blocks`, reusing the previous call's plan for the same ids and allocation: the
+    L³ layers of a model see the same token ids in one forward pass, so the second and later
+    layers skip planning (comparing ids costs one pass over them, planning dozens of ops)."""
+    global _last_plan
+    if _last_plan is not None:
+        ids, allocation, settings, plan = _last_plan
+        if (settings == (max_elements_per_chunk, feature_width) and ids.shape == token_ids.shape
+                and ids.device == token_ids.device and allocation.shape == bounds.shape
+                and torch.equal(ids, token_ids) and torch.equal(allocation, bounds)):
+            return plan
+    plan = plan_blocks(token_ids, bounds, max_elements_per_chunk, feature_width)
+    _last_plan = (token_ids.clone(), bounds, (max_elements_per_chunk, feature_width), plan)
+    return plan
+
+
 def row_attention(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
-                  max_scores_per_chunk: int = DEFAULT_MAX_SCORES_PER_CHUNK) -> Tensor:
+                  max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> Tensor:
     """Sorted block-diagonal row attention (see the module docstring)."""
-    return row_attention_with_entropy(x, token_ids, bounds, keys, values, max_scores_per_chunk)[0]
+    return row_attention_with_entropy(x, token_ids, bounds, keys, values, max_elements_per_chunk)[0]

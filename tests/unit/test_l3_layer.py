@@ -43,12 +43,12 @@ def assert_close_relative(actual, expected, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("max_scores", [64, 1 << 21])  # many tiny chunks, and one chunk per bucket
+@pytest.mark.parametrize("max_scores", [64, 1 << 24])  # many tiny chunks, and one chunk per bucket
 def test_sorted_matches_reference_loop(dtype, tied, max_scores):
     d_emb = 12 if tied else 8
     case = make_case(seed=3, dtype=dtype, tied=tied, d_emb=d_emb)
     expected = outputs_and_grads(row_attention_loop, *case, tied)
-    sorted_fn = lambda *a: row_attention(*a, max_scores_per_chunk=max_scores)  # noqa: E731
+    sorted_fn = lambda *a: row_attention(*a, max_elements_per_chunk=max_scores)  # noqa: E731
     actual = outputs_and_grads(sorted_fn, *case, tied)
     for got, want in zip(actual, expected):
         assert_close_relative(got, want, 1e-5)
@@ -73,7 +73,7 @@ def test_gradcheck_fp64():
     x, ids, bounds, keys, values = make_case(seed=6, dtype=torch.float64, tied=False, vocab=6, d_in=3,
                                              d_emb=2, n=9, max_rows=5)
     inputs = (x.requires_grad_(), keys.requires_grad_(), values.requires_grad_())
-    fn = lambda x_, k_, v_: row_attention(x_, ids, bounds, k_, v_, max_scores_per_chunk=8)  # noqa: E731
+    fn = lambda x_, k_, v_: row_attention(x_, ids, bounds, k_, v_, max_elements_per_chunk=8)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -181,13 +181,38 @@ def test_one_frequent_token_is_split_to_respect_the_chunk_budget():
     bounds = bounds_from_rows(rows)
     ids = torch.cat([torch.zeros(600, dtype=torch.long), torch.tensor([1, 2, 2])])
     budget = 512 * 64
-    plan = plan_blocks(ids, bounds, max_scores_per_chunk=budget)
+    plan = plan_blocks(ids, bounds, max_elements_per_chunk=budget)
     assert max(c.positions.numel() * c.rows.shape[1] for c in plan.chunks) <= budget
     covered = torch.cat([c.positions[c.position_valid] for c in plan.chunks])
     assert torch.equal(covered.sort().values, torch.arange(len(ids)))
     x = torch.randn(len(ids), 4, dtype=torch.float64)
     keys = torch.randn(int(bounds[-1]), 4, dtype=torch.float64)
-    split = lambda *a: row_attention(*a, max_scores_per_chunk=budget)  # noqa: E731
+    split = lambda *a: row_attention(*a, max_elements_per_chunk=budget)  # noqa: E731
     for got, want in zip(outputs_and_grads(split, x, ids, bounds, keys, keys, True),
                          outputs_and_grads(row_attention_loop, x, ids, bounds, keys, keys, True)):
         assert_close_relative(got, want, 1e-10)
+
+
+def test_bf16_inputs_get_fp32_scores_softmax_and_gradients():
+    """The torch path upcasts bf16 blocks before every product: outputs and gradients stay
+    within bf16's own rounding of the fp64 result on the same (bf16-rounded) inputs."""
+    x, ids, bounds, keys, values = make_case(seed=8, dtype=torch.float64, tied=False, n=300, max_rows=200)
+    x, keys, values = (t.to(torch.bfloat16) for t in (x, keys, values))
+    grad_out = torch.randn(300, values.shape[1], generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    results = []
+    for fn, dtype in ((row_attention, torch.bfloat16), (row_attention_loop, torch.float64)):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, keys, values)]
+        out = fn(inputs[0], ids, bounds, inputs[1], inputs[2])
+        results.append([out.detach(), *torch.autograd.grad(out, inputs, grad_out.to(dtype))])
+    for got, want in zip(*results):
+        assert got.dtype == torch.bfloat16
+        assert_close_relative(got.double(), want, 2 ** -7)  # bf16 keeps 8 bits of mantissa
+
+
+def test_plans_are_reused_for_the_same_ids_and_allocation():
+    from l3train.model import l3_attention
+
+    x, ids, bounds, keys, values = make_case(seed=9, dtype=torch.float64, tied=True)
+    first = l3_attention._plan_for(ids, bounds, 1 << 24, 8)
+    assert l3_attention._plan_for(ids.clone(), bounds.clone(), 1 << 24, 8) is first
+    assert l3_attention._plan_for(ids.flip(0), bounds, 1 << 24, 8) is not first
