@@ -116,6 +116,9 @@ class TrainingConfig:
     # A step whose loss or gradient is not finite is skipped (no update anywhere); this many
     # in a row stop the run.
     max_skipped_steps: int = 10
+    # [first, last): profile these steps (torch.profiler): a Chrome trace per rank and the
+    # time per phase (data, forward, backward, optimizer, all_to_all) under run_dir/profile/.
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -272,6 +275,8 @@ def _validate(cfg: Config) -> None:
         (0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={opt.lr}], got {opt.min_lr}"),
         (0 <= opt.warmup_steps <= tr.steps, "optimizer.warmup_steps",
          f"must be in [0, training.steps={tr.steps}], got {opt.warmup_steps}"),
+        (not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0] < tr.profile_steps[1]),
+         "training.profile_steps", f"must be [] or [first, last) with 0 <= first < last, got {tr.profile_steps}"),
         (cfg.parallel.collective_timeout_minutes > 0, "parallel.collective_timeout_minutes",
          f"must be > 0, got {cfg.parallel.collective_timeout_minutes}"),
         (opt.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables clipping), got {opt.grad_clip}"),

@@ -1,4 +1,7 @@
-"""Differentiable collectives shared by the sharded L³ rows and expert parallelism."""
+"""Differentiable collectives shared by the sharded L³ rows and expert parallelism.
+
+The all-to-alls are labelled `all_to_all` for the profiler (`training.profile_steps`), in
+forward and backward, so a step's time breakdown shows the exchange apart from compute."""
 
 from __future__ import annotations
 
@@ -54,13 +57,16 @@ class AllToAll(torch.autograd.Function):
     def forward(ctx, tensor: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
         ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
         output = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
-        dist.all_to_all_single(output, tensor.contiguous(), recv_counts, send_counts, group=group)
+        with torch.profiler.record_function("all_to_all"):
+            dist.all_to_all_single(output, tensor.contiguous(), recv_counts, send_counts, group=group)
         return output
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad_input = grad.new_empty((sum(ctx.send_counts), *grad.shape[1:]))
-        dist.all_to_all_single(grad_input, grad.contiguous(), ctx.send_counts, ctx.recv_counts, group=ctx.group)
+        with torch.profiler.record_function("all_to_all"):
+            dist.all_to_all_single(grad_input, grad.contiguous(), ctx.send_counts, ctx.recv_counts,
+                                   group=ctx.group)
         return grad_input, None, None, None
 
 

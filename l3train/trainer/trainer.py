@@ -36,6 +36,7 @@ from l3train.run_lock import RunDirLock
 from l3train.trainer import deepspeed_adapter
 from l3train.trainer.loss import lm_loss, training_loss
 from l3train.trainer.monitor import Monitor, StepStats, router_vector
+from l3train.trainer.profiler import StepProfiler
 from l3train.utils.atomic import atomic_write_text
 
 
@@ -145,24 +146,28 @@ class Trainer:
         from l3train.parallel.state import seed_parallel  # loaded by build(); megatron-core
 
         start, cfg, engine = time.time(), self.cfg, self.engine
+        phase = torch.profiler.record_function
         # By data-parallel rank: the TP ranks of one replica must draw alike for their replicated work.
         seed_parallel(cfg.training.seed * 1_000_003 + self.step * 1_009 + self.parallel.dp_rank)
         step_loss = torch.zeros((), device=self.world.device)
         entropy, router, grad_norm, count, skipped = {}, None, None, 0, False
         for micro in micro_batches(batch, self.layout.micro_batch_size, self.world.device):
-            output = engine(micro["tokens"])
-            loss = lm_loss(output.logits, micro["labels"], micro["loss_mask"], self.parallel.tp_size > 1)
-            engine.backward(training_loss(output, loss, cfg.moe))
+            with phase("forward"):
+                output = engine(micro["tokens"])
+                loss = lm_loss(output.logits, micro["labels"], micro["loss_mask"], self.parallel.tp_size > 1)
+            with phase("backward"):
+                engine.backward(training_loss(output, loss, cfg.moe))
             step_loss += loss.detach()  # the LM loss: comparable with dense and L³ runs
             boundary = engine.is_gradient_accumulation_boundary()
-            if boundary:
-                grad_norm = self._grad_norm_and_clip()
-                skipped = self._not_finite(step_loss, grad_norm)
-                self.optimizer.skip_next_step = skipped
-            engine.step()
-            if boundary:
-                for part in self.parts.rank_local:
-                    part.step(skip=skipped)
+            with phase("optimizer"):
+                if boundary:
+                    grad_norm = self._grad_norm_and_clip()
+                    skipped = self._not_finite(step_loss, grad_norm)
+                    self.optimizer.skip_next_step = skipped
+                engine.step()
+                if boundary:
+                    for part in self.parts.rank_local:
+                        part.step(skip=skipped)
             entropy = {b: entropy.get(b, 0) + value for b, value in output.l3_entropy.items()}
             vector = router_vector(output.router)
             router = vector if router is None else router + vector
@@ -256,8 +261,14 @@ class Trainer:
         if self.step == 0:
             self._log_validation(0)
         run_start = time.time()
+        profiler = StepProfiler(tr.profile_steps, self.cfg.run_dir, self.world.rank, self.world.device,
+                                self.monitor.info)
         while self.step < tr.steps:
-            stats = self.train_step(self.batch(self.step))
+            profiler.step_begins(self.step)
+            with torch.profiler.record_function("data"):
+                batch = self.batch(self.step)
+            stats = self.train_step(batch)
+            profiler.step_ends(stats.step)
             self.monitor.record(stats, time.time() - run_start)
             done = stats.step
             if stats.skipped:
