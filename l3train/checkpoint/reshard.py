@@ -140,7 +140,7 @@ def _set_rank_local(part, moments: list[dict[str, torch.Tensor]], step: float) -
         raise L3TrainError(f"the consolidated optimizer state has {len(moments)} {part.kind} tensors, "
                            f"the model has {len(part.params)}")
     for param, values in zip(part.params, moments):
-        part.optimizer.state[param] = {"step": torch.tensor(float(step), dtype=torch.float32),
+        part.optimizer.state[param] = {"step": torch.tensor(float(step), dtype=torch.float32, device=param.device),
                                        **{key: value.to(param.device).clone() for key, value in values.items()}}
 
 

@@ -58,7 +58,10 @@ class RankLocalParameters(ABC):
         """`group`: whose hyperparameters these tensors take (l3train.optim.group_hyperparameters)."""
         self.params = params
         self.copies = copies  # ranks holding an identical copy of each gradient (counted once in the norm)
-        self.optimizer = torch.optim.AdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}])
+        # Fused like the dense optimizer (l3train.optim.build_optimizer): the same arithmetic as
+        # the rows get in one process.
+        self.optimizer = torch.optim.AdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}],
+                                           fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def prepare_gradients(self) -> None:

@@ -130,12 +130,13 @@ def set_adam_state(engine, optimizer: torch.optim.Optimizer, params: list[tuple[
     DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3 = _zero_optimizer_classes()
     zero = engine.optimizer
 
-    def step_tensor() -> torch.Tensor:
-        return torch.tensor(float(step), dtype=torch.float32)  # torch's AdamW keeps its step as a tensor
+    def step_tensor(device: torch.device) -> torch.Tensor:
+        # torch's AdamW keeps its step as a tensor; the fused one on the parameters' device.
+        return torch.tensor(float(step), dtype=torch.float32, device=device)
 
     if isinstance(zero, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0 and zero is optimizer:
         for param, moments in params:
-            optimizer.state[param] = {"step": step_tensor(), **{key: value.to(param.device, param.dtype).clone()
+            optimizer.state[param] = {"step": step_tensor(param.device), **{key: value.to(param.device, param.dtype).clone()
                                                                 for key, value in moments.items()}}
         return
     if isinstance(zero, DeepSpeedZeroOptimizer):
@@ -146,7 +147,7 @@ def set_adam_state(engine, optimizer: torch.optim.Optimizer, params: list[tuple[
         raise L3TrainError(f"cannot restore AdamW moments into DeepSpeed's {type(zero).__name__} (bf16 at ZeRO 0/1); "
                            f"reshard with --weights-only, or to parallel.zero_stage 2 or 3")
     for flat in flats:
-        zero.optimizer.state[flat] = {"step": step_tensor(), "exp_avg": torch.zeros_like(flat),
+        zero.optimizer.state[flat] = {"step": step_tensor(flat.device), "exp_avg": torch.zeros_like(flat),
                                       "exp_avg_sq": torch.zeros_like(flat)}
     if isinstance(zero, DeepSpeedZeroOptimizer):
         zero._lazy_init_hp_params_optimizer_state()
