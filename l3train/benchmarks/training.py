@@ -1,0 +1,91 @@
+"""Training throughput of whole models side by side: the real trainer, interleaved repetitions.
+
+Each measurement is one run of `python -m l3train.train` (torchrun for several ranks) for a
+few steps in a scratch run directory, with one log line per step; its figure is the median
+tokens/s over the steps after a warm-up. Models are run in turn, repetition after
+repetition (A B C A B C ...), so a slow phase of a shared machine hits every model alike,
+and each model's figure is the median over repetitions. A separate profiled run of the
+first model gives its step time per phase (`training.profile_steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l3train.errors import L3TrainError
+
+WARMUP_STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> None:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                     "--master_port", str(_free_port())]
+    command = [*launcher, "-m", "l3train.train", "--config", config, f"run_dir={run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise L3TrainError(f"benchmark run of {config} on {nproc} rank(s) failed: "
+                           f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def _tokens_per_second(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["train/tokens_per_s"] for row in rows if "train/tokens_per_s" in row and row["step"] > WARMUP_STEPS]
+    return statistics.median(rates)
+
+
+@dataclass
+class Throughput:
+    config: str
+    nproc: int
+    tokens_per_s: list[float] = field(default_factory=list)  # one median per repetition
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+
+def measure_throughput(configs: list[str], nproc: int, steps: int, repeats: int, overrides: list[str],
+                       log: Callable[[str], None] = print) -> list[Throughput]:
+    """Tokens/s of each config on `nproc` ranks, interleaved over `repeats` repetitions."""
+    results = [Throughput(config, nproc) for config in configs]
+    common = [f"training.steps={steps}", "training.log_interval=1", f"training.eval_interval={steps + 1}",
+              f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1", *overrides]
+    with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
+        for repeat in range(repeats):
+            for index, result in enumerate(results):
+                run_dir = Path(scratch) / f"r{repeat}_m{index}"
+                _train(result.config, nproc, run_dir, common)
+                result.tokens_per_s.append(_tokens_per_second(run_dir))
+                log(f"  {nproc} rank(s), repetition {repeat + 1}/{repeats}: {result.config} "
+                    f"{result.tokens_per_s[-1]:,.0f} tok/s")
+    return results
+
+
+def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) -> dict[str, float]:
+    """Host milliseconds per step of each phase on rank 0 (`training.profile_steps`)."""
+    first = WARMUP_STEPS + 1
+    with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
+        run_dir = Path(scratch) / "profiled"
+        _train(config, nproc, run_dir, [f"training.steps={steps}", f"training.eval_interval={steps + 1}",
+                                        f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1",
+                                        f"training.profile_steps=[{first},{steps}]", *overrides])
+        phases = json.loads((run_dir / "profile" / "phases_rank00000.json").read_text())["ms_per_step"]
+    return {name: times["host"] for name, times in phases.items()}

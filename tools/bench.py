@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""The benchmark suite: every figure a ratio measured side by side in one run.
+
+1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE
+   (the real trainer, same batch, precision and threads; interleaved repetitions), on 1
+   rank and on 2 ranks (sharded L³ rows, experts replicated).
+2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
+   2 ranks, from `training.profile_steps`: the next optimisation target.
+3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
+   paper's loop on ≥ 5M tokens, and sorted ÷ padded L³ forward+backward, time and peak memory.
+
+Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
+default docs/benchmarks.md). The defaults use the quick start's data and configs:
+
+    python tools/bench.py                                   # ~15 min on 2 cores
+    python tools/bench.py --repeats 1 --steps 12 --skip-core  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from l3train.benchmarks.training import measure_throughput, profile_phases
+from l3train.errors import CliArgumentParser, L3TrainError, run_cli
+from l3train.utils.atomic import atomic_write_text
+
+L3, DENSE, MOE = "configs/tiny_l3.yaml", "configs/tiny_dense.yaml", "configs/tiny_moe.yaml"
+DATA_PREFIX = "data/indexed/stdlib_docstrings_text_document"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def core_lines(args: argparse.Namespace) -> list[str]:
+    from l3train.allocation import fast_lzw_counts, lzw_allocation
+    from l3train.benchmarks.core import bench_attention, bench_lzw, load_documents
+
+    lines: list[str] = []
+    tokens, offsets = load_documents(args.data_prefix, 5_000_000)
+    bench_lzw(tokens, offsets, 2048, 1, log=lines.append)
+    codewords = fast_lzw_counts(tokens, 2048, offsets)
+    rows = lzw_allocation(codewords.counts, codewords.last_token, 2048, 32 * 2048, 512)
+    bench_attention(rows, tokens[:4096].copy(), 128, 3, log=lines.append)
+    uniform = np.full(2048, 32, dtype=np.int64)
+    bench_attention(uniform, tokens[:4096].copy(), 128, 3, log=lines.append)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = CliArgumentParser(prog="tools/bench.py", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--l3", default=L3, help=f"L³ config (default {L3})")
+    parser.add_argument("--dense", default=DENSE, help=f"its iso-FLOP dense config (default {DENSE})")
+    parser.add_argument("--moe", default=MOE, help=f"its iso-sparse MoE config (default {MOE})")
+    parser.add_argument("--steps", type=int, default=25, help="steps per run (the first 3 are warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per model")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to measure")
+    parser.add_argument("--data-prefix", default=DATA_PREFIX, help="indexed dataset for the core benchmarks")
+    parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="markdown report")
+    args = parser.parse_args(argv)
+    if args.steps <= 4 or args.repeats < 1:
+        raise L3TrainError(f"--steps must be > 4 (3 are warm-up) and --repeats >= 1, got {args.steps}, {args.repeats}")
+    for path in (args.l3, args.dense, args.moe):
+        if not Path(path).is_file():
+            raise L3TrainError(f"config {path} not found")
+
+    figures: dict = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "training": {}}
+    table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]
+    for nproc in args.ranks:
+        print(f"training throughput on {nproc} rank(s), {args.repeats} interleaved repetitions")
+        l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.repeats, [])
+        ratios = {"l3_over_dense": [a / b for a, b in zip(l3.tokens_per_s, dense.tokens_per_s)],
+                  "l3_over_moe": [a / b for a, b in zip(l3.tokens_per_s, moe.tokens_per_s)]}
+        figures["training"][nproc] = {"l3": l3.tokens_per_s, "dense": dense.tokens_per_s, "moe": moe.tokens_per_s,
+                                      **ratios}
+        dense_ratio, moe_ratio = (float(np.median(ratios[key])) for key in ("l3_over_dense", "l3_over_moe"))
+        table.append(f"| {nproc} | {l3.median:,.0f} | {dense.median:,.0f} | {moe.median:,.0f} | "
+                     f"{dense_ratio:.2f}× | {moe_ratio:.2f}× |")
+        print(table[-1])
+    nproc = max(args.ranks)
+    phases = profile_phases(args.l3, nproc, args.steps, [])
+    figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
+    phase_line = ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())
+    print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}")
+    core = [] if args.skip_core else core_lines(args)
+    figures["core"] = core
+    print("\n".join(core))
+
+    report = [
+        "# Benchmarks", "",
+        "Written by `tools/bench.py`; every figure of one table was measured in the same run, models",
+        "interleaved (A B C A B C ...), each figure the median over repetitions of the median tokens/s",
+        "after 3 warm-up steps. Ratios are medians of the per-repetition ratios.", "",
+        f"Machine: {figures['machine']}.", f"Settings: {args.steps} steps per run, {args.repeats} repetitions; "
+        f"models {args.l3}, {args.dense}, {args.moe}.", "",
+        "## Training throughput", "", *table, "",
+        f"## L³ step time per phase ({nproc} rank(s), rank 0, host ms per step, profiled)", "",
+        "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
+        "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",
+        "`all_to_all` is part of forward and backward.", "",
+    ]
+    if core:
+        report += ["## Core library", "", "```", *core, "```", ""]
+    atomic_write_text(args.output, "\n".join(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(figures, indent=1))
+    print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
