@@ -331,6 +331,28 @@ REGISTRY: dict[str, Step] = {
     ".venv/bin/python tools/report.py runs/tiny_dense runs/tiny_l3 runs/tiny_moe runs/tiny_l3_moe --output reports/tiny":
         Step(creates=("reports/tiny/report.md",), prints=("report of 4 run(s)",),
              check=report_lists("reports/tiny", "tiny_dense", "tiny_l3", "tiny_moe", "tiny_l3_moe")),
+    # Conversion: the quick start's L³ run and the dense baseline above.
+    ".venv/bin/python tools/convert_checkpoint.py consolidate runs/tiny_l3 --output ckpt/tiny_l3": Step(
+        creates=("ckpt/tiny_l3/model.safetensors", "ckpt/tiny_l3/manifest.json"),
+        prints=("wrote consolidated checkpoint",)),
+    ".venv/bin/python tools/convert_checkpoint.py reshard runs/tiny_l3 --output runs/tiny_l3_tp2 --nproc 2 "
+    "parallel.tensor_parallel=2": Step(creates=(ckpt("runs/tiny_l3_tp2", 3),), prints=("continue with",)),
+    ".venv/bin/torchrun --nproc_per_node 2 -m l3train.train --config runs/tiny_l3_tp2/config.yaml --resume": Step(
+        append=short(4, extend=True), env=lambda: {"PET_MASTER_PORT": str(free_port())},
+        creates=(ckpt("runs/tiny_l3_tp2", 4),), prints=("resuming at step 3", "TP=2")),
+    ".venv/bin/python tools/convert_checkpoint.py export runs/tiny_l3 --output hf/tiny_l3": Step(
+        creates=("hf/tiny_l3/config.json", "hf/tiny_l3/modeling_l3train.py"), prints=("wrote Hugging Face folder",)),
+    ".venv/bin/python tools/convert_checkpoint.py export runs/tiny_dense --output hf/tiny_dense": Step(
+        creates=("hf/tiny_dense/config.json", "hf/tiny_dense/model.safetensors"),
+        prints=("wrote Hugging Face folder",)),
+    ".venv/bin/python tools/convert_checkpoint.py import hf/tiny_dense --config configs/tiny_dense_plus_l3.yaml "
+    "--output ckpt/tiny_dense_plus_l3": Step(
+        creates=("ckpt/tiny_dense_plus_l3/model.safetensors",), prints=("wrote consolidated checkpoint",)),
+    ".venv/bin/python -m l3train.train --config configs/tiny_dense_plus_l3.yaml --init-from ckpt/tiny_dense_plus_l3":
+        Step(append=short(), creates=(ckpt("runs/tiny_dense_plus_l3", 2),),
+             prints=("starting from the weights of ckpt/tiny_dense_plus_l3",)),
+    ".venv/bin/python tools/inspect_checkpoint.py runs/tiny_l3 --tensors": Step(
+        prints=("manifest: OK", "lookups.1.lookup.rows.key_table")),
     # Benchmarks: bench_core on fewer tokens and positions, one repetition.
     ".venv/bin/python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings_text_document --vocab-size 2048":
         Step(append="--tokens 300000 --positions 512 --repeats 1", prints=("(identical)", "speed-up", "padded")),
