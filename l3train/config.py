@@ -110,6 +110,9 @@ class TrainingConfig:
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
     seed: int = 1234
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Recompute activations in backward instead of storing them: none, every decoder and L³
+    # block ("blocks"), or the L³ blocks only ("l3"); see l3train/parallel/recompute.py.
+    recompute: Literal["none", "blocks", "l3"] = "none"
     eval_interval: int = 50
     eval_batches: int = 4
     log_interval: int = 10

@@ -24,7 +24,7 @@ _NOT_FIXED = {"l3.allocation", "l3.lr", "l3.weight_decay", "moe.aux_loss_weight"
               "moe.capacity_factor"}
 _FIXED_KEYS = {"parallel.tensor_parallel", "parallel.zero_stage", "parallel.shard_l3_rows"}
 FREE_KEYS = {"run_dir", "l3.allocation", "training.eval_interval", "training.eval_batches",
-             "training.log_interval", "training.max_skipped_steps", "training.profile_steps",
+             "training.log_interval", "training.max_skipped_steps", "training.profile_steps", "training.recompute",
              "checkpoint.save_interval", "checkpoint.keep_last", "parallel.collective_timeout_minutes"}
 
 

@@ -5,6 +5,7 @@ outside and in this order,
 1. tensor (and sequence) parallelism of the backbone: megatron-core layers swapped in;
 2. sharded L³ rows: every L³ layer's row backend becomes a `ShardedRowTable`;
 3. expert parallelism: every MoE layer's expert backend becomes an `ExpertParallelExperts`;
+4. activation recomputation of the blocks `training.recompute` selects;
 and returns the tensors that now live on this rank only, grouped with their optimizers
 (`ShardedRows`, `ShardedExperts`), for the trainer to step, clip and checkpoint.
 """
@@ -19,6 +20,7 @@ from l3train.allocation.allocation import Allocation
 from l3train.config import Config, WorldLayout
 from l3train.model.llama import DecoderLM
 from l3train.parallel.expert_parallel import shard_experts
+from l3train.parallel.recompute import apply_recompute
 from l3train.parallel.shard_plan import plan_shards
 from l3train.parallel.sharded_l3 import shard_lookup_layer
 from l3train.parallel.sharded_optim import RankLocalParameters, ShardedExperts, ShardedRows
@@ -51,4 +53,5 @@ def parallelize(model: DecoderLM, allocation: Allocation | None, cfg: Config, la
     if layout.experts_split:
         experts = ShardedExperts([shard_experts(layer, parallel, device) for layer in model.moe_layers().values()],
                                  parallel, cfg)
+    apply_recompute(model, cfg.training.recompute)
     return ParallelModel(model, rows, experts)
