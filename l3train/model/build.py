@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -9,6 +11,7 @@ from l3train.allocation.allocation import Allocation
 from l3train.config import Config
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
+from l3train.model.l3_layer import deferred_row_tables
 from l3train.model.llama import DecoderLM
 from l3train.model.roles import ParamRole, parameter_roles
 
@@ -26,13 +29,16 @@ def load_allocation(cfg: Config) -> Allocation | None:
                            expect_tokenizer_id=tokenizer.tokenizer_id)
 
 
-def build_model(cfg: Config) -> tuple[DecoderLM, Allocation | None]:
+def build_model(cfg: Config, defer_rows: bool = False) -> tuple[DecoderLM, Allocation | None]:
     """The plain (unparallelized) DecoderLM of `cfg`, initialised from `training.seed` (the same
-    weights on every rank), and its allocation."""
+    weights on every rank), and its allocation. With `defer_rows` the L³ tables stay on the
+    meta device, for a parallel step that creates each rank's own rows (`deferred_row_tables`);
+    the other weights are the same either way."""
     allocation = load_allocation(cfg)
     torch.manual_seed(cfg.training.seed)
     rows_per_token = allocation.rows_per_token if allocation else None
-    return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe), allocation
+    with deferred_row_tables() if defer_rows else contextlib.nullcontext():
+        return DecoderLM(cfg.model, cfg.l3, rows_per_token, cfg.moe), allocation
 
 
 def meta_model(cfg: Config, rows_per_token: np.ndarray | None) -> DecoderLM:

@@ -10,10 +10,17 @@ the whole tables as parameters; l3train.parallel swaps in a backend that holds o
 shard and routes positions to the ranks owning their rows. Every backend computes
 V_tᵀ softmax(K_t x) with the same function, so the formula below never changes.
 See docs/l3_layer.md.
+
+The tables are initialised by `init_rows`, which gives any subset of rows exactly the
+values the whole table would hold, so a rank can build only its own rows: layers built
+under `deferred_row_tables()` leave their tables on the meta device (no memory), and the
+parallel step creates each rank's rows directly (l3train.parallel.sharded_l3).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +38,42 @@ def bounds_from_rows(rows_per_token: Tensor | np.ndarray) -> Tensor:
     return torch.cat([rows.new_zeros(1), torch.cumsum(rows, 0)])
 
 
+# Rows per block of the table initialisation: each block is drawn from its own generator,
+# so a subset of rows costs one block of working memory at a time (4096 × 2048 fp32 = 32 MB).
+INIT_BLOCK_ROWS = 4096
+
+
+def init_rows(num_rows: int, width: int, std: float, seed: int, rows: Tensor | None = None) -> Tensor:
+    """Normal(0, std) rows `rows` (all when None) of a `num_rows` × `width` table, identical to
+    the same rows of the whole table: block b of `INIT_BLOCK_ROWS` rows comes from a generator
+    seeded by (seed, b), whichever rows a caller asks for (one block in memory at a time)."""
+    wanted = torch.arange(num_rows) if rows is None else rows.cpu()
+    out = torch.empty(len(wanted), width)
+    block_of = wanted // INIT_BLOCK_ROWS
+    for block in torch.unique(block_of).tolist():
+        start = block * INIT_BLOCK_ROWS
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(min(INIT_BLOCK_ROWS, num_rows - start), width, generator=generator).mul_(std)
+        chosen = torch.nonzero(block_of == block).flatten()
+        out[chosen] = values[wanted[chosen] - start]
+    return out
+
+
+_deferred = False
+
+
+@contextlib.contextmanager
+def deferred_row_tables() -> Iterator[None]:
+    """L³ layers built inside have their row tables on the meta device: not allocated, not
+    initialised; whoever places the rows creates them with `init_rows`."""
+    global _deferred
+    _deferred, previous = True, _deferred
+    try:
+        yield
+    finally:
+        _deferred = previous
+
+
 class RowBackend(Protocol):
     """Where a layer's rows live: (x (N, d_in), token_ids (N,), bounds) → (a (N, d_emb), entropy (N,))."""
 
@@ -44,8 +87,9 @@ class LocalRowTable(nn.Module):
 
     def __init__(self, num_rows: int, d_in: int, d_emb: int, tied_kv: bool) -> None:
         super().__init__()
-        self.key_table = nn.Parameter(torch.empty(num_rows, d_in))
-        self.value_table = None if tied_kv else nn.Parameter(torch.empty(num_rows, d_emb))
+        device = "meta" if _deferred else None
+        self.key_table = nn.Parameter(torch.empty(num_rows, d_in, device=device))
+        self.value_table = None if tied_kv else nn.Parameter(torch.empty(num_rows, d_emb, device=device))
 
     def tables(self) -> tuple[Tensor, Tensor]:
         """(K, V); the same tensor twice when tied."""
@@ -68,15 +112,28 @@ class LargeLookupLayer(nn.Module):
         self.register_buffer("bounds", bounds_from_rows(rows_per_token), persistent=True)
         num_rows = int(np.asarray(rows_per_token).sum())  # not from `bounds`: it may be on the meta device
         self.tied_kv = tied_kv
+        self.rows_width = (d_in, d_emb)  # of the key and the value table
         self.rows: RowBackend = LocalRowTable(num_rows, d_in, d_emb, tied_kv)
         self.up = nn.Linear(d_emb, d_up, bias=False)
         self.norm = make_norm(norm, d_up, norm_eps)
         self.mix = nn.Linear(d_up + d_in, d_out or d_in, bias=False)
         self.init_std = init_std
+        # The seed of this layer's tables (one draw from the global generator, so the model's
+        # other weights do not depend on the table sizes); key table seed, value table seed + 1.
+        self.table_seed = int(torch.randint(0, 2**31, (), device="cpu"))
         self.reset_parameters()
 
+    def table_init(self, table: int, rows: Tensor | None = None) -> Tensor:
+        """Initial values of rows `rows` (all when None) of table 0 (keys) or 1 (values)."""
+        width = self.rows_width[table]
+        return init_rows(self.num_rows, width, self.init_std, self.table_seed + table, rows)
+
     def reset_parameters(self) -> None:
-        for weight in (*self.rows.parameters(), self.up.weight, self.mix.weight):
+        for table, weight in enumerate(self.rows.parameters()):
+            if not weight.is_meta:
+                with torch.no_grad():
+                    weight.copy_(self.table_init(table))
+        for weight in (self.up.weight, self.mix.weight):
             if not weight.is_meta:
                 nn.init.normal_(weight, std=self.init_std)
 

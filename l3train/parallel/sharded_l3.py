@@ -146,23 +146,27 @@ class ShardedRowTable(nn.Module):
 
 def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: ParallelState,
                        sequence_parallel: bool = False, device: torch.device | None = None) -> ShardedRowTable:
-    """Swap `layer`'s row backend for a `ShardedRowTable` holding this rank's shard of the rows
-    (copied from the layer's full initialisation, so a sharded run starts from the
-    single-process weights); returns the new backend.
+    """Swap `layer`'s row backend for a `ShardedRowTable` holding this rank's shard of the rows,
+    with the single-process values: built directly by the layer's `table_init` when its
+    tables were deferred (on the meta device: no rank ever holds the whole table), else
+    copied from the tables. Returns the new backend.
 
     This rank holds shard `dp_rank * tp_size + tp_rank` (under sequence parallelism: its
-    global rank). The rows go to `device` (default: where the table was). The layer's
-    `bounds` buffer keeps the global allocation: it is what a checkpoint needs."""
+    global rank). The rows go to `device` (default: where the table was, or the host). The
+    layer's `bounds` buffer keeps the global allocation: it is what a checkpoint needs."""
     full = layer.rows
     if not isinstance(full, LocalRowTable):
         raise ValueError(f"the layer's rows are already sharded ({type(full).__name__})")
     routing = RowRouting.of(parallel, sequence_parallel)
-    device = device or full.key_table.device
-    rows = torch.as_tensor(plan.global_row_indices(routing.shard), dtype=torch.long, device=full.key_table.device)
+    deferred = full.key_table.is_meta
+    device = device or (torch.device("cpu") if deferred else full.key_table.device)
+    rows = torch.as_tensor(plan.global_row_indices(routing.shard), dtype=torch.long)
 
-    def local(table: Tensor) -> nn.Parameter:
-        return nn.Parameter(table.detach()[rows].to(device=device, copy=True))
+    def local(index: int, table: Tensor) -> nn.Parameter:
+        values = layer.table_init(index, rows) if deferred else table.detach()[rows.to(table.device)]
+        return nn.Parameter(values.to(device=device))  # a fresh tensor already: no second copy
 
-    tables = RankLocalTables(local(full.key_table), None if full.value_table is None else local(full.value_table))
+    tables = RankLocalTables(local(0, full.key_table),
+                             None if full.value_table is None else local(1, full.value_table))
     layer.rows = ShardedRowTable(plan, tables, routing, 1.0 / parallel.dp_size, device)
     return layer.rows

@@ -80,7 +80,9 @@ class Trainer:
         from l3train.parallel.state import DeepSpeedMPU, initialize_parallel
 
         self.parallel = initialize_parallel(self.layout.tensor_parallel, self.layout.expert_parallel)
-        model, allocation = build_model(cfg)
+        # Sharded rows are created by each rank for itself (never the whole tables), unless
+        # they come from a consolidated checkpoint's whole tables.
+        model, allocation = build_model(cfg, defer_rows=self.layout.rows_sharded and self.init_from is None)
         if self.init_from is not None:
             # Into the plain model: parallelize() then gives every rank its slice, as from an initialisation.
             load_weights(model, self.init_from.state_dict(), cfg.model.tie_embeddings, str(self.init_from.directory))

@@ -216,3 +216,14 @@ def test_plans_are_reused_for_the_same_ids_and_allocation():
     first = l3_attention._plan_for(ids, bounds, 1 << 24, 8)
     assert l3_attention._plan_for(ids.clone(), bounds.clone(), 1 << 24, 8) is first
     assert l3_attention._plan_for(ids.flip(0), bounds, 1 << 24, 8) is not first
+
+
+def test_any_subset_of_rows_is_initialised_as_in_the_whole_table():
+    from l3train.model.l3_layer import INIT_BLOCK_ROWS, init_rows
+
+    num_rows = 3 * INIT_BLOCK_ROWS + 17
+    whole = init_rows(num_rows, 8, 0.02, seed=5)
+    assert whole.std().item() == pytest.approx(0.02, rel=0.05)
+    subset = torch.tensor([num_rows - 1, 0, INIT_BLOCK_ROWS, 5, 2 * INIT_BLOCK_ROWS + 3])
+    assert torch.equal(init_rows(num_rows, 8, 0.02, seed=5, rows=subset), whole[subset])
+    assert not torch.equal(init_rows(num_rows, 8, 0.02, seed=6, rows=subset), whole[subset])
