@@ -81,7 +81,7 @@ def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: i
     fn = {"sorted": l3_attention.row_attention, "padded": l3_attention.row_attention_padded}[variant]
     fn(x, token_ids, bounds, keys, keys).square().sum().backward()  # warm-up: allocator, thread pools
     x.grad = keys.grad = None
-    baseline_kb = _resident_kb("VmRSS")
+    baseline_kb = resident_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
     times = []
     for _ in range(repeats):
@@ -89,10 +89,10 @@ def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: i
         fn(x, token_ids, bounds, keys, keys).square().sum().backward()
         times.append(time.perf_counter() - start)
         x.grad = keys.grad = None
-    queue.put((min(times), max(0, _resident_kb("VmHWM") - baseline_kb) / 1024))
+    queue.put((min(times), max(0, resident_kb("VmHWM") - baseline_kb) / 1024))
 
 
-def _resident_kb(field: str) -> int:
+def resident_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])

@@ -179,6 +179,10 @@ class Consolidated:
     def has_moments(self) -> bool:
         return self._files(OPTIMIZER) != []
 
+    def model_files(self) -> list[Path]:
+        """The safetensors files holding the model's tensors."""
+        return self._files(MODEL)
+
     def _files(self, stem: str) -> list[Path]:
         index = self.directory / f"{stem}.safetensors.index.json"
         if index.is_file():
@@ -203,7 +207,7 @@ class Consolidated:
         from safetensors import safe_open
 
         shapes = {}
-        for path in self._files(MODEL):
+        for path in self.model_files():
             with safe_open(str(path), framework="pt") as handle:
                 shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
         return shapes

@@ -12,6 +12,9 @@ a freshly initialised L³ perturbs the stream only slightly.
 The forward returns a `ModelOutput`: the logits plus, explicitly, what the L³ layers and
 MoE routers report (entropies, router losses and loads) — nothing is left on the modules.
 
+Generation (l3train.inference) passes an optional cache of earlier positions' keys and
+values to `DecoderLM.forward`; without one (training) the forward is plain causal attention.
+
 Model code holds no parallelism: `l3train.parallel` swaps in tensor-parallel linears and
 the row and expert backends of sharded L³ layers and expert-parallel MoE blocks from outside. Linear weights are named like torchtitan's Llama
 (wq/wk/wv/wo, w1/w2/w3) so parallelization plans can address them by name.
@@ -20,7 +23,7 @@ the row and expert backends of sharded L³ layers and expert-parallel MoE blocks
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -42,10 +45,33 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (batch, heads, seq, head_dim) by position; cos/sin are (seq, head_dim)."""
+    """Rotate (batch, heads, seq, head_dim) by position; cos/sin are (seq, head_dim), or
+    (batch, 1, seq, head_dim) when every sequence has its own positions."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class AttentionCache(Protocol):
+    """One block's keys and values of the positions already processed (l3train.inference.kv_cache)."""
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new positions' keys and values (batch, kv_heads, seq, head_dim); return the
+        keys and values of every position so far and the boolean mask (batch, 1, seq, length)
+        of the keys each new position may attend to."""
+        ...
+
+
+class DecoderCache(Protocol):
+    """The attention caches of all blocks, for incremental decoding."""
+
+    def extend(self, seq: int) -> Tensor:
+        """Make room for `seq` new positions; returns their positions within each sequence (batch, seq)."""
+        ...
+
+    def layer(self, block: int) -> AttentionCache:
+        """The cache of block `block`."""
+        ...
 
 
 class Attention(nn.Module):
@@ -59,14 +85,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None = None) -> Tensor:
         batch, seq, _ = x.shape
         # Head counts come from the weights so a tensor-parallel shard (fewer local heads) works unchanged.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            # The new queries attend to the cached positions too; the mask carries causality and padding.
+            k, v, mask = cache.append(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -89,9 +120,10 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden_size) if moe is None else MoEFeedForward(cfg.d_model, moe)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, RouterStats | None]:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor,
+                cache: AttentionCache | None = None) -> tuple[Tensor, RouterStats | None]:
         """The updated residual stream, and the router's stats when the feed-forward is an MoE."""
-        h = h + self.attention(self.attention_norm(h), cos, sin)
+        h = h + self.attention(self.attention_norm(h), cos, sin, cache)
         if isinstance(self.feed_forward, MoEFeedForward):
             out, router = self.feed_forward(self.ffn_norm(h))
             return h + out, router
@@ -167,15 +199,23 @@ class DecoderLM(nn.Module):
         return {index: block.feed_forward for index, block in enumerate(self.blocks)
                 if isinstance(block.feed_forward, MoEFeedForward)}
 
-    def forward(self, tokens: Tensor) -> ModelOutput:
+    def forward(self, tokens: Tensor, cache: DecoderCache | None = None) -> ModelOutput:
+        """Logits of every position of `tokens`; with a `cache`, `tokens` are the next positions
+        of the sequences the cache holds (generation), else whole sequences from position 0."""
         seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        if cache is None:
+            if seq > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {seq} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            # Each sequence has its own positions (prompts of different lengths are padded):
+            # angles per (sequence, position), broadcast over the heads.
+            positions = cache.extend(seq)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         h = self.embedding(tokens)
         entropies, routers = {}, {}
         for index, block in enumerate(self.blocks):
-            h, router = block(h, cos, sin)
+            h, router = block(h, cos, sin, None if cache is None else cache.layer(index))
             if router is not None:
                 routers[index] = router
             if str(index) in self.lookups:

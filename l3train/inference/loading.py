@@ -1,0 +1,176 @@
+"""Load a checkpoint for generation, with its L³ tables where the inference config puts them.
+
+The model is built on the meta device, so no table is ever allocated or initialised on
+the way: with the `host` or `disk` placement each L³ layer's row backend is swapped for a
+`StagedRowTable` over tables read from the checkpoint in row chunks (into host memory, or
+into the table files of l3train.inference.disk_tables), and only the remaining tensors are
+materialised on the compute device and loaded. Peak memory therefore stays below the
+tables' size with the disk placement.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from l3train.checkpoint.consolidated import KIND, Consolidated, load_weights, plain_state_dict
+from l3train.checkpoint.manifest import read_manifest
+from l3train.config import Config
+from l3train.errors import L3TrainError
+from l3train.inference.config import InferenceConfig
+from l3train.inference.disk_tables import DEFAULT_TABLE_DIR, disk_table, table_key
+from l3train.inference.placement import TablePlacement
+from l3train.inference.row_sources import DiskRows, HostRows, RowSource
+from l3train.model.build import load_allocation, meta_model
+from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
+from l3train.model.llama import DecoderLM, rope_tables
+
+ROWS_PER_CHUNK = 1 << 14  # rows per read when a table is copied out of a checkpoint
+
+
+class CheckpointTensors(Protocol):
+    """A checkpoint read tensor by tensor under the plain model's names."""
+
+    directory: Path
+    config: Config
+    files: dict[str, Any]  # the manifest's record of every file (sizes and CRC-32s): the checkpoint's identity
+
+    def tensor(self, name: str) -> Tensor: ...
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive blocks of at most `rows` rows of the 2-D tensor `name`."""
+        ...
+
+
+class ConsolidatedTensors:
+    """A consolidated checkpoint: tensors and row blocks read from its safetensors files."""
+
+    def __init__(self, consolidated: Consolidated) -> None:
+        from safetensors import safe_open
+
+        self.directory, self.config = consolidated.directory, consolidated.config
+        self.files = consolidated.manifest["files"]
+        self._file_of = {}
+        for path in consolidated.model_files():
+            with safe_open(str(path), framework="pt") as handle:
+                self._file_of.update({name: path for name in handle.keys()})
+
+    def tensor(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt") as handle:
+            table = handle.get_slice(name)
+            for start in range(0, table.get_shape()[0], rows):
+                yield table[start:start + rows].numpy()
+
+
+class TrainingTensors:
+    """A training checkpoint of any layout (l3train.checkpoint.convert.TrainingCheckpoint). A
+    sharded table is reassembled whole in memory once when it is read."""
+
+    def __init__(self, path: str | os.PathLike, overrides: list[str], verify: bool) -> None:
+        from l3train.checkpoint.convert import TrainingCheckpoint
+
+        self._checkpoint = TrainingCheckpoint(path, overrides, check=verify)
+        self.directory, self.config = self._checkpoint.directory, self._checkpoint.config
+        self.files = self._checkpoint.manifest["files"]
+
+    def tensor(self, name: str) -> Tensor:
+        return self._checkpoint.tensor(name)
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
+        table = self.tensor(name)
+        for start in range(0, table.shape[0], rows):
+            yield table[start:start + rows].numpy()
+
+
+def open_checkpoint(path: str | os.PathLike, overrides: list[str] = (), verify: bool = True) -> CheckpointTensors:
+    """A consolidated checkpoint, or a training checkpoint (also a run_dir: its latest one).
+    `overrides` (key=value) repoint a training checkpoint's tokenizer or allocation paths."""
+    path = Path(path)
+    if not path.exists():
+        raise L3TrainError(f"checkpoint {path} not found; pass a consolidated checkpoint, a training checkpoint "
+                           f"(run_dir/checkpoints/step_*) or a run_dir")
+    manifest, _ = read_manifest(path)
+    if manifest is not None and manifest.get("kind") == KIND:
+        if overrides:
+            raise L3TrainError(f"{path} is a consolidated checkpoint: its tokenizer and allocation are inside it, "
+                               f"config overrides ({overrides[0]}) apply to training checkpoints only")
+        return ConsolidatedTensors(Consolidated(path, check=verify))
+    return TrainingTensors(path, list(overrides), verify)
+
+
+def _table_names(model: DecoderLM) -> list[tuple[LargeLookupLayer, list[str]]]:
+    """Each L³ layer with the names of its tables (the key table, then the value table when untied)."""
+    return [(module, [f"{name}.rows.{table}" for table, _ in module.rows.named_parameters()])
+            for name, module in model.named_modules() if isinstance(module, LargeLookupLayer)]
+
+
+def _row_source(checkpoint: CheckpointTensors, name: str, shape: tuple[int, int], config: InferenceConfig,
+                device: torch.device) -> RowSource:
+    """Table `name` of the checkpoint in host memory, or in its table file."""
+    dtype = np.dtype(np.float32)
+    if config.placement == "host":
+        table = torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+        start = 0
+        for chunk in checkpoint.row_chunks(name, ROWS_PER_CHUNK):
+            table[start:start + len(chunk)] = torch.from_numpy(chunk)
+            start += len(chunk)
+        return HostRows(table)
+    table_dir = Path(config.table_dir) if config.table_dir else DEFAULT_TABLE_DIR
+    path = disk_table(table_dir, table_key(checkpoint.files, name, shape, dtype), shape, dtype,
+                      checkpoint.row_chunks(name, ROWS_PER_CHUNK),
+                      {"checkpoint": str(Path(checkpoint.directory).resolve()), "tensor": name})
+    return DiskRows(path)
+
+
+def _materialize(model: DecoderLM, rows_per_token: np.ndarray | None, device: torch.device) -> None:
+    """Give the meta model's tensors memory on `device`, and rebuild what the constructor
+    computes rather than loads: the tied output projection, the RoPE tables, and the L³
+    bounds from the allocation (the checkpoint's bounds are then checked against them)."""
+    cfg = model.cfg
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.embedding.weight
+    cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    with torch.no_grad():
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        for layer in model.l3_layers():
+            layer.bounds.copy_(bounds_from_rows(rows_per_token))
+
+
+def load_for_generation(checkpoint: CheckpointTensors, config: InferenceConfig,
+                        device: torch.device) -> tuple[DecoderLM, TablePlacement]:
+    """The checkpoint's model on `device` in eval mode, its L³ tables placed as `config` says."""
+    cfg = checkpoint.config
+    allocation = load_allocation(cfg)  # also checks the tokenizer against the model's vocabulary
+    rows_per_token = allocation.rows_per_token if allocation else None
+    model = meta_model(cfg, rows_per_token)
+    layers = _table_names(model)
+    if config.placement == "resident" or not layers:
+        placement = TablePlacement(device)
+    else:
+        shapes = {name: tuple(table.shape) for name, table in model.state_dict().items()}
+        tables = [[_row_source(checkpoint, name, shapes[name], config, device) for name in names]
+                  for _, names in layers]
+        placement = TablePlacement.install([layer for layer, _ in layers], tables,
+                                           bounds_from_rows(rows_per_token).numpy(), config.staging_rows,
+                                           config.prefetch, device)
+    _materialize(model, rows_per_token, device)
+    source = str(checkpoint.directory)
+    load_weights(model, {name: checkpoint.tensor(name) for name in plain_state_dict(model, cfg.model.tie_embeddings)},
+                 cfg.model.tie_embeddings, source)
+    return model.eval(), placement

@@ -1,0 +1,269 @@
+"""Generation: KV cache, sampling, batching, and L³ tables resident, in host memory or on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from l3train.checkpoint.consolidated import (Consolidated, ConsolidatedContents, load_model, plain_state_dict,
+                                             write_consolidated)
+from l3train.config import config_from_dict
+from l3train.errors import L3TrainError
+from l3train.inference.config import InferenceConfig
+from l3train.inference.engine import Generator
+from l3train.inference.loading import load_for_generation, open_checkpoint
+from l3train.inference.sampling import filter_logits
+from l3train.model.build import build_model
+from training_harness import REPO, tiny_l3_config
+
+CPU = torch.device("cpu")
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 3, 3, 40, 41]]
+# KV-cache decoding against a full forward of the same tokens, fp32: both compute the same sums
+# in a different order (one query against the cache vs. causal attention over the sequence, and
+# the L³ row attention over other batches of tokens). Bound on max |Δ logit| relative to the
+# step's largest |logit| (~5 here); measured up to 6e-6, i.e. a few dozen fp32 roundings.
+CACHE_TOLERANCE = 2e-5
+
+
+def write_checkpoint(tmp_path: Path, corpus, allocation: Path, **l3: object) -> Path:
+    """A consolidated checkpoint of a tiny L³ model with weights large enough that the L³ layer
+    matters (random weights: equality tests need no training)."""
+    tree = tiny_l3_config(tmp_path / "run", corpus, allocation)
+    tree["l3"].update(l3)
+    tree["model"]["tie_embeddings"] = bool(l3)  # the variant also covers tied embeddings
+    cfg = config_from_dict(tree)
+    model, _ = build_model(cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * (1.0 if ".rows." in name else 0.15))
+    output = tmp_path / "consolidated"
+    write_consolidated(output, ConsolidatedContents(cfg, 0, {}), plain_state_dict(model, cfg.model.tie_embeddings).items())
+    return output
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("inference"), tiny_corpus, tiny_allocation)
+
+
+@pytest.fixture(scope="module")
+def untied_checkpoint(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("inference_untied"), tiny_corpus, tiny_allocation,
+                            tied_kv=False, d_emb=32)
+
+
+def generator_for(checkpoint: Path, **placement: object) -> Generator:
+    config = InferenceConfig(**placement)
+    model, tables = load_for_generation(open_checkpoint(checkpoint), config, CPU)
+    return Generator(model, tables)
+
+
+def step_logits(generator: Generator, config: InferenceConfig, prompts=PROMPTS) -> torch.Tensor:
+    return torch.stack([step.logits for step in generator.stream(prompts, config)])
+
+
+PLACEMENTS = [dict(placement="host", prefetch=True), dict(placement="host", prefetch=False),
+              dict(placement="disk", prefetch=True), dict(placement="disk", prefetch=False)]
+
+
+@pytest.mark.parametrize("variant", ["checkpoint", "untied_checkpoint"])
+def test_logits_are_bit_identical_across_placements_and_prefetch(variant, request, tmp_path):
+    checkpoint = request.getfixturevalue(variant)
+    sampling = InferenceConfig(max_new_tokens=12, temperature=0.9, top_k=40, seed=5)
+    resident = generator_for(checkpoint)
+    expected = step_logits(resident, sampling)
+    for placement in PLACEMENTS:
+        generator = generator_for(checkpoint, table_dir=str(tmp_path), **placement)
+        assert torch.equal(step_logits(generator, sampling), expected), placement
+        counters = generator.placement.counters
+        assert (counters.lookups, counters.unannounced, counters.extra_chunks) == (12, 0, 0)
+        if not placement["prefetch"]:
+            assert counters.stalls == 12  # the layer stages its rows itself every step
+        generator.placement.close()
+    # The resident model loaded for generation is the model load_model builds.
+    tokens = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        plain = load_model(Consolidated(checkpoint))(tokens).logits
+        assert torch.equal(resident.model(tokens).logits, plain)
+        # ... and its L³ rows matter, so equal logits mean equal rows were read.
+        for table in resident.model.l3_layers()[0].rows.parameters():
+            table.zero_()
+        assert (resident.model(tokens).logits - plain).abs().max() > 0.1
+
+
+def test_a_step_larger_than_the_staging_buffer_runs_in_chunks(checkpoint, tmp_path):
+    sampling = InferenceConfig(max_new_tokens=4, temperature=0)
+    rows = np.diff(open_checkpoint(checkpoint).tensor("lookups.0.lookup.bounds").numpy())
+    prompts = [np.argsort(rows)[-6:].tolist(), [1, 2]]  # the tokens with the most rows
+    expected = step_logits(generator_for(checkpoint), sampling, prompts)
+    largest = int(rows.max())
+    chunked = generator_for(checkpoint, placement="host", staging_rows=largest)
+    # Equal up to rounding: the row attention batches the tokens' blocks differently per chunk.
+    torch.testing.assert_close(step_logits(chunked, sampling, prompts), expected, atol=1e-6, rtol=1e-6)
+    assert chunked.placement.counters.extra_chunks > 0
+    with pytest.raises(L3TrainError, match="staging rows"):
+        generator_for(checkpoint, placement="host", staging_rows=largest - 1)
+
+
+def test_kv_cache_decoding_equals_a_full_forward_at_every_step(checkpoint):
+    generator = generator_for(checkpoint, placement="host")
+    result = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=20, temperature=0))
+    with torch.no_grad():
+        for index, prompt in enumerate(PROMPTS):
+            sequence = prompt + result.tokens[index]
+            full = generator.model(torch.tensor([sequence])).logits[0].float()
+            for step, decoded in enumerate(result.steps):
+                # Step s predicts the token after the prompt and s new tokens (left padding is invisible).
+                expected = full[len(prompt) - 1 + step]
+                error = (decoded.logits[index] - expected).abs().max() / expected.abs().max()
+                assert error <= CACHE_TOLERANCE, (index, step, error)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(checkpoint):
+    generator = generator_for(checkpoint, placement="host")
+    for sampling in (InferenceConfig(max_new_tokens=16, temperature=0),
+                     InferenceConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=11)):
+        batched = generator.generate(PROMPTS, sampling)
+        for index, prompt in enumerate(PROMPTS):
+            alone = generator.generate([prompt], replace(sampling, seed=sampling.seed + index))
+            assert alone.tokens[0] == batched.tokens[index], (sampling, index)
+
+
+def test_sampling_is_reproducible_from_the_seed(checkpoint):
+    generator = generator_for(checkpoint)
+    sampling = InferenceConfig(max_new_tokens=16, temperature=1.2, top_k=100, top_p=0.95, seed=3)
+    first = generator.generate(PROMPTS, sampling).tokens
+    assert generator.generate(PROMPTS, sampling).tokens == first
+    assert generator.generate(PROMPTS, replace(sampling, seed=4)).tokens != first
+
+
+def test_stop_tokens_and_max_new_tokens(checkpoint):
+    generator = generator_for(checkpoint)
+    greedy = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=10, temperature=0))
+    assert [len(tokens) for tokens in greedy.tokens] == [10, 10, 10]
+    assert greedy.finish_reasons == ["length"] * 3
+    stop = greedy.tokens[0][3]
+    stopped = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=10, temperature=0, stop_tokens=(stop,)))
+    assert stopped.tokens[0] == greedy.tokens[0][:greedy.tokens[0].index(stop)]
+    assert stopped.finish_reasons[0] == "stop"
+    for index in (1, 2):  # the other sequences are unaffected (unless they also drew the stop token)
+        expected = greedy.tokens[index]
+        assert stopped.tokens[index] == (expected[:expected.index(stop)] if stop in expected else expected)
+    with pytest.raises(L3TrainError, match="max_seq_len"):
+        generator.generate([[1] * 60], InferenceConfig(max_new_tokens=10))
+
+
+def test_a_forward_nobody_announced_never_reads_staged_rows(checkpoint):
+    resident = generator_for(checkpoint)
+    host = generator_for(checkpoint, placement="host", prefetch=True)
+    announced = host.placement.start_step(torch.tensor([PROMPTS[0]]))  # rows of other ids are being staged
+    other = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        assert torch.equal(host.model(other).logits, resident.model(other).logits)
+        assert host.placement.counters.unannounced == 1
+        assert torch.equal(host.model(announced).logits, resident.model(announced).logits)  # ticket was dropped
+    assert host.placement.counters.unannounced == 2
+
+
+class GatedRows:
+    """A row source whose reads wait for `gate`: a prefetch that is late."""
+
+    def __init__(self, rows, gate: threading.Event) -> None:
+        self.rows, self.gate = rows, gate
+
+    def read(self, starts, counts, out) -> None:
+        self.gate.wait()
+        self.rows.read(starts, counts, out)
+
+
+def test_a_late_prefetch_is_waited_for_or_done_by_the_layer(checkpoint):
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = generator_for(checkpoint).model(ids).logits
+        host = generator_for(checkpoint, placement="host", prefetch=True)
+        (backend,) = host.placement.backends
+        # Running late: the rows arrive half a second after the L³ block starts; the layer waits.
+        gate = threading.Event()
+        backend.stager.tables = [GatedRows(table, gate) for table in backend.stager.tables]
+        hook = host.model.lookups["0"].register_forward_pre_hook(lambda *_: threading.Timer(0.5, gate.set).start())
+        announced = host.placement.start_step(ids)
+        while not backend.ticket.prefetched.running():
+            time.sleep(0.001)
+        assert torch.equal(host.model(announced).logits, expected)
+        assert host.placement.counters.stalls == 1 and host.placement.counters.wait_s > 0
+        hook.remove()
+        # Not started yet (the worker is busy): the layer cancels it and stages the rows itself.
+        busy = threading.Event()
+        host.placement.prefetcher.submit(busy.wait)
+        announced = host.placement.start_step(ids)
+        prefetch = backend.ticket.prefetched
+        assert torch.equal(host.model(announced).logits, expected)
+        assert prefetch.cancelled() and host.placement.counters.stalls == 2
+        busy.set()
+    assert host.placement.counters.unannounced == 0
+
+
+def test_prefetch_counts_the_bytes_of_each_steps_unique_tokens(checkpoint):
+    generator = generator_for(checkpoint, placement="host", prefetch=True)
+    result = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=3, temperature=0))
+    rows = np.diff(open_checkpoint(checkpoint).tensor("lookups.0.lookup.bounds").numpy())
+    fed = [sum(PROMPTS, [0])] + [step.tokens for step in result.steps[:-1]]  # the prefill has padding: id 0
+    row_bytes = 64 * 4  # tied: one table of d_model = 64 fp32 columns
+    assert generator.placement.counters.bytes_moved == sum(int(rows[np.unique(ids)].sum()) for ids in fed) * row_bytes
+    assert generator.placement.counters.tokens == 3 * 7 + 2 * 3
+
+
+def test_disk_tables_are_written_once_and_rewritten_when_stale(checkpoint, tmp_path):
+    generator_for(checkpoint, placement="disk", table_dir=str(tmp_path)).placement.close()
+    (npy,) = tmp_path.glob("*.npy")
+    table = open_checkpoint(checkpoint).tensor("lookups.0.lookup.rows.key_table").numpy()
+    assert np.array_equal(np.load(npy), table)
+    written = npy.stat().st_mtime_ns
+    generator_for(checkpoint, placement="disk", table_dir=str(tmp_path)).placement.close()
+    assert npy.stat().st_mtime_ns == written  # reused
+    with open(npy, "r+b") as handle:  # truncated by a crash of something else: rewritten
+        handle.truncate(npy.stat().st_size - 4)
+    generator_for(checkpoint, placement="disk", table_dir=str(tmp_path)).placement.close()
+    assert np.array_equal(np.load(npy), table)
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    kept = lambda scores: torch.isfinite(scores)[0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 1.0, 2, 1.0)) == [True, False, True, False]
+    assert kept(filter_logits(logits, 1.0, 0, 0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(filter_logits(logits, 1.0, 0, 0.81)) == [True, False, True, True]
+    assert kept(filter_logits(logits, 1.0, 0, 0.1)) == [True, False, False, False]  # always the most likely
+
+
+def run_generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_generate_tool_streams_text_and_refuses_bad_input(checkpoint, tiny_corpus, tmp_path):
+    from l3train.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_corpus.tokenizer_path)
+    expected = generator_for(checkpoint).generate([tokenizer.encode("Return the")],
+                                                  InferenceConfig(max_new_tokens=8, temperature=0, stop_tokens=(tokenizer.eod_id,)))
+    result = run_generate(str(checkpoint), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0",
+                          "--placement", "disk", "--table-dir", str(tmp_path), "--device", "cpu", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(tokenizer.encode("Return the") + expected.tokens[0]) + "\n"
+    assert "bytes_per_token=" in result.stderr
+    for args, message in [((str(tmp_path / "missing"), "--prompt", "x"), "not found"),
+                          ((str(checkpoint), "--prompt", "x", "--top-p", "0"), "top-p")]:
+        failed = run_generate(*args)
+        assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+        assert failed.stderr.startswith("error: ") and message in failed.stderr
