@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence and repetition")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the prefetch thread "
                                                                "gets the other core)")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu, or cuda (tables pinned in host memory "
+                                                       "for the host placement; memory figures are the host's)")
     parser.add_argument("--memory-batch", type=int, default=16, help="batch size of the memory measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (large_tables)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_inference"),
@@ -78,7 +80,8 @@ def main() -> int:
         size = table_bytes(checkpoint)
         print(f"{name}: {description}; tables {size / 2**20:.1f} MiB")
         entry = {"name": name, "description": description, "table_bytes": size,
-                 "speed": bench_speed(checkpoint, table_dir, args.batches, args.reps, args.new_tokens)}
+                 "speed": bench_speed(checkpoint, table_dir, args.batches, args.reps, args.new_tokens,
+                                      device=torch.device(args.device))}
         if model.measure_memory and not args.no_memory:
             entry["memory"] = bench_memory(checkpoint, table_dir, args.memory_batch, args.new_tokens, args.threads)
         results["models"].append(entry)

@@ -141,13 +141,13 @@ def _warm_page_cache(table_dir: Path) -> None:
 
 
 def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int, new_tokens: int,
-                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Interleaved decode timings of every variant, per batch size."""
+                log: Callable[[str], None] = print, device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
+    """Interleaved decode timings of every variant, per batch size, on `device` (on CUDA the
+    host placement is pinned host memory)."""
     reader = open_checkpoint(checkpoint, verify=False)
     generators = {}
     for variant, options in VARIANTS.items():
-        model, placement = load_for_generation(reader, InferenceConfig(**options, table_dir=str(table_dir)),
-                                               torch.device("cpu"))
+        model, placement = load_for_generation(reader, InferenceConfig(**options, table_dir=str(table_dir)), device)
         generators[variant] = Generator(model, placement)
     _warm_page_cache(table_dir)
     names = list(VARIANTS)
