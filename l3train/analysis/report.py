@@ -169,7 +169,7 @@ def markdown(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def _figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
+def figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
     """A figure with one axes, detached from pyplot (no global backend or figure registry);
     matplotlib is imported only when a report is drawn."""
     from matplotlib.figure import Figure
@@ -186,7 +186,7 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 def plot_loss_vs_tokens(runs: list[Run], path: Path) -> None:
     """Train loss lines and validation markers against tokens seen, one color per run."""
-    fig, ax = _figure((8, 5))
+    fig, ax = figure((8, 5))
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         steps = sorted(run.train_loss)
@@ -205,7 +205,7 @@ def plot_loss_vs_tokens(runs: list[Run], path: Path) -> None:
 def plot_val_vs_active(runs: list[Run], path: Path) -> None:
     """Every run as a point; per family, a line through the best run at each model size
     (runs at one size differ in hyperparameters, e.g. a learning-rate sweep)."""
-    fig, ax = _figure((7, 5))
+    fig, ax = figure((7, 5))
     for index, (family, marker) in enumerate(FAMILY_MARKERS.items()):
         members = [run for run in runs if run.family == family and run.final_val is not None]
         if not members:

@@ -105,7 +105,7 @@ def dataset_cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "l3train" / "datasets"
 
 
-def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
+def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
     meta = read_meta(prefix)
     if meta and meta.get("tokenizer_id") != tokenizer.tokenizer_id:
         raise L3TrainError(
@@ -116,7 +116,7 @@ def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
         )
 
 
-def _parse_split(split: str) -> list[float]:
+def parse_split(split: str) -> list[float]:
     try:
         parts = [float(p) for p in str(split).split(",")]
     except ValueError:
@@ -197,7 +197,7 @@ def _checked_inputs(
         raise L3TrainError(
             f"need train_samples >= 1 and valid_samples >= 0, got {train_samples}, {valid_samples}"
         )
-    split = _parse_split(data.split)
+    split = parse_split(data.split)
     if not data.tokenizer:
         raise L3TrainError(
             "data.tokenizer is not set: give the sentencepiece .model used for preprocessing"
@@ -207,7 +207,7 @@ def _checked_inputs(
     for prefix in prefixes:
         _, lengths = check_indexed_dataset(prefix)
         train_tokens = _split_tokens(prefix, lengths, split)[0]
-        _check_tokenizer_matches(prefix, tokenizer)
+        check_tokenizer_matches(prefix, tokenizer)
         # One epoch as megatron counts it: a sample reads seq_length + 1 tokens, neighbours share one.
         epoch += max(1, (train_tokens - 1) // data.seq_length)
     if len(prefixes) == 1:

@@ -77,14 +77,15 @@ class Monitor:
         self.pending: list[StepStats] = []
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
         if is_main:
-            self._open(Path(cfg.run_dir), purge_step=start_step + 1 if start_step else None)
+            # A start from scratch drops everything an earlier attempt logged (one that crashed
+            # before its first checkpoint); a resume drops what was logged past its checkpoint.
+            self._open(Path(cfg.run_dir), purge_step=start_step + 1 if start_step else 0)
 
-    def _open(self, run_dir: Path, purge_step: int | None) -> None:
+    def _open(self, run_dir: Path, purge_step: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run logged past its last checkpoint.
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         jsonl_path = run_dir / "metrics.jsonl"
-        if purge_step is not None and jsonl_path.exists():
+        if jsonl_path.exists():
             kept = [line for line in jsonl_path.read_text().splitlines() if _step_of(line) < purge_step]
             atomic_write_text(jsonl_path, "".join(line + "\n" for line in kept))
         self.jsonl = open(jsonl_path, "a")

@@ -1,0 +1,9 @@
+"""Evaluation of trained models: held-out loss, perplexity and bits per byte (perplexity.py),
+zero-shot multiple choice (multiple_choice.py), L³ diagnostics and the logit lens
+(diagnostics.py, logit_lens.py), their plots and TensorBoard scalars (plots.py), and the
+one-command study of L³ against its baselines (study.py). See docs/evaluation.md.
+
+Everything here runs on the plain model (`load_checkpoint_model`), one process, no
+parallelism: evaluation sets are small next to training, and a plain model gives every
+checkpoint layout the same numbers.
+"""
