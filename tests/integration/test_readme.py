@@ -353,6 +353,16 @@ REGISTRY: dict[str, Step] = {
              prints=("starting from the weights of ckpt/tiny_dense_plus_l3",)),
     ".venv/bin/python tools/inspect_checkpoint.py runs/tiny_l3 --tensors": Step(
         prints=("manifest: OK", "lookups.1.lookup.rows.key_table")),
+    # Evaluation of the quick start's run; the study itself takes half an hour: its end-to-end
+    # test runs it at a budget of 2 steps.
+    ".venv/bin/python tools/evaluate.py lm runs/tiny_l3": Step(prints=("perplexity", "bits per byte")),
+    ".venv/bin/python tools/evaluate.py mc runs/tiny_l3 --task configs/tasks/stdlib_continuation_example.jsonl":
+        Step(prints=("length-normalised accuracy",)),
+    ".venv/bin/python tools/evaluate.py diagnostics runs/tiny_l3 --output reports/tiny_l3_diag": Step(
+        prints=("logit lens KL", "wrote reports/tiny_l3_diag")),
+    ".venv/bin/python tools/study.py": Step(
+        run_by="test_eval_tools.py::test_study_runs_end_to_end_skips_what_is_done_and_refuses_another_plan",
+        run_by_words=("study.py",)),
     # Benchmarks: bench_core on fewer tokens and positions, one repetition.
     ".venv/bin/python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings_text_document --vocab-size 2048":
         Step(append="--tokens 300000 --positions 512 --repeats 1", prints=("(identical)", "speed-up", "padded")),
