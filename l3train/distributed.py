@@ -1,8 +1,15 @@
 """Process-group set-up: NCCL on CUDA, gloo on CPU, one entry for torchrun, SLURM and plain python.
 
-A plain `python -m l3train.train` (no launcher) runs as a world of one. DeepSpeed picks
-its accelerator at import time, so `select_accelerator()` must run before deepspeed is
-imported: on machines without CUDA it selects DeepSpeed's CPU accelerator.
+A plain `python -m l3train.train` (no launcher) runs as a world of one. The device is
+decided once, by `select_accelerator()`: CUDA when torch sees a GPU, else the CPU.
+DeepSpeed picks its accelerator the first time it is asked for it (from `DS_ACCELERATOR`,
+else by probing), so `select_accelerator()` runs before DeepSpeed is used and sets
+`DS_ACCELERATOR` to the same device, whatever the environment said: a `DS_ACCELERATOR=cpu`
+left by a launcher or a test harness on a GPU machine would otherwise put the engine on
+the CPU while the batches go to `cuda:N`.
+
+`node_layout()` is the launcher's side of the same decision (launch/slurm/pretrain.sbatch):
+how many trainers a node starts and how many threads each gets.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -23,13 +31,102 @@ from l3train.errors import L3TrainError
 
 
 def select_accelerator() -> torch.device:
-    """The device this process trains on; tells DeepSpeed to use the CPU when there is no GPU."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return torch.device("cpu")
+    """The device this process trains on: CUDA device LOCAL_RANK when torch sees GPUs, else
+    the CPU; DeepSpeed's accelerator is set to match (see the module docstring)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpus and local_rank >= gpus:  # else torch.cuda.set_device fails with "invalid device ordinal"
+        raise L3TrainError(f"LOCAL_RANK={local_rank}, but this node has {gpus} visible GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"{gpus} trainer(s) per node, one per GPU")
+    _match_deepspeed_accelerator("cuda" if gpus else "cpu", gpus, local_rank)
+    if not gpus:
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _match_deepspeed_accelerator(device_type: str, gpus: int, local_rank: int) -> None:
+    """Point DeepSpeed at `device_type`. A `DS_ACCELERATOR` that says otherwise is overridden,
+    with one line per node (local rank 0); a DeepSpeed that has already chosen another
+    accelerator (imported and used before l3train decided) cannot be switched: refused."""
+    configured = os.environ.get("DS_ACCELERATOR")
+    if configured is not None and configured != device_type and local_rank == 0:
+        seen = f"{gpus} GPU(s) are visible" if gpus else "no GPU is visible"
+        print(f"[l3train] DS_ACCELERATOR={configured} in the environment, but {seen}: DeepSpeed uses "
+              f"{device_type}", file=sys.stderr, flush=True)
+    os.environ["DS_ACCELERATOR"] = device_type
+    if "deepspeed" in sys.modules:
+        from l3train.trainer.deepspeed_adapter import accelerator_name
+
+        chosen = accelerator_name()  # chosen now from DS_ACCELERATOR unless chosen before
+        if chosen != device_type:
+            raise L3TrainError(f"DeepSpeed already runs on {chosen}, but this process trains on {device_type}: "
+                               f"call l3train.distributed.init_distributed() before using DeepSpeed, or set "
+                               f"DS_ACCELERATOR={device_type}")
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """What a node of a SLURM job starts (`node_layout`)."""
+
+    trainers: int  # trainer processes on the node
+    threads: int  # OMP_NUM_THREADS of each
+    source: str  # where `trainers` came from, for the job's log
+
+
+def _gpu_count(value: str, variable: str) -> int:
+    """A per-node GPU count as SLURM writes it: "4" (SLURM_GPUS_ON_NODE), or --gpus-per-node's
+    "4", "h100:4" or "a100:2,v100:2" (SLURM_GPUS_PER_NODE)."""
+    try:
+        return sum(int(item.rsplit(":", 1)[-1]) for item in value.split(","))
+    except ValueError:
+        raise L3TrainError(f"{variable}={value!r} is not a GPU count (expected e.g. 4 or h100:4)") from None
+
+
+def node_layout(environ: Mapping[str, str], visible_gpus: int) -> NodeLayout:
+    """Trainers per node and threads per trainer for launch/slurm/pretrain.sbatch, from the
+    job's environment and the GPUs torch sees on the node (`visible_gpus`).
+
+    Trainers: L3TRAIN_GPUS_PER_NODE when set; else the GPUs SLURM allocated on the node
+    (SLURM_GPUS_ON_NODE, set for --gres=gpu:N and --gpus-per-node; else --gpus-per-node's
+    SLURM_GPUS_PER_NODE); else every visible GPU (a site that hands out whole nodes without
+    GPU accounting); else 1 (a CPU node). Each trainer needs a GPU of its own, so more
+    trainers than visible GPUs are refused, as are GPUs SLURM allocated that torch cannot see
+    (a CPU build of torch, or a CUDA_VISIBLE_DEVICES that hides them): that job would
+    silently train on the CPU. Threads: OMP_NUM_THREADS when set, else the job's CPUs on the
+    node (SLURM_CPUS_ON_NODE) shared among the trainers, at least 1.
+    """
+    if environ.get("L3TRAIN_GPUS_PER_NODE"):
+        value = environ["L3TRAIN_GPUS_PER_NODE"]
+        if not value.isdigit() or int(value) < 1:
+            raise L3TrainError(f"L3TRAIN_GPUS_PER_NODE={value!r} must be a positive number of trainers per node")
+        trainers, source = int(value), "L3TRAIN_GPUS_PER_NODE"
+    elif environ.get("SLURM_GPUS_ON_NODE"):
+        trainers, source = _gpu_count(environ["SLURM_GPUS_ON_NODE"], "SLURM_GPUS_ON_NODE"), "SLURM_GPUS_ON_NODE"
+    elif environ.get("SLURM_GPUS_PER_NODE"):
+        trainers, source = _gpu_count(environ["SLURM_GPUS_PER_NODE"], "SLURM_GPUS_PER_NODE"), "SLURM_GPUS_PER_NODE"
+    elif visible_gpus:
+        trainers, source = visible_gpus, "the visible GPUs"
+    else:
+        trainers, source = 1, "no GPU: one CPU trainer"
+    if trainers < 1:
+        raise L3TrainError(f"{source} gives {trainers} GPUs per node; request GPUs with --gpus-per-node=N "
+                           f"or set L3TRAIN_GPUS_PER_NODE")
+    if visible_gpus and trainers > visible_gpus:
+        raise L3TrainError(f"{trainers} trainers per node ({source}), but torch sees {visible_gpus} GPU(s) on "
+                           f"this node; start at most one trainer per GPU")
+    if not visible_gpus and source.startswith("SLURM_"):
+        raise L3TrainError(f"SLURM allocated {trainers} GPU(s) per node ({source}={environ[source]}), but torch "
+                           f"sees none (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                           f"{environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); install a CUDA build of torch")
+    if environ.get("OMP_NUM_THREADS"):
+        threads = environ["OMP_NUM_THREADS"]
+        if not threads.isdigit() or int(threads) < 1:
+            raise L3TrainError(f"OMP_NUM_THREADS={threads!r} must be a positive number of threads")
+        return NodeLayout(trainers, int(threads), source)
+    cpus = int(environ.get("SLURM_CPUS_ON_NODE") or trainers)
+    return NodeLayout(trainers, max(1, cpus // trainers), source)
 
 
 def _free_port() -> int:

@@ -13,9 +13,10 @@ Paths are relative to the current directory, as with the trainer itself.
   launch/local.sh 2 configs/tiny_l3.yaml training.steps=100
   launch/local.sh 2 configs/tiny_l3.yaml --resume        # continue from the latest checkpoint
 
-Environment: DS_ACCELERATOR is set to cpu when no GPU is visible; OMP_NUM_THREADS
-defaults to the CPU cores divided by NPROC; L3TRAIN_PYTHON overrides the interpreter
-(default: the repository's .venv, else python3).
+The trainers train on the GPUs when torch sees any (one per process: NPROC larger than
+the visible GPUs is refused), else on the CPU. Environment: OMP_NUM_THREADS defaults to
+the CPU cores divided by NPROC; L3TRAIN_PYTHON overrides the interpreter (default: the
+repository's .venv, else python3).
 
 When a trainer fails with a user error (one `error: ...` line), that line is printed again
 after torchrun's failure report, and the exit status is 2 (else torchrun's).
@@ -44,14 +45,20 @@ elif [ -x "$ROOT/.venv/bin/python" ]; then
 else
   PYTHON=python3
 fi
-if ! nvidia-smi -L >/dev/null 2>&1; then
-  export DS_ACCELERATOR=cpu
+# The GPUs the trainers will see (l3train.distributed.select_accelerator decides the same way).
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') \
+  || { echo "error: $PYTHON cannot import torch (see above)" >&2; exit 2; }
+if [ "$gpus" -gt 0 ] && [ "$NPROC" -gt "$gpus" ]; then
+  echo "error: NPROC=$NPROC, but torch sees $gpus GPU(s) on this machine; start at most one process per GPU" >&2
+  exit 2
 fi
+device=cpu
+[ "$gpus" -eq 0 ] || device="cuda ($gpus GPU(s) visible)"
 threads=$(( $(nproc) / NPROC ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/l3train/torch_extensions}
 
-echo "[local.sh] $NPROC process(es), ${DS_ACCELERATOR:-cuda}, OMP_NUM_THREADS=$OMP_NUM_THREADS: $CONFIG $*"
+echo "[local.sh] $NPROC process(es), $device, OMP_NUM_THREADS=$OMP_NUM_THREADS: $CONFIG $*"
 
 # torchrun streams its output live; its stderr is also copied, so that a trainer's one-line
 # `error: ...` (printed by every rank) can be repeated after torchrun's failure report.

@@ -8,7 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-export DS_ACCELERATOR=${DS_ACCELERATOR:-$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/l3train/torch_extensions}
 
 CORPUS=data/corpus/stdlib_docstrings.jsonl

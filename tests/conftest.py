@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
-# Set before any test imports DeepSpeed: force its CPU accelerator and reuse JIT-built
-# ops (~40-60 s each to compile) across test sessions instead of rebuilding them.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite tests the CPU paths, also on a GPU machine: GPUs are hidden from this process and
+# every subprocess before anything imports torch, so the trainers choose the CPU themselves
+# (l3train.distributed.select_accelerator) and DeepSpeed, imported here by some tests, agrees.
+# tools/gpu_check.sh exercises the GPU paths.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DS_ACCELERATOR"] = "cpu"
+# Reuse JIT-built DeepSpeed ops (~40-60 s each to compile) across test sessions instead of
+# rebuilding them.
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "l3train" / "torch_extensions")
 )

@@ -28,10 +28,11 @@ def free_port() -> int:
 
 
 def trainer_env() -> dict[str, str]:
-    """The environment of trainer and worker subprocesses: CPU, one thread per rank, and
-    tests/ on the path, so that a test module run as a worker script imports this harness."""
+    """The environment of trainer and worker subprocesses: CPU (GPUs hidden: the trainer then
+    chooses the CPU itself), one thread per rank, and tests/ on the path, so that a test
+    module run as a worker script imports this harness."""
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]),
                TORCH_EXTENSIONS_DIR=os.environ.get(
                    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/l3train/torch_extensions")))

@@ -36,8 +36,11 @@ the layer's row backend for a `ShardedRowTable`, which keeps this rank's tables 
 `RankLocalTables` holder (not a module), so no ZeRO stage, hook or checkpoint of the
 wrapped module ever sees them. Their optimizer, clipping and checkpoints live in
 `l3train.parallel.sharded_optim`. The tables keep the dtype they were built in (fp32 in
-training: master weights) and are cast to the activations' dtype for the lookup, so bf16
-training keeps fp32 rows.
+training: master weights), and the owner computes its lookups in that dtype: under bf16
+the positions travel in bf16 and are widened on arrival, the outputs are narrowed before
+they travel back. The rows' gradient is thus produced, scaled and (tied tables) summed in
+fp32, and autograd accumulates it over micro-batches in fp32; a bf16 copy of the tables
+would round every micro-batch's gradient to bf16 first.
 """
 
 from __future__ import annotations
@@ -117,9 +120,8 @@ class ShardedRowTable(nn.Module):
         """Same contract as `LocalRowTable`; the layer's global `bounds` are not needed: the
         lookup runs on this rank's own tables, laid out by `local_bounds`."""
         route = self.routing
-        keys = ScaleGradient.apply(self.local.keys.to(x.dtype), self.gradient_scale)
-        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values.to(x.dtype),
-                                                                            self.gradient_scale)
+        keys = ScaleGradient.apply(self.local.keys, self.gradient_scale)
+        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values, self.gradient_scale)
         if route.tp_size > 1:
             x = ReplicatedInput.apply(x, route.tp_group)
         shard = self.owner[token_ids]
@@ -133,8 +135,10 @@ class ShardedRowTable(nn.Module):
         send, recv = send_counts.tolist(), recv_counts.tolist()
         remote_ids = exchange(token_ids[positions], send, recv, route.dp_group)
         remote_x = exchange(x[positions], send, recv, route.dp_group)
-        remote_out, remote_entropy = row_attention_with_entropy(remote_x, remote_ids, self.local_bounds, keys, values)
-        local_out = exchange(remote_out, recv, send, route.dp_group)
+        # In the tables' dtype (see the module docstring: fp32 row gradients under bf16).
+        remote_out, remote_entropy = row_attention_with_entropy(remote_x.to(keys.dtype), remote_ids,
+                                                                self.local_bounds, keys, values)
+        local_out = exchange(remote_out.to(x.dtype), recv, send, route.dp_group)
         local_entropy = exchange(remote_entropy, recv, send, route.dp_group)
         out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, positions, local_out)
         entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, positions, local_entropy)

@@ -5,7 +5,10 @@ machine (docs/cpu.md, SLURM section); jobs are submitted with the real sbatch an
 run torchrun over gloo on both nodes. Checked: a 2-node run finishes with a checkpoint
 in its per-job run directory; a 3-point sweep finishes with its manifest; a job stopped
 with SIGUSR1 saves, requeues itself and resumes from its checkpoint under the same job id;
-a cancelled job saves and stays cancelled.
+a cancelled job saves and stays cancelled; a node starts the trainers it is told to, with
+the job's CPUs shared among them, and GPUs that SLURM allocated but torch cannot see are
+refused in one line (the trainers-per-node decision itself, from every SLURM variable, is
+tests/unit/test_distributed.py's).
 Job state is polled with `scontrol show job` (sbatch --wait adds ~30 s per job).
 """
 
@@ -110,12 +113,49 @@ def test_two_node_job_trains_and_checkpoints(cluster, tiny_config, tmp_path):
     assert record["JobState"] == "COMPLETED", tail(log)
     assert record["NodeList"] == "n[1-2]"
     assert "on 2 node(s) [n[1-2]], 1 process(es) per node" in text
+    # No GPU and no CPU request: one trainer per node on the one CPU the job holds there.
+    assert "per node: 1 trainer(s) (no GPU: one CPU trainer), 0 visible GPU(s), 1 CPU(s), OMP_NUM_THREADS=1" in text
+    assert f"caches: datasets {os.environ['L3TRAIN_DATASET_CACHE']}, extensions " in text
+    assert "network settings: none set" in text
     assert "rendezvous localhost:" in text  # the node record's NodeAddr, not the name n1
     assert "[l3train] 2 rank(s)" in text and "starting from scratch" in text
     assert "trainer exit statuses: 0 x2" in text and "training finished" in text
     run_dir = tmp_path / "runs" / f"tiny-{job_id}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert sorted(metrics(run_dir, "train/loss")) == list(range(1, 13))
+
+
+def test_trainers_per_node_share_the_jobs_cpus(cluster, tiny_config, tmp_path):
+    """Two trainers on one node (L3TRAIN_GPUS_PER_NODE; on a GPU node SLURM's GPU count) with
+    --cpus-per-task=2: the training step gets both CPUs, one thread per trainer."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config)
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=1", "--cpus-per-task=2", f"--output={log}", "launch/slurm/pretrain.sbatch",
+                            str(config), L3TRAIN_GPUS_PER_NODE="2", OMP_NUM_THREADS="")
+    record = cluster.wait(job_id, log)
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED", tail(log)
+    assert "on 1 node(s)" in text and "2 process(es) per node" in text
+    assert "per node: 2 trainer(s) (L3TRAIN_GPUS_PER_NODE), 0 visible GPU(s), 2 CPU(s), OMP_NUM_THREADS=1" in text
+    assert "warning:" not in text
+    assert "[l3train] 2 rank(s)" in text and "trainer exit statuses: 0 x2" in text
+    assert (Path(tiny_config["run_dir"]) / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+
+
+def test_gpus_that_torch_cannot_see_are_refused(cluster, tiny_config, tmp_path):
+    """SLURM says the node has 4 GPUs for the job (SLURM_GPUS_ON_NODE, as --gpus-per-node=4
+    sets it), torch sees none: the job stops before starting any trainer, one error line last."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config)
+    log = tmp_path / "job.out"
+    job_id = cluster.sbatch("--nodes=1", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config),
+                            SLURM_GPUS_ON_NODE="4")
+    record = cluster.wait(job_id, log)
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0", tail(log)
+    assert lines[-1].startswith("error: SLURM allocated 4 GPU(s) per node (SLURM_GPUS_ON_NODE=4), but torch sees "
+                                "none"), tail(log)
+    assert "training step" not in text and not Path(tiny_config["run_dir"]).exists()
 
 
 def test_sweep_of_three_learning_rates(cluster, tiny_config, tmp_path):
