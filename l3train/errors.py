@@ -57,3 +57,22 @@ class CliArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise L3TrainError(f"{message} (see {self.prog} --help)")
+
+
+def parse_command(argv: list[str], commands: dict[str, CliArgumentParser], prog: str, usage_text: str,
+                  usage_tail: str = "...") -> argparse.Namespace:
+    """`COMMAND [options and key=value overrides in any order]` of a tool with subcommands:
+    each command's own parser reads the rest intermixed (which argparse's subparsers cannot);
+    `--help` alone prints `usage_text`. The namespace's `command` is the command's name."""
+    if not argv or argv[0] in ("-h", "--help"):
+        usage = CliArgumentParser(prog=prog, usage=f"%(prog)s {{{','.join(commands)}}} {usage_tail}",
+                                  description=usage_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if not argv:
+            usage.error(f"a command is required: {', '.join(commands)}")
+        usage.print_help()
+        sys.exit(0)
+    if argv[0] not in commands:
+        raise L3TrainError(f"unknown command {argv[0]!r}; choose one of {', '.join(commands)} (see {prog} --help)")
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args

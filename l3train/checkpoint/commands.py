@@ -15,7 +15,7 @@ import yaml
 
 from l3train.checkpoint.consolidated import DEFAULT_MAX_SHARD_BYTES, Consolidated
 from l3train.checkpoint.manifest import read_manifest
-from l3train.errors import CliArgumentParser, L3TrainError
+from l3train.errors import CliArgumentParser, L3TrainError, parse_command
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
@@ -72,21 +72,9 @@ def _command_parsers() -> dict[str, CliArgumentParser]:
 
 def parse_args(argv: list[str] | None = None, usage_text: str = "") -> argparse.Namespace:
     """`COMMAND [options and key=value overrides in any order]`; `usage_text` is the tool's help."""
-    argv = sys.argv[1:] if argv is None else argv
     commands = _command_parsers()
-    if not argv or argv[0] in ("-h", "--help"):
-        usage = CliArgumentParser(prog="tools/convert_checkpoint.py", usage=f"%(prog)s {{{','.join(commands)}}} ...",
-                                  description=usage_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if not argv:
-            usage.error(f"a command is required: {', '.join(commands)}")
-        usage.print_help()
-        sys.exit(0)
-    if argv[0] not in commands:
-        raise L3TrainError(f"unknown command {argv[0]!r}; choose one of {', '.join(commands)} "
-                           f"(see tools/convert_checkpoint.py --help)")
-    parser = commands[argv[0]]
-    args = parser.parse_intermixed_args(argv[1:])
-    args.command = argv[0]
+    args = parse_command(sys.argv[1:] if argv is None else argv, commands, "tools/convert_checkpoint.py", usage_text)
+    parser = commands[args.command]
     if args.command == "reshard" and args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
     if args.command == "import" and not args.print_model_section and not (args.config and args.output):

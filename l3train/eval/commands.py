@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from l3train.errors import CliArgumentParser, L3TrainError
+from l3train.errors import CliArgumentParser, parse_command
 from l3train.eval.data import SPLIT_PARTS
 from l3train.utils.atomic import atomic_write_text
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
@@ -62,20 +62,9 @@ def _command_parsers() -> dict[str, CliArgumentParser]:
 
 def parse_args(argv: list[str] | None = None, usage_text: str = "") -> argparse.Namespace:
     """`COMMAND CHECKPOINT [options and key=value overrides in any order]`."""
-    argv = sys.argv[1:] if argv is None else argv
     commands = _command_parsers()
-    if not argv or argv[0] in ("-h", "--help"):
-        usage = CliArgumentParser(prog="tools/evaluate.py", usage=f"%(prog)s {{{','.join(commands)}}} CHECKPOINT ...",
-                                  description=usage_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if not argv:
-            usage.error(f"a command is required: {', '.join(commands)}")
-        usage.print_help()
-        sys.exit(0)
-    if argv[0] not in commands:
-        raise L3TrainError(f"unknown command {argv[0]!r}; choose one of {', '.join(commands)} "
-                           f"(see tools/evaluate.py --help)")
-    args = commands[argv[0]].parse_intermixed_args(argv[1:])
-    args.command = argv[0]
+    args = parse_command(sys.argv[1:] if argv is None else argv, commands, "tools/evaluate.py", usage_text,
+                         "CHECKPOINT ...")
     if args.command == "mc" and args.limit is not None and args.limit < 1:
         commands["mc"].error(f"--limit must be positive, got {args.limit}")
     return args
