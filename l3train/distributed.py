@@ -129,7 +129,8 @@ def node_layout(environ: Mapping[str, str], visible_gpus: int) -> NodeLayout:
     return NodeLayout(trainers, max(1, cpus // trainers), source)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a local rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -163,7 +164,7 @@ def _rank_environment_without_torchrun() -> None:
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     else:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 def launcher_rank() -> int:

@@ -20,27 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
 
+from l3train.benchmarks.core import machine
 from l3train.benchmarks.training import measure_throughput, profile_phases
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
 
 L3, DENSE, MOE = "configs/tiny_l3.yaml", "configs/tiny_dense.yaml", "configs/tiny_moe.yaml"
 DATA_PREFIX = "data/indexed/stdlib_docstrings_text_document"
-
-
-def machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
 
 
 def core_lines(args: argparse.Namespace) -> list[str]:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from l3train.benchmarks.core import machine
 from l3train.errors import CliArgumentParser, run_cli
 from l3train.inference.benchmark import (BenchModel, bench_memory, bench_speed, prepare_checkpoint, table_bytes,
                                          write_report)
@@ -41,12 +41,6 @@ MODELS = {
     "large_tables": (BenchModel("large_tables", "configs/tiny_l3.yaml", uniform_rows_per_token=512, measure_memory=True),
                      "the tiny_l3 backbone with a uniform allocation of 512 rows per token (v=1,048,576)"),
 }
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ shared machines are noisy and only ratios measured side by side are meaningful.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -119,3 +120,15 @@ def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: in
     for variant, (seconds, megabytes) in results.items():
         log(f"  {variant:<7} {seconds * 1e3:9.1f} ms ({seconds / sorted_s:6.2f}x sorted)   "
             f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
+
+
+def machine() -> str:
+    """CPU model, cores, OS, Python and torch: the line every benchmark report starts with."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")

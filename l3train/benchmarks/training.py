@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,22 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l3train.distributed import free_port
 from l3train.errors import L3TrainError
 
 WARMUP_STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> None:
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                     "--master_port", str(_free_port())]
+                     "--master_port", str(free_port())]
     command = [*launcher, "-m", "l3train.train", "--config", config, f"run_dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
     result = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -32,6 +32,7 @@ import yaml
 
 from l3train.checkpoint.consolidated import Consolidated, check_tensors, plain_state_dict
 from l3train.config import Config, config_from_dict, load_config, validate_for_world
+from l3train.distributed import free_port
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.model.build import load_allocation, meta_model, names_by_role
 from l3train.model.roles import ParamRole
@@ -67,7 +68,7 @@ def reshard(consolidated_dir: Path, output: Path, nproc: int, overrides: list[st
             config_path = Path(scratch) / "target.yaml"
             config_path.write_text(target_config(consolidated, staging, list(overrides)).to_yaml())
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                       "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                       "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                        "-m", "l3train.checkpoint.reshard", "--config", str(config_path),
                        "--consolidated", str(consolidated.directory), *(["--weights-only"] if weights_only else [])]
             # On the host (gloo): the slices are cut and saved, no accelerator is needed.
@@ -93,13 +94,6 @@ def _first_error(stderr: str) -> str:
     exceptions = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
     return (errors or exceptions[-1:] or ["see the ranks' output (rerun the command it names)"])[0]
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _local_slice(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
