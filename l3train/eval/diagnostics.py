@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from l3train.model.l3_layer import LargeLookupLayer
+from l3train.model.l3_layer import LargeLookupLayer, LookupRoutes
 from l3train.model.llama import DecoderLM
 
 ROW_THRESHOLD = 0.01  # a row "receives weight" at a position when its softmax weight is at least this
@@ -96,9 +96,9 @@ class _LayerRecorder:
         self.row_max = torch.zeros(layer.num_rows, dtype=torch.float64)
         self.counts = torch.zeros(len(layer.bounds) - 1, dtype=torch.long)
 
-    def __call__(self, module: LargeLookupLayer, args: tuple[Tensor, Tensor], _output: object) -> None:
-        x, token_ids = args
-        x, token_ids = x.detach().reshape(-1, x.shape[-1]).cpu(), token_ids.reshape(-1).cpu()
+    def __call__(self, module: LargeLookupLayer, args: tuple[Tensor, Tensor | LookupRoutes], _output: object) -> None:
+        x, ids = args
+        x, token_ids = x.detach().reshape(-1, x.shape[-1]).cpu(), LookupRoutes.of(ids).token_ids.reshape(-1).cpu()
         bounds = module.bounds.cpu()
         keys = module.rows.tables()[0].detach().cpu()
         for token, positions, weights in lookup_weights(x, token_ids, bounds, keys):

@@ -87,6 +87,10 @@ class StagedRowTable(nn.Module):
         super().__init__()
         self.stager, self.counters = stager, counters
         self.ticket: Ticket | None = None
+        self.routing_key = ("token ids",)  # the rows are staged per layer; only the ids are shared
+
+    def route(self, token_ids: Tensor, bounds: Tensor) -> Tensor:
+        return token_ids
 
     def announce(self, step: StepIds, prefetch: bool) -> Future[StagedChunk] | None:
         """The next forward's ids; with `prefetch`, the future the prefetch thread will fulfil
@@ -144,9 +148,9 @@ class StagedRowTable(nn.Module):
         keys, values = staged.tables[0].to(x.dtype), staged.tables[-1].to(x.dtype)  # one table when tied
         return row_attention_with_entropy(x, staged.token_ids, staged.bounds, keys, values)
 
-    def forward(self, x: Tensor, token_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
-        """Same contract as `LocalRowTable`; the global `bounds` are not needed (the staged
-        rows come with their own)."""
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Same contract as `LocalRowTable`, with the token ids as the route (the staged rows
+        come with their own bounds and plan)."""
         ticket, self.ticket = self.ticket, None
         if ticket is None or not ticket.step.describes(token_ids):
             self.counters.unannounced += 1

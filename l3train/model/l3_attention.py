@@ -18,17 +18,25 @@ Implementations, all with the same signature `(x, token_ids, bounds, keys, value
   x, the output and the per-position log-sum-exp, and recomputes scores in backward
   (as FlashAttention does), so memory between forward and backward is O(N·d); scores
   exist one bounded chunk at a time. Scores, softmax and their gradients are computed in
-  fp32 for bf16 inputs (in the input dtype for fp32/fp64). For CUDA inputs with Triton
-  available, `row_attention_with_entropy` (hence `row_attention`) dispatches to the fused
-  kernel in `l3_triton.py` instead; `max_elements_per_chunk` does not apply there.
+  fp32 for bf16 inputs (in the input dtype for fp32/fp64). For CUDA token ids with Triton
+  available, the plan is the fused kernels' (`l3_triton.py`) instead, and `attend` runs
+  them; `max_elements_per_chunk` does not apply there.
+
+Planning (`plan_lookup`) and attending (`attend`) are separate: the plan depends on the
+token ids only, so a model builds it once per micro-batch for all its L³ layers, and the
+layers themselves never wait for the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from l3train.model.l3_triton import TritonPlan
 
 # Largest number of elements a chunk of the sorted implementation materialises at once:
 # its scores (positions × rows) plus its gathered rows and positions (rows × features,
@@ -234,39 +242,44 @@ class _SortedRowAttention(torch.autograd.Function):
         return grad_x, grad_keys.to(keys.dtype), None if tied else grad_values.to(values.dtype), None
 
 
+RowPlan = Union[BlockPlan, "TritonPlan"]  # what `plan_lookup` returns: the torch or the Triton path's plan
+
+
+def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
+                max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> RowPlan:
+    """Everything the row attention of `token_ids` needs that depends on the ids alone: the
+    sort, the blocks and their chunks (torch path) or the kernels' work lists (Triton path,
+    for CUDA ids when Triton is available). Building it reads data-dependent sizes on the
+    host (synchronising a GPU), so it is built once per micro-batch and shared by every L³
+    layer and by backward (l3train.model.l3_layer.LookupRoutes); `attend` then needs none.
+    `feature_width` = d_in + d_emb sizes the torch path's chunks (see `plan_blocks`)."""
+    if token_ids.is_cuda:
+        # Imported only here so CPU users never load Triton or compile its kernels.
+        from l3train.model.l3_triton import plan_triton, triton_available
+        if triton_available():
+            return plan_triton(token_ids, bounds)
+    return plan_blocks(token_ids, bounds, max_elements_per_chunk, feature_width)
+
+
+def attend(x: Tensor, keys: Tensor, values: Tensor, plan: RowPlan) -> tuple[Tensor, Tensor]:
+    """Row attention of the positions `plan` was made for (`plan_lookup`): (N, d_emb) outputs
+    and (N,) softmax entropies (no gradient). No host synchronisation."""
+    if isinstance(plan, BlockPlan):
+        return _SortedRowAttention.apply(x, keys, values, plan)
+    from l3train.model.l3_triton import triton_attend
+    return triton_attend(x, keys, values, plan)
+
+
 def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
                                max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> tuple[Tensor, Tensor]:
     """Sorted block-diagonal row attention; also returns each position's softmax entropy.
 
     x: (N, d_in), token_ids: (N,), bounds: (vocab+1,), keys: (v, d_in), values: (v, d_emb).
-    Returns (N, d_emb) outputs and (N,) entropies (no gradient).
+    Returns (N, d_emb) outputs and (N,) entropies (no gradient). Plans and attends in one
+    call; a model plans once per micro-batch instead (`plan_lookup`, `attend`).
     """
-    if x.is_cuda:
-        # Imported only here so CPU users never load Triton or compile its kernels.
-        from l3train.model.l3_triton import triton_available, triton_row_attention_with_entropy
-        if triton_available():
-            return triton_row_attention_with_entropy(x, token_ids, bounds, keys, values)
-    plan = _plan_for(token_ids, bounds, max_elements_per_chunk, x.shape[1] + values.shape[1])
-    return _SortedRowAttention.apply(x, keys, values, plan)
-
-
-_last_plan: tuple[Tensor, Tensor, tuple[int, int], BlockPlan] | None = None
-
-
-def _plan_for(token_ids: Tensor, bounds: Tensor, max_elements_per_chunk: int, feature_width: int) -> BlockPlan:
-    """`plan_blocks`, reusing the previous call's plan for the same ids and allocation: the
-    L³ layers of a model see the same token ids in one forward pass, so the second and later
-    layers skip planning (comparing ids costs one pass over them, planning dozens of ops)."""
-    global _last_plan
-    if _last_plan is not None:
-        ids, allocation, settings, plan = _last_plan
-        if (settings == (max_elements_per_chunk, feature_width) and ids.shape == token_ids.shape
-                and ids.device == token_ids.device and allocation.shape == bounds.shape
-                and torch.equal(ids, token_ids) and torch.equal(allocation, bounds)):
-            return plan
-    plan = plan_blocks(token_ids, bounds, max_elements_per_chunk, feature_width)
-    _last_plan = (token_ids.clone(), bounds, (max_elements_per_chunk, feature_width), plan)
-    return plan
+    return attend(x, keys, values, plan_lookup(token_ids.reshape(-1), bounds, x.shape[1] + values.shape[1],
+                                               max_elements_per_chunk))
 
 
 def row_attention(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,

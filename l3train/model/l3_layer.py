@@ -11,6 +11,13 @@ shard and routes positions to the ranks owning their rows. Every backend compute
 V_tᵀ softmax(K_t x) with the same function, so the formula below never changes.
 See docs/l3_layer.md.
 
+Routing is static: which rows (and which rank) each position needs follows from its
+token id alone. A backend splits its work accordingly into `route(token_ids, bounds)`,
+everything that depends on the ids (sorting, kernel work lists, all-to-all sizes; these
+read sizes on the host, which on a GPU waits for the device), and the lookup itself,
+which takes that route and never waits. `LookupRoutes` carries one micro-batch's ids and
+builds each route once, for every L³ layer of the model and for backward.
+
 The tables are initialised by `init_rows`, which gives any subset of rows exactly the
 values the whole table would hold, so a rank can build only its own rows: layers built
 under `deferred_row_tables()` leave their tables on the meta device (no memory), and the
@@ -20,14 +27,15 @@ parallel step creates each rank's rows directly (l3train.parallel.sharded_l3).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Protocol
+import hashlib
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from l3train.model.l3_attention import row_attention_with_entropy
+from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.norms import make_norm
 from l3train.model.roles import ParamRole
 
@@ -75,9 +83,15 @@ def deferred_row_tables() -> Iterator[None]:
 
 
 class RowBackend(Protocol):
-    """Where a layer's rows live: (x (N, d_in), token_ids (N,), bounds) → (a (N, d_emb), entropy (N,))."""
+    """Where a layer's rows live. `route` prepares a micro-batch's lookups from its token ids
+    (N,) alone; calling the backend with x (N, d_in) and that route gives (a (N, d_emb),
+    entropy (N,)). Layers whose backends have equal `routing_key`s share one route."""
 
-    def __call__(self, x: Tensor, token_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]: ...
+    routing_key: Hashable
+
+    def route(self, token_ids: Tensor, bounds: Tensor) -> Any: ...
+
+    def __call__(self, x: Tensor, route: Any) -> tuple[Tensor, Tensor]: ...
 
 
 class LocalRowTable(nn.Module):
@@ -90,14 +104,51 @@ class LocalRowTable(nn.Module):
         device = "meta" if _deferred else None
         self.key_table = nn.Parameter(torch.empty(num_rows, d_in, device=device))
         self.value_table = None if tied_kv else nn.Parameter(torch.empty(num_rows, d_emb, device=device))
+        self.routing_key = ("all rows", d_in + d_emb)  # the torch path's chunks depend on the widths
 
     def tables(self) -> tuple[Tensor, Tensor]:
         """(K, V); the same tensor twice when tied."""
         return self.key_table, self.key_table if self.value_table is None else self.value_table
 
-    def forward(self, x: Tensor, token_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
+        return plan_lookup(token_ids, bounds, self.routing_key[1])
+
+    def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
         keys, values = self.tables()
-        return row_attention_with_entropy(x, token_ids, bounds, keys, values)
+        return attend(x, keys, values, route)
+
+
+class LookupRoutes:
+    """One micro-batch's token ids, and the routes the L³ layers' backends build from them.
+
+    The model makes one per forward pass and passes it to every L³ layer. The first layer
+    of each routing key (same allocation, same kind of backend) builds the route; the
+    other layers reuse it, and so do the backward passes (autograd keeps the plans) and
+    recomputed forwards. `part` derives the routes of a slice of the ids, made once too
+    (a rank's part of the sequence under sequence parallelism).
+    """
+
+    def __init__(self, token_ids: Tensor) -> None:
+        self.token_ids = token_ids
+        self._routes: dict[Hashable, Any] = {}
+        self._parts: dict[Hashable, LookupRoutes] = {}
+
+    @staticmethod
+    def of(ids: Tensor | LookupRoutes) -> LookupRoutes:
+        """`ids` if they are routes already, else fresh routes of these token ids."""
+        return ids if isinstance(ids, LookupRoutes) else LookupRoutes(ids)
+
+    def route_for(self, layer: LargeLookupLayer) -> Any:
+        key = (layer.allocation_fingerprint, layer.rows.routing_key)
+        if key not in self._routes:
+            self._routes[key] = layer.rows.route(self.token_ids.reshape(-1), layer.bounds)
+        return self._routes[key]
+
+    def part(self, key: Hashable, select: Callable[[Tensor], Tensor]) -> LookupRoutes:
+        """Routes of `select(token_ids)`, one object per `key` for the micro-batch."""
+        if key not in self._parts:
+            self._parts[key] = LookupRoutes(select(self.token_ids))
+        return self._parts[key]
 
 
 class LargeLookupLayer(nn.Module):
@@ -111,6 +162,9 @@ class LargeLookupLayer(nn.Module):
             raise ValueError(f"tied keys/values need d_emb == d_in, got d_emb={d_emb}, d_in={d_in}")
         self.register_buffer("bounds", bounds_from_rows(rows_per_token), persistent=True)
         num_rows = int(np.asarray(rows_per_token).sum())  # not from `bounds`: it may be on the meta device
+        # Layers with the same allocation share routes (`LookupRoutes`); a checkpoint's allocation
+        # is checked against the config's by hash before it is loaded into `bounds`.
+        self.allocation_fingerprint = hashlib.sha1(np.asarray(rows_per_token, dtype=np.int64).tobytes()).hexdigest()
         self.tied_kv = tied_kv
         self.rows_width = (d_in, d_emb)  # of the key and the value table
         self.rows: RowBackend = LocalRowTable(num_rows, d_in, d_emb, tied_kv)
@@ -141,13 +195,14 @@ class LargeLookupLayer(nn.Module):
     def num_rows(self) -> int:
         return int(self.bounds[-1])  # the whole allocation, also when the rows are sharded
 
-    def lookup(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """a = V_tᵀ softmax(K_t x) for every position (any leading shape), and each position's
-        softmax entropy (no gradient)."""
-        flat, entropy = self.rows(x.reshape(-1, x.shape[-1]), token_ids.reshape(-1), self.bounds)
+    def lookup(self, x: Tensor, token_ids: Tensor | LookupRoutes) -> tuple[Tensor, Tensor]:
+        """a = V_tᵀ softmax(K_t x) for every position (any leading shape; `token_ids` of the
+        same shape, or their `LookupRoutes`), and each position's softmax entropy (no gradient)."""
+        route = LookupRoutes.of(token_ids).route_for(self)
+        flat, entropy = self.rows(x.reshape(-1, x.shape[-1]), route)
         return flat.reshape(*x.shape[:-1], flat.shape[-1]), entropy
 
-    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, token_ids: Tensor | LookupRoutes) -> tuple[Tensor, Tensor]:
         """The layer's output, and the mean softmax entropy of its lookups (a detached scalar
         for monitoring; reduced by the caller only when it is logged)."""
         attended, entropy = self.lookup(x, token_ids)

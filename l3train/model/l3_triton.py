@@ -30,10 +30,17 @@ Design (FlashAttention-style, specialised to a block-diagonal score matrix):
   only the others get a slice.
 - Backward recomputes scores from the saved log-sum-exp; two kernels, no atomics:
   * dx: one program per position tile, looping over the token's rows.
-  * dK/dV: one program per block of BLOCK_R rows, looping over all of its token's
-    positions. Every row belongs to exactly one token, so each program owns its gradient
-    rows and stores them plainly: deterministic, and fine for bf16 (the interpreter has
-    no bf16 atomics). Rows of tokens absent from the batch keep their zero gradient.
+  * dK/dV: a 2-D grid of row blocks × position chunks. A program sums the gradient of
+    BLOCK_R rows of one token over at most `position_chunk` of that token's positions,
+    so the most frequent token (7-10% of all positions in the paper's data) is spread
+    over many programs instead of looping on the 1-16 that own its rows. A token whose
+    positions fit one chunk has one program per row block, which stores its gradient
+    rows plainly (every row belongs to one token: no atomics). Longer tokens write one
+    fp32 partial per chunk, and a second kernel sums each row block's partials in chunk
+    order: deterministic, and fine for bf16 (the interpreter has no bf16 atomics). The
+    partials take (chunks of long tokens) × BLOCK_R × (d_in + d_emb) × 4 bytes: at most
+    ≈ (N / position_chunk) · k · (d_in + d_emb) · 4 for N positions and k rows per token.
+    Rows of tokens absent from the batch keep their zero gradient.
 - Precision: tiles are upcast to fp32 (fp64 for fp64 inputs) before every product; the
   interpreter's bf16 `tl.dot` is wrong, and softmax statistics need fp32 anyway. fp32
   inputs use IEEE products unless torch allows TF32 matmuls, matching what torch does;
@@ -67,7 +74,8 @@ class KernelConfig:
     """Tile sizes and warps per program, all powers of two.
 
     positions per tile, rows per block, feature chunk width (shrunk to the next power of
-    two of d_in/d_emb when those are narrower). On sm_90 (checked with ptxas) the defaults
+    two of d_in/d_emb when those are narrower), warps, and the positions one dK/dV program
+    sums over (a multiple of the tile, so tiles never straddle two chunks). On sm_90 (checked with ptxas) the defaults
     compile without register spills for bf16 inputs and with a few bytes for fp32 with
     IEEE products; their speed is untuned (tools/bench_l3_gpu.py sweeps alternatives).
     """
@@ -76,12 +84,16 @@ class KernelConfig:
     rows: int = 32
     features: int = 32
     num_warps: int = 8
+    position_chunk: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("positions", "rows", "features", "num_warps"):
+        for name in ("positions", "rows", "features", "num_warps", "position_chunk"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.position_chunk < self.positions:
+            raise ValueError(f"KernelConfig.position_chunk ({self.position_chunk}) must be at least "
+                             f"positions ({self.positions})")
 
 
 @triton.jit
@@ -242,22 +254,27 @@ def _grad_x_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delta_ptr
 
 @triton.jit
 def _grad_tables_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delta_ptr,
-                        grad_keys_ptr, grad_values_ptr, keys_scratch_ptr, values_scratch_ptr,
-                        order_ptr, segments_ptr, row_blocks_ptr, D_IN, D_EMB,
+                        out_keys_ptr, out_values_ptr, keys_scratch_ptr, values_scratch_ptr,
+                        order_ptr, segments_ptr, work_ptr, D_IN, D_EMB, POSITION_CHUNK,
                         BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DI: tl.constexpr,
-                        BLOCK_DE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    block = tl.program_id(0)
-    token = tl.load(row_blocks_ptr + 3 * block)
-    offsets = tl.load(row_blocks_ptr + 3 * block + 1) + tl.arange(0, BLOCK_R)
-    scratch_slot = tl.load(row_blocks_ptr + 3 * block + 2)
-    keys_scratch_ptr += scratch_slot * (BLOCK_R * D_IN)
-    values_scratch_ptr += scratch_slot * (BLOCK_R * D_EMB)
-    pos_count = tl.load(segments_ptr + 4 * token + 1)
+                        BLOCK_DE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                        TO_PARTIALS: tl.constexpr):
+    """dK, dV of one token's BLOCK_R rows over one chunk of its positions: into the gradient
+    rows, or (TO_PARTIALS) into this program's fp32 partial slot, which also carries its sums."""
+    item = tl.program_id(0)
+    token = tl.load(work_ptr + 4 * item)
+    offsets = tl.load(work_ptr + 4 * item + 1) + tl.arange(0, BLOCK_R)
+    first_position = tl.load(work_ptr + 4 * item + 2)
+    slot_rows = tl.load(work_ptr + 4 * item + 3) * BLOCK_R + tl.arange(0, BLOCK_R)
+    end_position = tl.minimum(tl.load(segments_ptr + 4 * token + 1), first_position + POSITION_CHUNK)
     row_mask = offsets < tl.load(segments_ptr + 4 * token + 3)
     rows = tl.load(segments_ptr + 4 * token + 2) + offsets
-    local_rows = tl.arange(0, BLOCK_R)
+    if TO_PARTIALS:
+        out_rows = slot_rows
+    else:
+        out_rows = rows
 
-    for p0 in range(0, pos_count, BLOCK_P):
+    for p0 in range(first_position, end_position, BLOCK_P):
         positions, pos_mask = _segment_positions(order_ptr, segments_ptr, token, p0, BLOCK_P)
         lse = tl.load(lse_ptr + positions, mask=pos_mask, other=0.0)
         delta = tl.load(delta_ptr + positions, mask=pos_mask, other=0.0)
@@ -269,14 +286,36 @@ def _grad_tables_kernel(x_ptr, keys_ptr, values_ptr, grad_out_ptr, lse_ptr, delt
                                    BLOCK_P, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
         grad_scores_t = tl.trans(probs * (grad_probs - delta[:, None]))
         probs_t = tl.trans(probs)
-        first = p0 == 0
-        last = p0 + BLOCK_P >= pos_count
+        first = p0 == first_position
+        last = p0 + BLOCK_P >= end_position
         # dK = dSᵀ·X and dV = Pᵀ·dA for this block of rows.
-        _accumulate(grad_scores_t, x_ptr, positions, pos_mask, D_IN, keys_scratch_ptr, grad_keys_ptr,
-                    local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DI, COMPUTE, PRECISION)
-        _accumulate(probs_t, grad_out_ptr, positions, pos_mask, D_EMB, values_scratch_ptr, grad_values_ptr,
-                    local_rows, rows, row_mask, first, last, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
+        _accumulate(grad_scores_t, x_ptr, positions, pos_mask, D_IN, keys_scratch_ptr, out_keys_ptr,
+                    slot_rows, out_rows, row_mask, first, last, BLOCK_R, BLOCK_DI, COMPUTE, PRECISION)
+        _accumulate(probs_t, grad_out_ptr, positions, pos_mask, D_EMB, values_scratch_ptr, out_values_ptr,
+                    slot_rows, out_rows, row_mask, first, last, BLOCK_R, BLOCK_DE, COMPUTE, PRECISION)
         tl.debug_barrier()
+
+
+@triton.jit
+def _sum_partials_kernel(partials_ptr, grad_ptr, segments_ptr, sums_ptr, WIDTH,
+                         BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, COMPUTE: tl.constexpr):
+    """One row block's gradient: the sum of its chunks' partials, in chunk order (deterministic)."""
+    item = tl.program_id(0)
+    token = tl.load(sums_ptr + 4 * item)
+    offsets = tl.load(sums_ptr + 4 * item + 1) + tl.arange(0, BLOCK_R)
+    first_slot = tl.load(sums_ptr + 4 * item + 2)
+    chunks = tl.load(sums_ptr + 4 * item + 3)
+    row_mask = offsets < tl.load(segments_ptr + 4 * token + 3)
+    rows = tl.load(segments_ptr + 4 * token + 2) + offsets
+    local_rows = tl.arange(0, BLOCK_R)
+    for f0 in range(0, WIDTH, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        mask = row_mask[:, None] & (cols < WIDTH)[None, :]
+        total = tl.zeros((BLOCK_R, BLOCK_F), COMPUTE)
+        for chunk in range(0, chunks):
+            slot_rows = (first_slot + chunk) * BLOCK_R + local_rows
+            total += tl.load(partials_ptr + slot_rows[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
+        tl.store(grad_ptr + rows[:, None] * WIDTH + cols[None, :], total.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass
@@ -307,26 +346,66 @@ def _work_list(pieces_of: Tensor, block: int, loop_length: Tensor, loop_block: i
 
 
 @dataclass
-class _Plan:
-    """CSR description of a batch; depends on token ids and bounds only."""
+class _TableWork:
+    """dK/dV programs (rows: token, row offset, first position, slot), built with the plan."""
+
+    direct: Tensor  # row blocks of tokens whose positions fit one chunk; slot: scratch or -1, heaviest first
+    scratch_slots: int  # direct programs looping over more than one tile of positions
+    partial: Tensor  # row block × chunk of the longer tokens; slot: its fp32 partial
+    sums: Tensor  # one per row block of partials: token, row offset, first slot, chunks
+
+
+def _table_work(segments: Tensor, config: KernelConfig) -> _TableWork:
+    """Cut every token's rows into blocks of `config.rows` and its positions into chunks of
+    `config.position_chunk` (torch ops only, no loop over tokens)."""
+    pos_count, row_count = segments[:, 1], segments[:, 3]
+    blocks = (row_count + config.rows - 1) // config.rows
+    owner = torch.repeat_interleave(blocks)
+    row_offset = (torch.arange(owner.numel(), device=owner.device) - (torch.cumsum(blocks, 0) - blocks)[owner]) \
+        * config.rows
+    chunks = (pos_count[owner] + config.position_chunk - 1) // config.position_chunk
+    single = chunks == 1
+    direct_owner, direct_offset = owner[single], row_offset[single]
+    heaviest_first = torch.argsort(pos_count[direct_owner], descending=True, stable=True)
+    direct_owner, direct_offset = direct_owner[heaviest_first], direct_offset[heaviest_first]
+    loops = pos_count[direct_owner] > config.positions
+    direct = torch.stack([direct_owner, direct_offset, torch.zeros_like(direct_owner),
+                          torch.where(loops, torch.cumsum(loops, 0) - 1, -1)], 1)
+    long_owner, long_offset, long_chunks = owner[~single], row_offset[~single], chunks[~single]
+    first_slot = torch.cumsum(long_chunks, 0) - long_chunks
+    sums = torch.stack([long_owner, long_offset, first_slot, long_chunks], 1)
+    block_of_slot = torch.repeat_interleave(long_chunks)
+    slot = torch.arange(block_of_slot.numel(), device=owner.device)
+    partial = torch.stack([long_owner[block_of_slot], long_offset[block_of_slot],
+                           (slot - first_slot[block_of_slot]) * config.position_chunk, slot], 1)
+    return _TableWork(direct.contiguous(), int(loops.sum()), partial.contiguous(), sums.contiguous())
+
+
+@dataclass
+class TritonPlan:
+    """CSR description of a batch and the kernels' work lists; depends on token ids and bounds only."""
 
     order: Tensor  # (N,) original position of each sorted slot
     segments: Tensor  # (U, 4) per unique token: pos_start, pos_count, row_start, row_count
     tiles: _WorkList  # forward and dx programs: position tiles looping over rows
+    tables: _TableWork  # dK/dV programs
+    config: KernelConfig
 
 
-def _plan(token_ids: Tensor, bounds: Tensor, config: KernelConfig) -> _Plan:
+def plan_triton(token_ids: Tensor, bounds: Tensor, config: KernelConfig = KernelConfig()) -> TritonPlan:
+    """The plan of `token_ids` for the kernels (the host reads its sizes: once per micro-batch)."""
     sorted_ids, order = torch.sort(token_ids.reshape(-1))
     unique_ids, pos_count = torch.unique_consecutive(sorted_ids, return_counts=True)
     row_start = bounds[unique_ids].long()
     row_count = bounds[unique_ids + 1].long() - row_start
-    segments = torch.stack([torch.cumsum(pos_count, 0) - pos_count, pos_count, row_start, row_count], 1)
-    return _Plan(order, segments.contiguous(), _work_list(pos_count, config.positions, row_count, config.rows))
+    segments = torch.stack([torch.cumsum(pos_count, 0) - pos_count, pos_count, row_start, row_count], 1).contiguous()
+    return TritonPlan(order, segments, _work_list(pos_count, config.positions, row_count, config.rows),
+                      _table_work(segments, config), config)
 
 
-def _scratch(work: _WorkList, block: int, width: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+def _scratch(slots: int, block: int, width: int, like: Tensor, dtype: torch.dtype) -> Tensor:
     # Never read when no program loops more than once; one element keeps the pointer valid.
-    return torch.empty(max(1, work.scratch_slots * block * width), dtype=dtype, device=like.device)
+    return torch.empty(max(1, slots * block * width), dtype=dtype, device=like.device)
 
 
 def _feature_block(width: int, cap: int) -> int:
@@ -351,11 +430,37 @@ def _launch_options(x: Tensor, d_emb: int, config: KernelConfig) -> dict:
                 COMPUTE=compute, PRECISION=precision, num_warps=config.num_warps)
 
 
+def _table_gradients(x: Tensor, keys: Tensor, values: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor,
+                     plan: TritonPlan) -> tuple[Tensor, Tensor]:
+    """dK and dV: direct programs, then the long tokens' partials and their ordered sums."""
+    # Zero: rows of tokens absent from the batch get no gradient.
+    grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
+    work, config = plan.tables, plan.config
+    d_in, d_emb = x.shape[1], values.shape[1]
+    options = _launch_options(x, d_emb, config)
+    inputs = (x, keys, values, grad_out, lse, delta)
+    if work.direct.shape[0]:
+        _grad_tables_kernel[(work.direct.shape[0],)](
+            *inputs, grad_keys, grad_values, _scratch(work.scratch_slots, config.rows, d_in, x, lse.dtype),
+            _scratch(work.scratch_slots, config.rows, d_emb, x, lse.dtype), plan.order, plan.segments, work.direct,
+            d_in, d_emb, config.position_chunk, TO_PARTIALS=False, **options)
+    if work.partial.shape[0]:
+        partial_keys = _scratch(work.partial.shape[0], config.rows, d_in, x, lse.dtype)
+        partial_values = _scratch(work.partial.shape[0], config.rows, d_emb, x, lse.dtype)
+        _grad_tables_kernel[(work.partial.shape[0],)](
+            *inputs, partial_keys, partial_values, partial_keys, partial_values, plan.order, plan.segments,
+            work.partial, d_in, d_emb, config.position_chunk, TO_PARTIALS=True, **options)
+        for partials, grad, width, block in ((partial_keys, grad_keys, d_in, options["BLOCK_DI"]),
+                                             (partial_values, grad_values, d_emb, options["BLOCK_DE"])):
+            _sum_partials_kernel[(work.sums.shape[0],)](partials, grad, plan.segments, work.sums, width,
+                                                        BLOCK_R=config.rows, BLOCK_F=block, COMPUTE=options["COMPUTE"])
+    return grad_keys, grad_values
+
+
 class _TritonRowAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x: Tensor, keys: Tensor, values: Tensor, plan: _Plan,
-                config: KernelConfig) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, keys: Tensor, values: Tensor, plan: TritonPlan) -> tuple[Tensor, Tensor]:
         x, keys, values = x.contiguous(), keys.contiguous(), values.contiguous()
         n, d_in = x.shape
         d_emb = values.shape[1]
@@ -364,24 +469,21 @@ class _TritonRowAttention(torch.autograd.Function):
         lse = torch.empty(n, dtype=compute, device=x.device)
         entropy = torch.empty_like(lse)
         if n:
-            scratch = _scratch(plan.tiles, config.positions, d_emb, x, compute)
+            scratch = _scratch(plan.tiles.scratch_slots, plan.config.positions, d_emb, x, compute)
             _forward_kernel[(plan.tiles.items.shape[0],)](
                 x, keys, values, out, lse, entropy, scratch, plan.order, plan.segments, plan.tiles.items,
-                d_in, d_emb, **_launch_options(x, d_emb, config))
+                d_in, d_emb, **_launch_options(x, d_emb, plan.config))
         ctx.save_for_backward(x, keys, values, out, lse)
         ctx.plan = plan
-        ctx.config = config
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor):
         x, keys, values, out, lse = ctx.saved_tensors
-        plan, config = ctx.plan, ctx.config
+        plan = ctx.plan
         need_x, need_keys, need_values = ctx.needs_input_grad[:3]
         n, d_in = x.shape
-        d_emb = values.shape[1]
-        options = _launch_options(x, d_emb, config)
         grad_out = grad_out.contiguous()
         # Σ_r P·dP = dA·A per position: one O(N·d) reduction shared by both kernels.
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
@@ -389,42 +491,36 @@ class _TritonRowAttention(torch.autograd.Function):
         if need_x:
             grad_x = torch.empty_like(x)
             if n:
-                scratch = _scratch(plan.tiles, config.positions, d_in, x, lse.dtype)
+                scratch = _scratch(plan.tiles.scratch_slots, plan.config.positions, d_in, x, lse.dtype)
                 _grad_x_kernel[(plan.tiles.items.shape[0],)](
                     x, keys, values, grad_out, lse, delta, grad_x, scratch, plan.order, plan.segments,
-                    plan.tiles.items, d_in, d_emb, **options)
+                    plan.tiles.items, d_in, values.shape[1], **_launch_options(x, values.shape[1], plan.config))
         if need_keys or need_values:
-            # Zero: rows of tokens absent from the batch get no gradient.
-            grad_keys = torch.zeros_like(keys)
-            grad_values = torch.zeros_like(values)
-            if n:
-                pos_count, row_count = plan.segments[:, 1], plan.segments[:, 3]
-                row_blocks = _work_list(row_count, config.rows, pos_count, config.positions)
-                _grad_tables_kernel[(row_blocks.items.shape[0],)](
-                    x, keys, values, grad_out, lse, delta, grad_keys, grad_values,
-                    _scratch(row_blocks, config.rows, d_in, x, lse.dtype),
-                    _scratch(row_blocks, config.rows, d_emb, x, lse.dtype),
-                    plan.order, plan.segments, row_blocks.items, d_in, d_emb, **options)
+            grad_keys, grad_values = _table_gradients(x, keys, values, grad_out, lse, delta, plan)
         # Tied tables (keys is values) get both gradients; autograd adds them.
-        return (grad_x, grad_keys if need_keys else None, grad_values if need_values else None, None, None)
+        return grad_x, grad_keys if need_keys else None, grad_values if need_values else None, None
 
 
-def triton_row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
-                                      *, config: KernelConfig = KernelConfig()) -> tuple[Tensor, Tensor]:
-    """Fused row attention; also returns each position's softmax entropy (no gradient).
+def triton_attend(x: Tensor, keys: Tensor, values: Tensor, plan: TritonPlan) -> tuple[Tensor, Tensor]:
+    """Fused row attention of the positions `plan` describes (`plan_triton`); also returns each
+    position's softmax entropy (no gradient). No host synchronisation.
 
-    x: (N, d_in), token_ids: (N,), bounds: (vocab+1,) with every d_t ≥ 1,
-    keys: (v, d_in), values: (v, d_emb) — pass the same tensor for tied tables; all on one
-    device (CUDA, or CPU under TRITON_INTERPRET=1) and of one dtype.
+    x: (N, d_in), keys: (v, d_in), values: (v, d_emb) — pass the same tensor for tied tables;
+    all on one device (CUDA, or CPU under TRITON_INTERPRET=1) and of one dtype.
     Returns (N, d_emb) outputs in x's dtype and (N,) entropies (fp32; fp64 for fp64 x).
     """
-    if x.dim() != 2 or token_ids.numel() != x.shape[0]:
+    if x.dim() != 2 or plan.order.numel() != x.shape[0]:
         raise ValueError(f"x must be (N, d_in) with one token id per row, got x {tuple(x.shape)} "
-                         f"and {token_ids.numel()} ids")
+                         f"and {plan.order.numel()} ids")
     if keys.shape[1] != x.shape[1] or keys.shape[0] != values.shape[0]:
         raise ValueError(f"keys must be (v, d_in={x.shape[1]}) and values (v, d_emb), got keys "
                          f"{tuple(keys.shape)} and values {tuple(values.shape)}")
     if not x.dtype == keys.dtype == values.dtype:
         raise ValueError(f"x, keys and values must share a dtype, got {x.dtype}, {keys.dtype}, {values.dtype}")
-    plan = _plan(token_ids, bounds, config)
-    return _TritonRowAttention.apply(x, keys, values, plan, config)
+    return _TritonRowAttention.apply(x, keys, values, plan)
+
+
+def triton_row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
+                                      *, config: KernelConfig = KernelConfig()) -> tuple[Tensor, Tensor]:
+    """`triton_attend` with its plan made here (`bounds`: (vocab+1,), every d_t ≥ 1)."""
+    return triton_attend(x, keys, values, plan_triton(token_ids, bounds, config))

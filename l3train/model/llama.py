@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3train.config import L3Config, ModelConfig, MoEConfig
-from l3train.model.l3_layer import LargeLookupLayer
+from l3train.model.l3_layer import LargeLookupLayer, LookupRoutes
 from l3train.model.moe import MoEFeedForward, RouterStats
 from l3train.model.roles import ParamRole, parameter_roles
 
@@ -140,7 +140,7 @@ class LookupBlock(nn.Module):
                                        tied_kv=l3.tied_kv, norm=l3.norm, norm_eps=cfg.norm_eps,
                                        init_std=cfg.init_std)
 
-    def forward(self, h: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, token_ids: Tensor | LookupRoutes) -> tuple[Tensor, Tensor]:
         """The updated residual stream, and the lookups' mean softmax entropy."""
         out, entropy = self.lookup(self.norm(h), token_ids)
         return h + out, entropy
@@ -213,11 +213,13 @@ class DecoderLM(nn.Module):
             positions = cache.extend(seq)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         h = self.embedding(tokens)
+        # Built on first use, once for all L³ layers and for backward.
+        routes = LookupRoutes(tokens)
         entropies, routers = {}, {}
         for index, block in enumerate(self.blocks):
             h, router = block(h, cos, sin, None if cache is None else cache.layer(index))
             if router is not None:
                 routers[index] = router
             if str(index) in self.lookups:
-                h, entropies[index] = self.lookups[str(index)](h, tokens)
+                h, entropies[index] = self.lookups[str(index)](h, routes)
         return ModelOutput(self.output(self.norm(h)), entropies, routers)

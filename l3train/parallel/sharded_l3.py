@@ -7,14 +7,19 @@ its positions must go. Per L³ layer and step:
 
 1. TP split of the work: the TP ranks of one replica hold the same positions; TP rank j
    handles only the positions whose token's shard has TP index j.
-2. DP routing: those positions (hidden state x and token id) travel to the DP rank that
-   owns their rows with one all-to-all over the DP group of TP index j (counts known
-   from the ids), are computed there with the ordinary `row_attention_with_entropy` on
-   the local table, and travel back with a second all-to-all.
+2. DP routing: those positions' hidden states travel to the DP rank that owns their rows
+   with one all-to-all over the DP group of TP index j, are computed there with the
+   ordinary `attend` on the local table, and travel back with a second all-to-all.
 3. TP combine: each TP rank now holds the lookups of its positions and zeros elsewhere;
    one all-reduce (sum) over the TP group gives every TP rank all N lookups. Its backward
    is the identity, and the matching backward all-reduce on x sums the per-rank
    contributions to dL/dx.
+
+What depends on the token ids alone is the `ShardedRoute`, built once per micro-batch for
+all layers (`LookupRoutes`): which positions go to which rank, the all-to-all sizes
+(exchanged and read on the host once: the only host synchronisation of the sharded
+path), the token ids the other ranks send (exchanged once) and the plan of the lookups
+this rank serves. A layer's forward then only moves x and the results.
 
 Bytes per layer and step, for N positions per replica, fp32, d_in/d_emb widths:
 TP all-reduce of N·d_emb floats (ring: ~2·N·d_emb·4 bytes per rank), and per rank an
@@ -51,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from l3train.model.l3_attention import row_attention_with_entropy
+from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_rows
 from l3train.parallel.collectives import ReplicatedInput, ScaleGradient, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
@@ -85,6 +90,16 @@ class RowRouting:
 
 
 @dataclass
+class ShardedRoute:
+    """A micro-batch's routing on one rank (depends on the token ids only)."""
+
+    positions: Tensor  # this rank's share of the positions, grouped by destination DP rank
+    send_counts: list[int]  # positions sent to each DP rank
+    recv_counts: list[int]  # positions received from each DP rank
+    plan: RowPlan  # of the lookups this rank serves, on its local tables
+
+
+@dataclass
 class RankLocalTables:
     """This rank's rows (leaf tensors, not module parameters: see the module docstring)."""
 
@@ -109,6 +124,10 @@ class ShardedRowTable(nn.Module):
         self.register_buffer("local_bounds", bounds_from_rows(plan.local_rows_per_token(routing.shard)).to(device),
                              persistent=False)
         self.local, self.routing = local, routing
+        # d_in + d_emb: sizes the torch path's chunks.
+        self.feature_width = local.keys.shape[1] + (local.keys if local.values is None else local.values).shape[1]
+        # Layers of one shard plan and placement share a route.
+        self.routing_key = ("rows sharded", plan.ownership_hash, routing.shard, routing.tp_size, self.feature_width)
         # The rows' share of the replica average: 1/DP (see the module docstring).
         self.gradient_scale = gradient_scale
 
@@ -116,35 +135,42 @@ class ShardedRowTable(nn.Module):
         """This rank's row tensors (the key table, plus the value table when untied)."""
         return self.local.tensors()
 
-    def forward(self, x: Tensor, token_ids: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
-        """Same contract as `LocalRowTable`; the layer's global `bounds` are not needed: the
-        lookup runs on this rank's own tables, laid out by `local_bounds`."""
+    def route(self, token_ids: Tensor, bounds: Tensor) -> ShardedRoute:
+        """Where this micro-batch's positions go (the layer's global `bounds` are not needed:
+        the owners and the local tables' layout come from the shard plan)."""
         route = self.routing
-        keys = ScaleGradient.apply(self.local.keys, self.gradient_scale)
-        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values, self.gradient_scale)
-        if route.tp_size > 1:
-            x = ReplicatedInput.apply(x, route.tp_group)
         shard = self.owner[token_ids]
-        mine = torch.nonzero(shard % route.tp_size == route.tp_rank).flatten()
-        destination = shard[mine] // route.tp_size
-        order = torch.argsort(destination, stable=True)
-        positions = mine[order]
-        send_counts = torch.bincount(destination, minlength=route.dp_size)
+        # Destination DP rank of this TP rank's positions; the others get key dp_size and sort last.
+        key = torch.where(shard % route.tp_size == route.tp_rank, shard // route.tp_size, route.dp_size)
+        order = torch.argsort(key, stable=True)
+        # Counted with index_add_ (bincount would read the largest key on the host first).
+        send_counts = torch.zeros(route.dp_size + 1, dtype=torch.long, device=key.device).index_add_(
+            0, key, torch.ones_like(key))[:-1]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=route.dp_group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # the one host read
+        send, recv = counts[:route.dp_size], counts[route.dp_size:]
+        positions = order[:sum(send)]
         remote_ids = exchange(token_ids[positions], send, recv, route.dp_group)
-        remote_x = exchange(x[positions], send, recv, route.dp_group)
+        return ShardedRoute(positions, send, recv, plan_lookup(remote_ids, self.local_bounds, self.feature_width))
+
+    def forward(self, x: Tensor, route: ShardedRoute) -> tuple[Tensor, Tensor]:
+        """Same contract as `LocalRowTable`, on this rank's own tables (`local_bounds`)."""
+        group = self.routing
+        keys = ScaleGradient.apply(self.local.keys, self.gradient_scale)
+        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values, self.gradient_scale)
+        if group.tp_size > 1:
+            x = ReplicatedInput.apply(x, group.tp_group)
+        remote_x = exchange(x[route.positions], route.send_counts, route.recv_counts, group.dp_group)
         # In the tables' dtype (see the module docstring: fp32 row gradients under bf16).
-        remote_out, remote_entropy = row_attention_with_entropy(remote_x.to(keys.dtype), remote_ids,
-                                                                self.local_bounds, keys, values)
-        local_out = exchange(remote_out.to(x.dtype), recv, send, route.dp_group)
-        local_entropy = exchange(remote_entropy, recv, send, route.dp_group)
-        out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, positions, local_out)
-        entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, positions, local_entropy)
-        if route.tp_size > 1:
-            out = SumOverGroup.apply(out, route.tp_group)
-            dist.all_reduce(entropy, group=route.tp_group)
+        remote_out, remote_entropy = attend(remote_x.to(keys.dtype), keys, values, route.plan)
+        local_out = exchange(remote_out.to(x.dtype), route.recv_counts, route.send_counts, group.dp_group)
+        local_entropy = exchange(remote_entropy, route.recv_counts, route.send_counts, group.dp_group)
+        out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, route.positions, local_out)
+        entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, route.positions, local_entropy)
+        if group.tp_size > 1:
+            out = SumOverGroup.apply(out, group.tp_group)
+            dist.all_reduce(entropy, group=group.tp_group)
         return out, entropy
 
 

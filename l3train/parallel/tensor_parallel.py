@@ -77,6 +77,7 @@ from megatron.core.tensor_parallel.layers import (param_is_not_tensor_parallel_d
                                                   set_tensor_model_parallel_attributes)
 from torch import Tensor, nn
 
+from l3train.model.l3_layer import LookupRoutes
 from l3train.model.llama import DecoderLM, SwiGLU
 from l3train.parallel.state import ParallelState
 
@@ -151,9 +152,12 @@ def _gather_sequence(group: torch.distributed.ProcessGroup, module: nn.Module, i
 
 
 def _local_token_ids(state: ParallelState, module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of an L³ block under SP: its hidden states are this rank's slice of the sequence."""
+    """Forward pre-hook of an L³ block under SP: its hidden states are this rank's slice of the
+    sequence, so its lookups take the routes of that slice of the ids (shared by all L³ blocks)."""
     hidden, token_ids = args
-    return hidden, token_ids.chunk(state.tp_size, dim=1)[state.tp_rank]
+    routes = LookupRoutes.of(token_ids).part(("sequence parallel", state.tp_rank),
+                                              lambda ids: ids.chunk(state.tp_size, dim=1)[state.tp_rank])
+    return hidden, routes
 
 
 def _sum_over_group(group: torch.distributed.ProcessGroup, grad: Tensor) -> Tensor:

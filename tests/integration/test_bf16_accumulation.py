@@ -186,7 +186,8 @@ def row_accumulation(tied: bool, world, parallel, log) -> dict:
     scale = 1.0 / world.size
     for x, ids, grad in _batches(world.size, MICRO_BATCHES, 32, full_values.shape[1], seed=7):
         mine = slice(world.rank, world.rank + 1)
-        out, _ = backend(x[mine].flatten(0, 1).to(world.device), ids[mine].flatten().to(world.device), bounds)
+        route = backend.route(ids[mine].flatten().to(world.device), bounds)
+        out, _ = backend(x[mine].flatten(0, 1).to(world.device), route)
         out.backward(grad[mine].flatten(0, 1).to(world.device))
         flat_x, flat_ids, flat_grad = x.flatten(0, 1), ids.flatten(), grad.flatten(0, 1)
         exact, _ = row_attention_with_entropy(flat_x.double(), flat_ids, layer.bounds, ScaleGradient.apply(

@@ -209,15 +209,6 @@ def test_bf16_inputs_get_fp32_scores_softmax_and_gradients():
         assert_close_relative(got.double(), want, 2 ** -7)  # bf16 keeps 8 bits of mantissa
 
 
-def test_plans_are_reused_for_the_same_ids_and_allocation():
-    from l3train.model import l3_attention
-
-    x, ids, bounds, keys, values = make_case(seed=9, dtype=torch.float64, tied=True)
-    first = l3_attention._plan_for(ids, bounds, 1 << 24, 8)
-    assert l3_attention._plan_for(ids.clone(), bounds.clone(), 1 << 24, 8) is first
-    assert l3_attention._plan_for(ids.flip(0), bounds, 1 << 24, 8) is not first
-
-
 def test_any_subset_of_rows_is_initialised_as_in_the_whole_table():
     from l3train.model.l3_layer import INIT_BLOCK_ROWS, init_rows
 

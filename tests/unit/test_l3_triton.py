@@ -32,8 +32,11 @@ CASES = {
     "tied_wide": (True, 80, 80, "float32", {}),
     # Feature blocks of 8 and 4 are below tl.dot's minimum of 16: the multiply-sum path.
     "untied_narrow": (False, 5, 3, "float32", {}),
-    # Small tiles everywhere (multiply-sum), many tiles per token, rows and features.
-    "tied_small_tiles": (True, 12, 12, "float32", {"positions": 8, "rows": 16, "features": 8}),
+    # Small tiles everywhere (multiply-sum), many tiles per token, rows and features; dK/dV
+    # chunks of 16 positions: token 2's 40 positions take 3 chunks (fp32 partials summed).
+    "tied_small_tiles": (True, 12, 12, "float32", {"positions": 8, "rows": 16, "features": 8,
+                                                   "position_chunk": 16}),
+    "untied_chunked": (False, 80, 70, "float32", {"positions": 16, "position_chunk": 16}),
     "untied_fp64": (False, 24, 17, "float64", {}),
 }
 FP32_TOLERANCE = 1e-5
@@ -55,6 +58,24 @@ def make_case(tied: bool, d_in: int, d_emb: int, dtype: torch.dtype, seed: int =
     ids = ids[torch.randperm(len(ids), generator=gen)]
     x = torch.randn(len(ids), d_in, generator=gen, dtype=dtype)
     grad_out = torch.randn(len(ids), d_emb, generator=gen, dtype=dtype)
+    return x, ids, bounds, keys, values, grad_out
+
+
+def make_hot_token_case(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """240 positions over 60 tokens; token 5 (64 rows) holds 30% of them."""
+    from l3train.model.l3_layer import bounds_from_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, 40, (60,), generator=gen)
+    rows[5] = 64
+    bounds = bounds_from_rows(rows)
+    others = torch.randint(0, 60, (168,), generator=gen)
+    ids = torch.cat([torch.full((72,), 5), others[others != 5]])
+    ids = ids[torch.randperm(len(ids), generator=gen)]
+    keys = torch.randn(int(bounds[-1]), 24, generator=gen, dtype=dtype)
+    values = torch.randn(int(bounds[-1]), 20, generator=gen, dtype=dtype)
+    x = torch.randn(len(ids), 24, generator=gen, dtype=dtype)
+    grad_out = torch.randn(len(ids), 20, generator=gen, dtype=dtype)
     return x, ids, bounds, keys, values, grad_out
 
 
@@ -124,6 +145,26 @@ def run_interpreter_checks() -> dict:
     fn = lambda x_, k_, v_: triton_row_attention_with_entropy(x_, ids, bounds, k_, v_)[0]  # noqa: E731
     report["gradcheck_fp64"] = torch.autograd.gradcheck(fn, (x, keys, values))
 
+    # A hot token: 30% of the positions, spread over row blocks × chunks of 16 positions
+    # (5 chunks); run twice to check the reduction of its partials is bitwise repeatable.
+    case = make_hot_token_case()
+    config = KernelConfig(positions=16, rows=16, position_chunk=16)
+    fn = lambda *a: triton_row_attention_with_entropy(*a, config=config)[0]  # noqa: E731
+    first, second = outputs_and_grads(fn, *case, False), outputs_and_grads(fn, *case, False)
+    expected = outputs_and_grads(row_attention_loop, *case, False)
+    report["hot_token"] = {key: relative_error(first[key], expected[key]) for key in expected}
+    report["hot_token_repeatable"] = all(torch.equal(first[key], second[key]) for key in first)
+    from l3train.model.l3_triton import plan_triton, triton_attend
+    from l3train.utils.host_sync import HostSyncCounter
+    plan = plan_triton(case[1], case[2], config)
+    report["hot_token_work"] = {"partials": plan.tables.partial.shape[0], "sums": plan.tables.sums.shape[0],
+                                "direct": plan.tables.direct.shape[0]}
+    # Given its plan, the kernels' forward and backward never wait for the host.
+    inputs = [t.detach().clone().requires_grad_() for t in (case[0], case[3], case[4])]
+    with HostSyncCounter() as syncs:
+        triton_attend(*inputs, plan)[0].backward(case[5])
+    report["attend_host_syncs"] = syncs.calls
+
     out, entropy = triton_row_attention_with_entropy(x[:0], ids[:0], bounds, keys, values)
     report["empty_shapes"] = [list(out.shape), list(entropy.shape)]
     return report
@@ -152,6 +193,17 @@ def test_matches_reference_loop(report, name):
 def test_bf16_inputs_use_fp32_math(report):
     assert report["bf16_dtypes"] == ["torch.bfloat16", "torch.float32"]
     assert max(report["untied_bf16"].values()) <= BF16_TOLERANCE, report["untied_bf16"]
+
+
+def test_hot_token_spreads_over_chunks_and_matches_the_loop(report):
+    """Token 5 holds 72 of 240 positions: 4 row blocks × 5 chunks of partials, summed in a fixed order."""
+    assert report["hot_token_work"]["sums"] == 4 and report["hot_token_work"]["partials"] == 20
+    assert max(report["hot_token"].values()) <= FP32_TOLERANCE, report["hot_token"]
+    assert report["hot_token_repeatable"]
+
+
+def test_attend_never_waits_for_the_host(report):
+    assert report["attend_host_syncs"] == []
 
 
 def test_gradcheck_fp64(report):
@@ -210,22 +262,47 @@ def test_kernels_compile_for_sm90(dtype, precision, overrides):
     constexprs = dict(BLOCK_P=config.positions, BLOCK_R=config.rows, BLOCK_DI=config.features,
                       BLOCK_DE=config.features // 2, COMPUTE=tl.float64 if dtype == "fp64" else tl.float32,
                       PRECISION=precision)
-    for kernel in (l3_triton._forward_kernel, l3_triton._grad_x_kernel, l3_triton._grad_tables_kernel):
+    kernels = [(l3_triton._forward_kernel, constexprs, False), (l3_triton._grad_x_kernel, constexprs, False),
+               (l3_triton._grad_tables_kernel, {**constexprs, "TO_PARTIALS": False}, False),
+               (l3_triton._grad_tables_kernel, {**constexprs, "TO_PARTIALS": True}, True),
+               (l3_triton._sum_partials_kernel, dict(BLOCK_R=config.rows, BLOCK_F=config.features,
+                                                     COMPUTE=constexprs["COMPUTE"]), False)]
+    for kernel, kernel_constexprs, outputs_are_partials in kernels:
         signature = {}
         for arg in kernel.arg_names:
-            if arg in constexprs:
+            if arg in kernel_constexprs:
                 signature[arg] = "constexpr"
-            elif arg in ("D_IN", "D_EMB"):
+            elif arg in ("D_IN", "D_EMB", "WIDTH", "POSITION_CHUNK"):
                 signature[arg] = "i32"
-            elif arg in ("order_ptr", "segments_ptr", "tiles_ptr", "row_blocks_ptr"):
+            elif arg in ("order_ptr", "segments_ptr", "tiles_ptr", "work_ptr", "sums_ptr"):
                 signature[arg] = "*i64"
-            elif arg in ("lse_ptr", "entropy_ptr", "delta_ptr") or "scratch" in arg:
+            elif (arg in ("lse_ptr", "entropy_ptr", "delta_ptr", "partials_ptr") or "scratch" in arg
+                  or (outputs_are_partials and arg.startswith("out_"))):
                 signature[arg] = "*" + statistics
             else:
                 signature[arg] = "*" + dtype
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=kernel_constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
         assert compiled.asm["cubin"], kernel
+
+
+def test_table_work_covers_every_row_block_and_chunk_once():
+    from l3train.model.l3_triton import KernelConfig, _table_work
+
+    # Tokens: (positions, rows) = (3, 5), (40, 9), (8, 1), (17, 4); blocks of 4 rows, chunks of 8
+    # positions (tiles of 4): token 1 has 3 row blocks × 5 chunks, token 3 has 1 × 3.
+    pos_count, row_count = torch.tensor([3, 40, 8, 17]), torch.tensor([5, 9, 1, 4])
+    segments = torch.stack([torch.cumsum(pos_count, 0) - pos_count, pos_count,
+                            torch.cumsum(row_count, 0) - row_count, row_count], 1)
+    work = _table_work(segments, KernelConfig(positions=4, rows=4, position_chunk=8))
+    assert work.direct[:, :2].tolist() == [[2, 0], [0, 0], [0, 4]]  # heaviest first: 8 then 3 positions
+    assert work.direct[:, 3].tolist() == [0, -1, -1] and work.scratch_slots == 1  # 8 positions: two tiles
+    assert work.sums.tolist() == [[1, 0, 0, 5], [1, 4, 5, 5], [1, 8, 10, 5], [3, 0, 15, 3]]
+    chunks = sorted(map(tuple, work.partial[:, :3].tolist()))
+    assert chunks == sorted([(1, r, p) for r in (0, 4, 8) for p in range(0, 40, 8)] + [(3, 0, p) for p in (0, 8, 16)])
+    assert work.partial[:, 3].tolist() == list(range(18))
+    for token, offset, first, count in work.sums.tolist():  # each row block's slots are its own chunks
+        assert work.partial[first:first + count, :2].tolist() == [[token, offset]] * count
 
 
 if __name__ == "__main__":

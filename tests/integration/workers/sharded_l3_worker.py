@@ -4,8 +4,10 @@ Every rank builds the same full layer and the same global batch; DP replica r ta
 slice of positions, TP ranks of one replica share it. Checks, per rank: outputs equal the
 full layer's, the rank's row gradients equal the matching rows of the full layer's
 gradient of the mean replica loss, DP-averaged dense gradients equal the full ones, and
-the rank stores only its shard's rows. Writes a JSON report per rank; exits non-zero on
-any mismatch.
+the rank stores only its shard's rows. Then two sharded layers run one after the other on
+one `LookupRoutes`: they share one route, and outside building it their forward and
+backward make no host synchronisation (`HostSyncCounter`). Writes a JSON report per rank;
+exits non-zero on any mismatch.
 
 Usage: sharded_l3_worker.py TP tied|untied REPORT_DIR (one JSON report per rank).
 """
@@ -19,11 +21,35 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from l3train.model.l3_layer import LargeLookupLayer
+from l3train.model.l3_layer import LargeLookupLayer, LookupRoutes
 from l3train.parallel.shard_plan import plan_shards
 from l3train.parallel.sharded_l3 import shard_lookup_layer
 from l3train.parallel.state import ParallelState
+from l3train.utils.host_sync import HostSyncCounter
 from training_harness import finish_worker
+
+
+def check_routes_are_shared_and_layers_never_sync(first, full, plan, state, ids, x, failures) -> list[str]:
+    """Two sharded layers on one micro-batch's routes; returns the route's host syncs."""
+    second = LargeLookupLayer(full.bounds.diff().numpy(), d_in=x.shape[1], d_emb=first.rows_width[1], d_up=24,
+                              tied_kv=first.tied_kv).double()
+    second.load_state_dict(full.state_dict())
+    shard_lookup_layer(second, plan, state)
+    routes, syncs = LookupRoutes(ids), HostSyncCounter()
+    with syncs:
+        route = routes.route_for(first)
+    route_syncs = list(syncs.calls)
+    with syncs:
+        hidden, _ = first(x.clone().requires_grad_(), routes)
+        out, _ = second(hidden, routes)
+        out.square().sum().backward()
+    if routes.route_for(second) is not route:
+        failures.append("the two layers built separate routes")
+    if syncs.calls[len(route_syncs):]:
+        failures.append(f"host syncs inside the layers: {syncs.calls[len(route_syncs):]}")
+    if not route_syncs:
+        failures.append("building the route made no host sync (the counter sees nothing?)")
+    return route_syncs
 
 
 def main() -> None:
@@ -84,13 +110,15 @@ def main() -> None:
         grad = param.grad.clone()
         dist.all_reduce(grad, group=dp_groups[tp_rank])  # what DDP/ZeRO does for replicated parameters
         check(f"grad {name}", grad / dp_size, dict(full.named_parameters())[name].grad)
+    route_syncs = check_routes_are_shared_and_layers_never_sync(sharded, full, plan, state, ids[span],
+                                                                x_local.detach(), failures)
     stored = backend.local.keys.shape[0]
     expected = int(plan.rows_per_shard()[shard])
     if stored != expected:
         failures.append(f"stores {stored} rows, plan says {expected}")
     report = {"rank": rank, "rows_stored": stored, "rows_total": int(rows.sum()),
               "rows_max_over_mean": float(plan.rows_per_shard().max() / plan.rows_per_shard().mean()),
-              "failures": failures}
+              "route_host_syncs": route_syncs, "failures": failures}
     (Path(sys.argv[3]) / f"rank{rank}.json").write_text(json.dumps(report))
     finish_worker(1 if failures else 0)
 
