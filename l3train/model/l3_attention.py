@@ -235,10 +235,15 @@ class _SortedRowAttention(torch.autograd.Function):
             grad_scores = probs * (grad_probs - row_dot[..., None])
             grad_x.index_copy_(0, chunk.valid_positions,
                                _valid(torch.bmm(grad_scores, key_blocks), chunk.valid_slots).to(x.dtype))
-            grad_keys.index_add_(0, chunk.valid_rows, _valid(
-                torch.bmm(grad_scores.transpose(1, 2), x_blocks), chunk.valid_row_slots))
-            grad_values.index_add_(0, chunk.valid_rows, _valid(
-                torch.bmm(probs.transpose(1, 2), grad_blocks), chunk.valid_row_slots))
+            # dK = dSᵀ·X and dV = Pᵀ·dA; for tied tables their sum, added to the rows once.
+            grad_key_rows = torch.bmm(grad_scores.transpose(1, 2), x_blocks)
+            grad_value_rows = torch.bmm(probs.transpose(1, 2), grad_blocks)
+            if tied:
+                grad_keys.index_add_(0, chunk.valid_rows, _valid(grad_key_rows.add_(grad_value_rows),
+                                                                 chunk.valid_row_slots))
+            else:
+                grad_keys.index_add_(0, chunk.valid_rows, _valid(grad_key_rows, chunk.valid_row_slots))
+                grad_values.index_add_(0, chunk.valid_rows, _valid(grad_value_rows, chunk.valid_row_slots))
         return grad_x, grad_keys.to(keys.dtype), None if tied else grad_values.to(values.dtype), None
 
 
