@@ -27,9 +27,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l3train.config import Config, L3Config, ModelConfig, MoEConfig
 from l3train.errors import L3TrainError
+
+if TYPE_CHECKING:
+    from l3train.allocation.allocation import Allocation
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,16 @@ def l3_figures(cfg: Config, rows: int | None, mean_rows: float | None) -> tuple[
         if not 1 <= mean_rows <= rows:
             raise L3TrainError(f"--mean-rows must be in [1, --rows={rows}], got {mean_rows}")
         return rows, mean_rows
+    allocation = config_allocation(cfg, "pass --rows and --mean-rows to plan without it")
+    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
+
+
+def config_allocation(cfg: Config, without_it: str) -> Allocation:
+    """The allocation `l3.allocation` names, checked against the model's vocabulary; a missing
+    file is a one-line error ending in `without_it` (how the CLI can do without it)."""
     from l3train.allocation.allocation import Allocation
 
     if not Path(cfg.l3.allocation).exists():
         raise L3TrainError(f"l3.allocation {cfg.l3.allocation} not found; build it with tools/lzw_allocate.py "
-                           f"or pass --rows and --mean-rows to plan without it")
-    allocation = Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size)
-    return int(allocation.rows_per_token.sum()), allocation.mean_rows_per_token_occurrence()
+                           f"or {without_it}")
+    return Allocation.load(cfg.l3.allocation, expect_vocab_size=cfg.model.vocab_size)

@@ -51,6 +51,10 @@ from l3train.config import Config, WorldLayout
 from l3train.errors import L3TrainError
 
 PINNED_VERSION = "0.19.8"
+# Elements of DeepSpeed's gradient reduction buckets: ZeRO's `reduce_bucket_size` (set below,
+# DeepSpeed's default) and the engine's own all-reduce bucket at ZeRO-0. Each is a flat buffer
+# of this many gradient elements (l3train.sizing.memory counts it in a rank's memory).
+GRADIENT_BUCKET_ELEMENTS = 500_000_000
 
 
 def engine_config(cfg: Config, layout: WorldLayout) -> dict:
@@ -63,7 +67,7 @@ def engine_config(cfg: Config, layout: WorldLayout) -> dict:
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         # Explicit: DeepSpeed's default would silently clip at 1.0.
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": GRADIENT_BUCKET_ELEMENTS},
         "bf16": {"enabled": bf16},
         **(gradient_data_types(cfg.parallel.zero_stage) if bf16 else {}),
         "zero_allow_untested_optimizer": True,

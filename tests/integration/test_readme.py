@@ -181,6 +181,16 @@ def report_lists(output_dir: str, *runs: str) -> Callable[["Workspace", Result],
     return check
 
 
+def rows_in_readme(prefix: str) -> Callable[["Workspace", Result], None]:
+    """The command's table rows starting with `prefix` are in README.md as printed."""
+    def check(ws: "Workspace", result: Result) -> None:
+        rows = [line for line in result.stdout.splitlines() if line.startswith(prefix)]
+        readme = (ws.root / "README.md").read_text()
+        missing = [row for row in rows if row not in readme]
+        assert rows and not missing, "README.md lacks these rows of the command's table:\n" + "\n".join(missing)
+    return check
+
+
 def gpu_bench_outcome(ws: "Workspace", result: Result) -> None:
     """Without CUDA the GPU benchmark must say so in its one-line error (exit status 2)."""
     import torch
@@ -331,6 +341,15 @@ REGISTRY: dict[str, Step] = {
     ".venv/bin/python tools/report.py runs/tiny_dense runs/tiny_l3 runs/tiny_moe runs/tiny_l3_moe --output reports/tiny":
         Step(creates=("reports/tiny/report.md",), prints=("report of 4 run(s)",),
              check=report_lists("reports/tiny", "tiny_dense", "tiny_l3", "tiny_moe", "tiny_l3_moe")),
+    # Memory planning: the paper tables are the README's, row for row.
+    ".venv/bin/python tools/memory_plan.py --config configs/tiny_l3.yaml --nodes 1 --gpus-per-node 4": Step(
+        prints=("| tiny_l3 | 1×4 | 1×4 | 1, fp32 |",)),
+    ".venv/bin/python tools/memory_plan.py --config configs/paper_800m_l3.yaml --config configs/paper_1p5b_l3.yaml "
+    "--config configs/paper_2p6b_l3.yaml --nodes 1 --nodes 4 --gpus-per-node 8 --rows 710000": Step(
+        check=rows_in_readme("| paper_")),
+    ".venv/bin/python tools/memory_plan.py --config configs/paper_2p6b_l3.yaml --config configs/paper_2p6b_dense.yaml "
+    "--config configs/paper_2p6b_moe.yaml --nodes 1 --gpus-per-node 8 --rows 710000 training.recompute=blocks": Step(
+        check=rows_in_readme("| paper_")),
     # Conversion: the quick start's L³ run and the dense baseline above.
     ".venv/bin/python tools/convert_checkpoint.py consolidate runs/tiny_l3 --output ckpt/tiny_l3": Step(
         creates=("ckpt/tiny_l3/model.safetensors", "ckpt/tiny_l3/manifest.json"),
