@@ -23,8 +23,9 @@ this rank serves. A layer's forward then only moves x and the results.
 
 Bytes per layer and step, for N positions per replica, fp32, d_in/d_emb widths:
 TP all-reduce of N·d_emb floats (ring: ~2·N·d_emb·4 bytes per rank), and per rank an
-all-to-all of ≈(N/TP)·(d_in·4 + 8) bytes out and (N/TP)·d_emb·4 bytes back (a fraction
-(DP-1)/DP of it leaves the rank), doubled in backward. Replicating the rows instead would
+all-to-all of ≈(N/TP)·d_in·4 bytes out and (N/TP)·(d_emb + 1)·4 bytes back (outputs and
+entropies packed; a fraction (DP-1)/DP of it leaves the rank), doubled in backward; plus,
+once per micro-batch for all layers, the split sizes and (N/TP)·8 bytes of token ids. Replicating the rows instead would
 cost every rank v·(d_in [+ d_emb]) parameters plus their gradient and 2 Adam moments
 (16 bytes per fp32 element), and a DP all-reduce of the whole table's gradient every
 step. Example, the paper's layer (v = 710K rows, tied, d = 2048) with N = 8K positions
@@ -164,8 +165,11 @@ class ShardedRowTable(nn.Module):
         remote_x = exchange(x[route.positions], route.send_counts, route.recv_counts, group.dp_group)
         # In the tables' dtype (see the module docstring: fp32 row gradients under bf16).
         remote_out, remote_entropy = attend(remote_x.to(keys.dtype), keys, values, route.plan)
-        local_out = exchange(remote_out.to(x.dtype), route.recv_counts, route.send_counts, group.dp_group)
-        local_entropy = exchange(remote_entropy, route.recv_counts, route.send_counts, group.dp_group)
+        # Outputs and entropies travel back in one all-to-all (the entropy, for monitoring only,
+        # in x's dtype: rounded to bf16 under bf16).
+        packed = torch.cat([remote_out.to(x.dtype), remote_entropy.to(x.dtype)[:, None]], dim=1)
+        local = exchange(packed, route.recv_counts, route.send_counts, group.dp_group)
+        local_out, local_entropy = local[:, :-1], local[:, -1].to(remote_entropy.dtype)
         out = x.new_zeros(x.shape[0], values.shape[1]).index_copy(0, route.positions, local_out)
         entropy = local_entropy.new_zeros(x.shape[0]).index_copy(0, route.positions, local_entropy)
         if group.tp_size > 1:
