@@ -314,11 +314,23 @@ class WorldLayout:
     gradient_accumulation_steps: int
     rows_sharded: bool  # L³ rows partitioned over the TP×DP ranks
     experts_split: bool  # MoE experts partitioned over the EP groups
+    zero_stage: int  # the ZeRO stage DeepSpeed runs (see `effective_zero_stage`)
 
     @property
     def rank_local_parameters(self) -> bool:
         """Some parameters live outside DeepSpeed, on one rank each."""
         return self.rows_sharded or self.experts_split
+
+
+def effective_zero_stage(cfg: Config, data_parallel: int) -> int:
+    """`parallel.zero_stage`, except 0 for fp32 with one data-parallel rank: ZeRO partitions
+    over the data-parallel ranks, so over one it partitions nothing, and its flat buffers,
+    copies and checks cost a full pass over every parameter several times a step (the
+    L³ tables' millions of rows the most). bf16 keeps its stage: DeepSpeed's ZeRO-0 bf16
+    optimizer would accumulate gradients in bf16."""
+    if data_parallel == 1 and cfg.training.precision == "fp32":
+        return 0
+    return cfg.parallel.zero_stage
 
 
 def validate_for_world(cfg: Config, world_size: int) -> WorldLayout:
@@ -345,7 +357,7 @@ def validate_for_world(cfg: Config, world_size: int) -> WorldLayout:
                            f"({tr.global_batch_size} / {dp} ranks = {per_rank}); set it to a divisor of {per_rank}")
     layout = WorldLayout(world_size, tp, dp, ep, micro, per_rank // micro,
                          rows_sharded=bool(cfg.l3.after_blocks) and cfg.parallel.shard_l3_rows and world_size > 1,
-                         experts_split=ep > 1)
+                         experts_split=ep > 1, zero_stage=effective_zero_stage(cfg, dp))
     if layout.rank_local_parameters and tr.precision == "bf16" and cfg.parallel.zero_stage < 2:
         raise L3TrainError(f"sharded L³ rows or experts in bf16 need parallel.zero_stage 2 or 3 (got "
                            f"{cfg.parallel.zero_stage}), or parallel.shard_l3_rows=false and moe.expert_parallel=1")

@@ -7,13 +7,15 @@
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
    2 ranks, from `training.profile_steps`: the next optimisation target.
 3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
-   paper's loop on ≥ 5M tokens, and sorted ÷ padded L³ forward+backward, time and peak memory.
+   paper's loop on ≥ 5M tokens; sorted ÷ padded L³ forward+backward, time and peak memory,
+   and the sorted path's useful FLOP/s ÷ a dense matmul's; preprocessing tokens/s.
 
 Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
 default docs/benchmarks.md). The defaults use the quick start's data and configs:
 
     python tools/bench.py                                   # ~15 min on 2 cores
     python tools/bench.py --repeats 1 --steps 12 --skip-core  # a quick look
+    python tools/bench.py --ranks 1 --skip-core parallel.zero_stage=0 --output /tmp/zero0.md
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from l3train.utils.atomic import atomic_write_text
 
 L3, DENSE, MOE = "configs/tiny_l3.yaml", "configs/tiny_dense.yaml", "configs/tiny_moe.yaml"
 DATA_PREFIX = "data/indexed/stdlib_docstrings_text_document"
+CORPUS, TOKENIZER = "data/corpus/stdlib_docstrings.jsonl", "data/tokenizer/spm_bpe_2048.model"
 
 
 def core_lines(args: argparse.Namespace) -> list[str]:
     from l3train.allocation import fast_lzw_counts, lzw_allocation
-    from l3train.benchmarks.core import bench_attention, bench_lzw, load_documents
+    from l3train.benchmarks.core import bench_attention, bench_lzw, bench_preprocessing, load_documents
 
     lines: list[str] = []
     tokens, offsets = load_documents(args.data_prefix, 5_000_000)
@@ -45,6 +48,7 @@ def core_lines(args: argparse.Namespace) -> list[str]:
     bench_attention(rows, tokens[:4096].copy(), 128, 3, log=lines.append)
     uniform = np.full(2048, 32, dtype=np.int64)
     bench_attention(uniform, tokens[:4096].copy(), 128, 3, log=lines.append)
+    bench_preprocessing(CORPUS, TOKENIZER, log=lines.append)
     return lines
 
 
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="markdown report")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for every model, e.g. parallel.zero_stage=0")
     args = parser.parse_args(argv)
     if args.steps <= 4 or args.repeats < 1:
         raise L3TrainError(f"--steps must be > 4 (3 are warm-up) and --repeats >= 1, got {args.steps}, {args.repeats}")
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]
     for nproc in args.ranks:
         print(f"training throughput on {nproc} rank(s), {args.repeats} interleaved repetitions")
-        l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.repeats, [])
+        l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.repeats,
+                                             args.overrides)
         ratios = {"l3_over_dense": [a / b for a, b in zip(l3.tokens_per_s, dense.tokens_per_s)],
                   "l3_over_moe": [a / b for a, b in zip(l3.tokens_per_s, moe.tokens_per_s)]}
         figures["training"][nproc] = {"l3": l3.tokens_per_s, "dense": dense.tokens_per_s, "moe": moe.tokens_per_s,
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{dense_ratio:.2f}× | {moe_ratio:.2f}× |")
         print(table[-1])
     nproc = max(args.ranks)
-    phases = profile_phases(args.l3, nproc, args.steps, [])
+    phases = profile_phases(args.l3, nproc, args.steps, args.overrides)
     figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
     phase_line = ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())
     print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}")
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "interleaved (A B C A B C ...), each figure the median over repetitions of the median tokens/s",
         "after 3 warm-up steps. Ratios are medians of the per-repetition ratios.", "",
         f"Machine: {figures['machine']}.", f"Settings: {args.steps} steps per run, {args.repeats} repetitions; "
-        f"models {args.l3}, {args.dense}, {args.moe}.", "",
+        f"models {args.l3}, {args.dense}, {args.moe}"
+        + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",
         "## Training throughput", "", *table, "",
         f"## L³ step time per phase ({nproc} rank(s), rank 0, host ms per step, profiled)", "",
         "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from l3train.allocation.lzw import fast_lzw_counts, reference_lzw_counts
-from l3train.data.indexed import IndexedDocuments
+from l3train.data.indexed import IndexedDocuments, preprocess
 
 Result = TypeVar("Result")
 
@@ -93,6 +94,32 @@ def _attention_child(variant: str, rows: np.ndarray, ids: np.ndarray, d_model: i
     queue.put((min(times), max(0, resident_kb("VmHWM") - baseline_kb) / 1024))
 
 
+def _matmul_child(d_model: int, repeats: int, queue: mp.Queue) -> None:
+    """In a fresh process: the best FLOP/s of a dense (4096 × d) @ (d × 4096) matmul, 1 thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(4096, d_model), torch.randn(d_model, 4096)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    queue.put(2 * 4096 * d_model * 4096 / min(times))
+
+
+def _in_child(target: Callable, *args) -> Any:
+    """`target(*args, queue)` in a fresh spawned process; what it puts on the queue."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
 def resident_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -104,14 +131,9 @@ def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: in
                     log: Callable[[str], None] = print) -> None:
     """Forward+backward of the sorted and padded row attention (tied keys/values, 1 thread)
     at allocation `rows` over the positions `ids`."""
-    context = mp.get_context("spawn")
-    results = {}
-    for variant in ("sorted", "padded"):
-        queue = context.Queue()
-        child = context.Process(target=_attention_child, args=(variant, rows, ids, d_model, repeats, queue))
-        child.start()
-        results[variant] = queue.get()
-        child.join()
+    results = {variant: _in_child(_attention_child, variant, rows, ids, d_model, repeats)
+               for variant in ("sorted", "padded")}
+    matmul_flops = _in_child(_matmul_child, d_model, repeats)
     batch_rows = rows[ids]
     log(f"L³ fwd+bwd: {len(ids):,} positions ({len(np.unique(ids)):,} unique ids), d={d_model}, tied, "
         f"v={rows.sum():,}, k={rows.max()}, mean d_t over positions {batch_rows.mean():.1f}, "
@@ -120,6 +142,20 @@ def bench_attention(rows: np.ndarray, ids: np.ndarray, d_model: int, repeats: in
     for variant, (seconds, megabytes) in results.items():
         log(f"  {variant:<7} {seconds * 1e3:9.1f} ms ({seconds / sorted_s:6.2f}x sorted)   "
             f"peak +{megabytes:8.1f} MB ({megabytes / max(sorted_mb, 1e-9):6.2f}x sorted)")
+    # Useful FLOPs of forward + backward: 3 × forward's 2·Σ_p d_t·(d_in + d_emb) (tied: 2d).
+    sorted_flops = 3 * 2 * batch_rows.sum() * 2 * d_model / sorted_s
+    log(f"  sorted achieves {sorted_flops / 1e9:.2f} GFLOP/s (useful), {sorted_flops / matmul_flops:.2f}x a "
+        f"dense 4096 x {d_model} x 4096 matmul's {matmul_flops / 1e9:.1f} GFLOP/s in this run")
+
+
+def bench_preprocessing(corpus: str, tokenizer: str, log: Callable[[str], None] = print) -> None:
+    """Tokenizing `corpus` into .bin/.idx (tools/preprocess_data.py's library call), 1 and 2 workers."""
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
+            stats = preprocess(corpus, Path(scratch) / "corpus", tokenizer, workers=workers, progress=False,
+                               log=lambda _line: None)
+        log(f"preprocessing {stats.documents:,} documents, {stats.tokens:,} tokens with {workers} worker(s): "
+            f"{stats.tokens / stats.seconds / 1e3:,.0f}K tokens/s")
 
 
 def machine() -> str:

@@ -68,12 +68,12 @@ def latest_tag(root: Path) -> str | None:
     return tag
 
 
-def run_identity(layout: WorldLayout, zero_stage: int, rows_per_token: np.ndarray | None,
-                 plan: ShardPlan | None) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it, besides its config."""
+def run_identity(layout: WorldLayout, rows_per_token: np.ndarray | None, plan: ShardPlan | None) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it, besides its config (the ZeRO
+    stage is the one DeepSpeed runs, `layout.zero_stage`: it decides the files' layout)."""
     return {"world": {"world_size": layout.world_size, "tensor_parallel": layout.tensor_parallel,
                       "data_parallel": layout.data_parallel, "expert_parallel": layout.expert_parallel,
-                      "zero_stage": zero_stage, "rows_sharded": layout.rows_sharded,
+                      "zero_stage": layout.zero_stage, "rows_sharded": layout.rows_sharded,
                       "experts_split": layout.experts_split},
             "allocation_hash": None if rows_per_token is None else allocation_hash(rows_per_token),
             "shard_ownership_hash": None if plan is None else plan.ownership_hash}
@@ -179,6 +179,10 @@ def _check_identity(saved: dict[str, Any], current: dict[str, Any], directory: P
         raise L3TrainError(f"{prefix}: its experts were split with moe.expert_parallel={was['expert_parallel']} "
                            f"over {was['world_size']} ranks, this run has {now['expert_parallel']} over "
                            f"{now['world_size']}; resume with the same ranks {hint}")
+    if was["zero_stage"] != now["zero_stage"]:
+        raise L3TrainError(f"{prefix}: it was written by DeepSpeed at ZeRO-{was['zero_stage']}, this run runs "
+                           f"ZeRO-{now['zero_stage']} (fp32 with one data-parallel rank runs ZeRO-0); resume "
+                           f"with the same ranks and parallel.zero_stage {hint}")
     if now["zero_stage"] > 0 and was["data_parallel"] != now["data_parallel"]:
         raise L3TrainError(f"{prefix}: its ZeRO-{now['zero_stage']} optimizer state is partitioned over "
                            f"{was['data_parallel']} data-parallel ranks, this run has {now['data_parallel']}; "

@@ -123,7 +123,7 @@ def plan_memory(cfg: Config, name: str, nodes: int, gpus_per_node: int, rows: in
         raise L3TrainError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
     layout = validate_for_world(cfg, nodes * gpus_per_node)
     elements = rank_elements(cfg, layout, rows)
-    stage, precision = cfg.parallel.zero_stage, cfg.training.precision
+    stage, precision = layout.zero_stage, cfg.training.precision
     return MemoryPlan(name, nodes, gpus_per_node, layout, stage, precision, cfg.training.recompute,
                       cfg.data.seq_length, device,
                       deepspeed_holding(elements.deepspeed, stage, precision, layout.data_parallel),

@@ -67,9 +67,9 @@ def engine_config(cfg: Config, layout: WorldLayout) -> dict:
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         # Explicit: DeepSpeed's default would silently clip at 1.0.
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": GRADIENT_BUCKET_ELEMENTS},
+        "zero_optimization": {"stage": layout.zero_stage, "reduce_bucket_size": GRADIENT_BUCKET_ELEMENTS},
         "bf16": {"enabled": bf16},
-        **(gradient_data_types(cfg.parallel.zero_stage) if bf16 else {}),
+        **(gradient_data_types(layout.zero_stage) if bf16 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

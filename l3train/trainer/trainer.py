@@ -90,7 +90,7 @@ class Trainer:
         tr = cfg.training
         # One epoch of training samples, not steps × batch: see l3train.data.dataset.
         self.train_ds, self.valid_ds = build_datasets(cfg.data, tr.seed, tr.eval_batches * tr.global_batch_size)
-        self.identity = run_identity(self.layout, cfg.parallel.zero_stage,
+        self.identity = run_identity(self.layout,
                                      allocation.rows_per_token if allocation else None,
                                      self.parts.rows.plan if self.parts.rows else None)
         self.optimizer = build_optimizer(self.parts.model, cfg)  # DeepSpeed steps this very object
@@ -132,7 +132,10 @@ class Trainer:
         per_rank = " per rank" if layout.tensor_parallel > 1 or parts.rank_local else ""
         start = (f"resuming at step {self.step}" if self.step else
                  f"starting from the weights of {self.init_from.directory}" if self.init_from else "starting from scratch")
-        return (f"{layout.world_size} rank(s){where} on {self.world.device.type}, ZeRO-{cfg.parallel.zero_stage}, "
+        zero = f"ZeRO-{layout.zero_stage}" + (f" (parallel.zero_stage={cfg.parallel.zero_stage} partitions nothing "
+                                               f"over one data-parallel rank)"
+                                               if layout.zero_stage != cfg.parallel.zero_stage else "")
+        return (f"{layout.world_size} rank(s){where} on {self.world.device.type}, {zero}, "
                 f"{cfg.training.precision}, {params / 1e6:.2f}M parameters{per_rank}, {start}; "
                 f"micro-batch {layout.micro_batch_size} × {layout.gradient_accumulation_steps} accumulation "
                 f"step(s) per rank; run dir {cfg.run_dir}")

@@ -16,7 +16,8 @@ themselves, by storage (a tensor's views and shared storages count once), on eve
   ends (ZeRO-1 keeps them whole until it reduces them) and, at the boundary, what DeepSpeed
   keeps after reducing them (ZeRO-2: its fp32 partition) with any left on the parameters;
 - DeepSpeed's gradient bucket: the rest when backward ends (ZeRO-2's parameters' gradients
-  are views of it);
+  are views of it), or at ZeRO-0 the flat copy the engine all-reduces (`allreduce_bucket`,
+  made and freed inside the reduction);
 - activations: how much the process's heap grows over one forward pass and loss of a
   micro-batch (glibc's count of bytes malloc has handed out, from every thread: torch's
   profiler misses what communication threads free), which is what autograd keeps for
@@ -44,8 +45,9 @@ import torch
 from training_harness import REPO, finish_worker, free_port, tiny_l3_config, trainer_env, write_config
 
 TOLERANCE = 0.15
-# (ranks, overrides): fp32 ZeRO-1 with the rows in DeepSpeed; the paper's bf16 ZeRO-2 with
-# sharded rows; TP=2 × DP=2 at ZeRO-1. Each with another recomputation mode.
+# (ranks, overrides): fp32 with the rows in DeepSpeed (ZeRO-1 asked for, ZeRO-0 run: one
+# data-parallel rank); the paper's bf16 ZeRO-2 with sharded rows; TP=2 × DP=2 at ZeRO-1.
+# Each with another recomputation mode.
 RUNS = {
     1: ["parallel.zero_stage=1", "training.recompute=none"],
     2: ["parallel.zero_stage=2", "training.precision=bf16", "training.recompute=blocks"],
@@ -191,6 +193,11 @@ def _worker(config: str, report: str, *overrides: str) -> None:
     trainer.build()
     censuses = {}
     clip, reduce = trainer._grad_norm_and_clip, trainer.engine.allreduce_gradients
+    flatten_and_reduce, flat_bytes = trainer.engine.allreduce_bucket, [0]
+
+    def measured_allreduce_bucket(bucket, *args, **kwargs):
+        flat_bytes[0] = max(flat_bytes[0], sum(t.numel() * t.element_size() for t in bucket))
+        return flatten_and_reduce(bucket, *args, **kwargs)
 
     def census_then_clip():
         censuses["boundary"] = _census(trainer)
@@ -202,6 +209,7 @@ def _worker(config: str, report: str, *overrides: str) -> None:
 
     trainer.train_step(trainer.batch(trainer.step))  # the optimizer's state exists from here on
     trainer._grad_norm_and_clip, trainer.engine.allreduce_gradients = census_then_clip, census_then_reduce
+    trainer.engine.allreduce_bucket = measured_allreduce_bucket
     trainer.train_step(trainer.batch(trainer.step))
     total = {when: {kind: sum(sizes.values()) for kind, sizes in kinds.items()} for when, kinds in censuses.items()}
     at_boundary, in_backward = total["boundary"], total["backward"]
@@ -209,7 +217,7 @@ def _worker(config: str, report: str, *overrides: str) -> None:
                                                      "rows_optimizer")}
     measured["gradients"] = max(in_backward["parameter_gradients"],
                                 at_boundary["rest"] + at_boundary["parameter_gradients"])
-    measured["bucket"] = in_backward["rest"]
+    measured["bucket"] = max(in_backward["rest"], flat_bytes[0])
     measured["activations"] = _forward_bytes(trainer)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, measured)

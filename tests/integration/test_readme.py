@@ -327,7 +327,8 @@ REGISTRY: dict[str, Step] = {
         append=short(3, run_dir="runs/readme_1proc", extend=True), creates=(ckpt("runs/readme_1proc", 3),),
         prints=("resuming at step 2",)),
     ".venv/bin/python -m l3train.train --config configs/tiny_l3.yaml training.steps=1000 parallel.zero_stage=2": Step(
-        append=short(run_dir="runs/readme_zero2"), creates=(ckpt("runs/readme_zero2", 2),), prints=("ZeRO-2",)),
+        append=short(run_dir="runs/readme_zero2"), creates=(ckpt("runs/readme_zero2", 2),),
+        prints=("ZeRO-0 (parallel.zero_stage=2 partitions nothing over one data-parallel rank)",)),
     # Sizing and the tiny family's report.
     ".venv/bin/python tools/size_configs.py --config configs/paper_800m_l3.yaml --rows 710000 --mean-rows 300 "
     "--output-dense d.yaml --output-moe m.yaml": Step(

@@ -108,3 +108,20 @@ def test_every_free_key_exists_and_new_keys_default_to_trajectory():
     trajectory = {key for key in keys if not is_fixed(key) and key not in FREE_KEYS}
     assert {"training.seed", "training.global_batch_size", "training.micro_batch_size", "data.prefixes",
             "data.weights", "optimizer.lr", "optimizer.warmup_steps", "training.steps"} <= trajectory
+
+
+def test_resume_refuses_a_checkpoint_of_another_zero_stage_or_data_parallel_size(tmp_path):
+    """DeepSpeed's files depend on the stage it ran (fp32 at one data-parallel rank runs ZeRO-0
+    whatever the config asks) and, from ZeRO-1 on, on the number of data-parallel ranks."""
+    from l3train.checkpoint.store import _check_identity, run_identity
+    from l3train.config import config_from_dict, validate_for_world
+
+    def identity(ranks: int, *overrides: str) -> dict:
+        return run_identity(validate_for_world(config_from_dict({}, list(overrides)), ranks), None, None)
+
+    one_rank, two_ranks = identity(1, "parallel.zero_stage=1"), identity(2, "parallel.zero_stage=1")
+    _check_identity(one_rank, identity(1, "parallel.zero_stage=1"), tmp_path)
+    with pytest.raises(L3TrainError, match="written by DeepSpeed at ZeRO-0, this run runs ZeRO-1"):
+        _check_identity(one_rank, two_ranks, tmp_path)
+    with pytest.raises(L3TrainError, match="partitioned over 2 data-parallel ranks, this run has 4"):
+        _check_identity(two_ranks, identity(4, "parallel.zero_stage=1"), tmp_path)

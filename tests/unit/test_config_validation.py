@@ -55,6 +55,19 @@ def test_rank_local_tensors_in_bf16_need_zero_2_or_3():
     validate_for_world(config_from_dict({}, [*l3, "parallel.zero_stage=1"]), 2)  # fp32: any stage
 
 
+@pytest.mark.parametrize("overrides,ranks,stage", [
+    (["parallel.zero_stage=1"], 1, 0),  # fp32, one data-parallel rank: nothing to partition
+    (["parallel.zero_stage=3", "parallel.tensor_parallel=2"], 2, 0),  # TP=2 × DP=1
+    (["parallel.zero_stage=1"], 2, 1),
+    (["parallel.zero_stage=2", "training.precision=bf16"], 1, 2),  # bf16 keeps its stage (fp32 accumulation)
+])
+def test_zero_stage_run_is_0_for_fp32_with_one_data_parallel_rank(overrides, ranks, stage):
+    from l3train.config import validate_for_world
+
+    assert validate_for_world(config_from_dict({}, ["model.n_heads=4", "model.n_kv_heads=2", *overrides]),
+                              ranks).zero_stage == stage
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
