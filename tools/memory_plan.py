@@ -6,7 +6,7 @@ optimizer state DeepSpeed manages (ZeRO stage and precision from the config, or 
 the sharded L³ rows with their gradients and AdamW state (the fullest shard), DeepSpeed's
 gradient bucket, and the activations of one micro-batch (`training.recompute` counted,
 with the kernels of --device); then whether the total fits --device-memory with a 10% margin. The arithmetic and what
-each figure covers are in l3train/sizing/memory.py; tests/integration/test_memory_plan.py
+each figure covers are in l3train/sizing/memory.py; tests/integration/test_memory_plan_against_training.py
 checks it against what tiny runs hold at 1, 2 and 4 ranks.
 
 The L³ row count comes from the config's allocation (and its shard plan); to plan before

@@ -240,7 +240,7 @@ def activation_estimate(cfg: Config, layout: WorldLayout, device: str = "cuda") 
     summed over the blocks for B·S positions (`stored`). `training.recompute` keeps only each
     recomputed block's input, a·d/P per position, and backward rebuilds one recomputed block
     at a time (`recomputed`: the largest). The CPU terms are measured by
-    tests/unit/test_memory_plan.py and tests/integration/test_memory_plan.py; the CUDA ones
+    tests/unit/test_memory_plan.py and tests/integration/test_memory_plan_against_training.py; the CUDA ones
     follow from the kernels' saved tensors (not measured here). Not counted: the lookups'
     routes (index plans built once per micro-batch, ~0.2 KB per position in those tests,
     against ~100 KB per position of one decoder block at the paper's widths).
