@@ -22,6 +22,7 @@ unrelated rule. A budget above V*k is impossible under the cap and is refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,12 @@ FORMAT_NAME = "l3train-allocation"
 FORMAT_VERSION = 1
 MODES = ("lzw", "lzw-reference", "uniform", "frequency")
 _REBUILD_HINT = "rebuild it with tools/lzw_allocate.py"
+
+
+def allocation_hash(rows_per_token: np.ndarray) -> str:
+    """Identity of an allocation d_t: the first 16 hex digits of the sha256 of its int64 rows."""
+    rows = np.ascontiguousarray(np.asarray(rows_per_token, dtype="<i8"))
+    return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
 
 
 def check_budget(vocab_size: int, budget_v: int, cap_k: int) -> None:

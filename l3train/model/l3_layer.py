@@ -27,7 +27,6 @@ parallel step creates each rank's rows directly (l3train.parallel.sharded_l3).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Protocol
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from l3train.allocation.allocation import allocation_hash
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.norms import make_norm
 from l3train.model.roles import ParamRole
@@ -164,7 +164,7 @@ class LargeLookupLayer(nn.Module):
         num_rows = int(np.asarray(rows_per_token).sum())  # not from `bounds`: it may be on the meta device
         # Layers with the same allocation share routes (`LookupRoutes`); a checkpoint's allocation
         # is checked against the config's by hash before it is loaded into `bounds`.
-        self.allocation_fingerprint = hashlib.sha1(np.asarray(rows_per_token, dtype=np.int64).tobytes()).hexdigest()
+        self.allocation_fingerprint = allocation_hash(np.asarray(rows_per_token))
         self.tied_kv = tied_kv
         self.rows_width = (d_in, d_emb)  # of the key and the value table
         self.rows: RowBackend = LocalRowTable(num_rows, d_in, d_emb, tied_kv)

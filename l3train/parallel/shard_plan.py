@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from l3train.allocation.allocation import allocation_hash
 from l3train.errors import L3TrainError
 from l3train.utils.npz import load_npz, save_npz
 
@@ -72,12 +73,6 @@ FORMAT_NAME = "l3train-shard-plan"
 FORMAT_VERSION = 1
 METHODS = ("lpt", "contiguous")
 _REBUILD_HINT = "rebuild it with tools/shard_plan.py"
-
-
-def allocation_hash(rows_per_token: np.ndarray) -> str:
-    """Identity of an allocation d_t: the first 16 hex digits of the sha256 of its int64 rows."""
-    rows = np.ascontiguousarray(np.asarray(rows_per_token, dtype="<i8"))
-    return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
 
 
 def max_over_mean(loads: np.ndarray) -> float:
