@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from l3train.config import load_config
-from l3train.distributed import EXIT_RANK_LOST, is_collective_failure, lost_ranks
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 
 
@@ -46,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.exit_after_steps < 0:
         raise L3TrainError(f"--exit-after-steps must be >= 0, got {args.exit_after_steps}")
-    from l3train.trainer.trainer import Trainer
-
     if args.allow_config_change and not args.resume:
         raise L3TrainError("--allow-config-change only applies with --resume")
+    # torch, DeepSpeed and megatron-core load only now (seconds): a mistyped key or flag above
+    # is reported at once.
+    import torch
+
+    from l3train.distributed import EXIT_RANK_LOST, is_collective_failure, lost_ranks
+    from l3train.trainer.trainer import Trainer
+
     trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps,
                       allow_config_change=args.allow_config_change, init_from=args.init_from)
     try:

@@ -159,7 +159,7 @@ class TrainingCheckpoint:
         return torch.cat(parts, dim=0)
 
     def _merge_tensor_parallel(self, name: str, per_tp_rank: list[dict[str, Tensor]]) -> Tensor:
-        from l3train.parallel.tensor_parallel import tensor_parallel_dim
+        from l3train.parallel.tp_dims import tensor_parallel_dim
 
         if any(name not in tensors for tensors in per_tp_rank):
             raise L3TrainError(f"{self.directory} lacks {name}; it was written for another model than its "

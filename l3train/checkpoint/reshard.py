@@ -103,7 +103,7 @@ def _local_slice(full: torch.Tensor, dim: int | None, rank: int, size: int) -> t
 def restore_optimizer_state(trainer, consolidated: Consolidated) -> None:
     """Give every optimizer of `trainer` (built for the target layout from the consolidated
     weights) this rank's slice of the AdamW moments and the step count."""
-    from l3train.parallel.tensor_parallel import tensor_parallel_dim
+    from l3train.parallel.tp_dims import tensor_parallel_dim
     from l3train.trainer import deepspeed_adapter
 
     moments, parallel, parts = consolidated.moments(), trainer.parallel, trainer.parts

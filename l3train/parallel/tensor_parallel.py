@@ -66,7 +66,6 @@ softmax; set model.vocab_size to a multiple of TP instead, the tokenizer may be 
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 from megatron.core import ModelParallelConfig
@@ -216,21 +215,6 @@ def parallelize_tensor(model: DecoderLM, state: ParallelState, sequence_parallel
             if not getattr(param, "tensor_model_parallel", False):
                 param.register_hook(functools.partial(_sum_over_group, state.tp_group))
     return model
-
-
-_TP_DIM_PATTERNS = [
-    (re.compile(r"(embedding|output)\.weight"), 0),  # vocabulary split
-    (re.compile(r"blocks\.\d+\.attention\.w[qkv]\.weight"), 0),  # column-parallel: heads split
-    (re.compile(r"blocks\.\d+\.feed_forward\.w[13]\.weight"), 0),  # column-parallel: hidden split
-    (re.compile(r"blocks\.\d+\.(attention\.wo|feed_forward\.w2)\.weight"), 1),  # row-parallel: input split
-]
-
-
-def tensor_parallel_dim(name: str) -> int | None:
-    """The dimension along which `parallelize_tensor` splits the plain model's tensor `name` over
-    the TP ranks, None for a replicated one: what checkpoint conversion merges and splits by
-    (tests check it against the `partition_dim` megatron records on a parallelized model)."""
-    return next((dim for pattern, dim in _TP_DIM_PATTERNS if pattern.fullmatch(name)), None)
 
 
 def vocab_parallel_token_losses(logits: Tensor, labels: Tensor) -> Tensor:

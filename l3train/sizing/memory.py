@@ -166,7 +166,7 @@ def rank_elements(cfg: Config, layout: WorldLayout, rows: int | None = None) -> 
     rows_per_token, shard_fraction = _table_rows(cfg, layout, rows)  # before the slow imports: it checks input
     from l3train.model.build import meta_model
     from l3train.model.roles import ParamRole, parameter_roles
-    from l3train.parallel.tensor_parallel import tensor_parallel_dim
+    from l3train.parallel.tp_dims import tensor_parallel_dim
 
     deepspeed = tables = experts = 0
     for name, param, role in parameter_roles(meta_model(cfg, rows_per_token)):

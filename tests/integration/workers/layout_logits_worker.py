@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from l3train.config import load_config
-from l3train.parallel.tensor_parallel import tensor_parallel_dim
+from l3train.parallel.tp_dims import tensor_parallel_dim
 from l3train.trainer import Trainer
 from training_harness import finish_worker
 
