@@ -16,18 +16,35 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  TORCH_REQ=${L3TRAIN_TORCH:-torch==2.13.0}
-  echo "[setup] installing $TORCH_REQ"
-  $PIP install "$TORCH_REQ"
+# What this script installs is a function of these files (and the torch requirement): when
+# they are unchanged since the last successful run and l3train still imports from this tree,
+# the second run only checks (below) instead of asking pip to resolve everything again.
+STAMP=$("$VENV/bin/python" -c 'import sys; print(sys.prefix)')/.l3train-setup
+WANT=$( { cat requirements.txt pyproject.toml; echo "${L3TRAIN_TORCH:-}"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ "$("$VENV/bin/python" -c \
+    'import os, l3train; print(os.path.dirname(os.path.dirname(os.path.abspath(l3train.__file__))))' \
+    2>/dev/null)" = "$(pwd -P)" ]; then
+  echo "[setup] requirements.txt and pyproject.toml unchanged since the last install: nothing to install"
+else
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    TORCH_REQ=${L3TRAIN_TORCH:-torch==2.13.0}
+    echo "[setup] installing $TORCH_REQ"
+    $PIP install "$TORCH_REQ"
+  fi
+  echo "[setup] installing requirements.txt and l3train (editable)"
+  $PIP install -r requirements.txt
+  $PIP install --no-deps --no-build-isolation -e .
+  [ -n "${PIP_DRY_RUN:-}" ] || echo "$WANT" > "$STAMP"
 fi
-echo "[setup] installing requirements.txt and l3train (editable)"
-$PIP install -r requirements.txt
-$PIP install --no-deps --no-build-isolation -e .
-DS_ACCELERATOR=${DS_ACCELERATOR:-$("$VENV/bin/python" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")} \
-  "$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" - <<'PY'
+import os
+
 import l3train  # noqa: F401  (silences megatron-core's apex/TE import warnings)
-import torch, deepspeed, megatron.core, sentencepiece, triton  # noqa: F401
+import torch
+
+# DeepSpeed picks its accelerator at import: the one torch can use, unless the caller chose.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed, megatron.core, sentencepiece, triton  # noqa: E401,F401,E402
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), "
       f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}")
 PY
