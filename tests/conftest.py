@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from session_cache import build_once, session_shared_dir
 
 # The suite tests the CPU paths, also on a GPU machine: GPUs are hidden from this process and
 # every subprocess before anything imports torch, so the trainers choose the CPU themselves
@@ -48,46 +49,110 @@ class TinyCorpus:
     data_prefix: str  # jsonl_path preprocessed: <data_prefix>.bin/.idx
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
+def _build_tiny_corpus(root: Path) -> None:
     from l3train.data.corpus import build_corpus
     from l3train.data.indexed import preprocess
     from l3train.data.tokenizer import iter_training_sentences, train_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny_corpus")
-    jsonl_path = root / "corpus.jsonl"
-    build_corpus(jsonl_path, max_mb=TINY_CORPUS_MB, progress=False)
-    documents = tuple(json.loads(line)["text"] for line in jsonl_path.read_text().splitlines())
-    text_path = root / "corpus.txt"
-    text_path.write_text("".join(doc.replace("\n", " ") + "\n" for doc in documents))
-    tokenizer = train_tokenizer(
-        iter_training_sentences(documents), root / "tokenizer", vocab_size=TINY_VOCAB
-    )
-    data_prefix = str(root / "corpus")
-    preprocess(jsonl_path, data_prefix, tokenizer.path, progress=False, log=lambda _: None)
+    build_corpus(root / "corpus.jsonl", max_mb=TINY_CORPUS_MB, progress=False)
+    documents = _documents(root / "corpus.jsonl")
+    (root / "corpus.txt").write_text("".join(doc.replace("\n", " ") + "\n" for doc in documents))
+    tokenizer = train_tokenizer(iter_training_sentences(documents), root / "tokenizer", vocab_size=TINY_VOCAB)
+    preprocess(root / "corpus.jsonl", str(root / "corpus"), tokenizer.path, progress=False, log=lambda _: None)
+
+
+def _documents(jsonl_path: Path) -> tuple[str, ...]:
+    return tuple(json.loads(line)["text"] for line in jsonl_path.read_text().splitlines())
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
+    from l3train.data.tokenizer import Tokenizer
+
+    root = build_once(session_shared_dir(tmp_path_factory) / "tiny_corpus", _build_tiny_corpus)
+    tokenizer = Tokenizer.load(root / "tokenizer.model")
     return TinyCorpus(
-        jsonl_path=jsonl_path,
-        text_path=text_path,
-        documents=documents,
+        jsonl_path=root / "corpus.jsonl",
+        text_path=root / "corpus.txt",
+        documents=_documents(root / "corpus.jsonl"),
         tokenizer_path=tokenizer.path,
         tokenizer_id=tokenizer.tokenizer_id,
         vocab_size=tokenizer.vocab_size,
-        data_prefix=data_prefix,
+        data_prefix=str(root / "corpus"),
     )
 
 
 @pytest.fixture(scope="session")
-def tiny_allocation(tiny_corpus: TinyCorpus) -> Path:
+def tiny_allocation(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: TinyCorpus) -> Path:
     """An LZW allocation (v = 8 rows per token on average, k = 64) of the tiny corpus, made by the CLI."""
     import subprocess
     import sys
 
-    output = Path(tiny_corpus.data_prefix).with_name("allocation_lzw.npz")
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "lzw_allocate.py"),
-                    "--data-prefix", tiny_corpus.data_prefix, "--tokenizer", str(tiny_corpus.tokenizer_path),
-                    "--eod-id", str(_eod_id(tiny_corpus)), "--mode", "lzw", "--budget", str(8 * tiny_corpus.vocab_size),
-                    "--cap", "64", "--output", str(output)], check=True, capture_output=True)
-    return output
+    def build(folder: Path) -> None:
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "lzw_allocate.py"),
+                        "--data-prefix", tiny_corpus.data_prefix, "--tokenizer", str(tiny_corpus.tokenizer_path),
+                        "--eod-id", str(_eod_id(tiny_corpus)), "--mode", "lzw",
+                        "--budget", str(8 * tiny_corpus.vocab_size), "--cap", "64",
+                        "--output", str(folder / "allocation_lzw.npz")], check=True, capture_output=True)
+
+    return build_once(session_shared_dir(tmp_path_factory) / "tiny_allocation", build) / "allocation_lzw.npz"
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: TinyCorpus, tiny_allocation: Path):
+    """Training runs made once per session (tests/shared_runs.py), by whichever worker asks
+    first; at the end, none of those this worker read may have changed."""
+    from shared_runs import SharedRuns
+
+    runs = SharedRuns(session_shared_dir(tmp_path_factory) / "shared_runs", tiny_corpus, tiny_allocation)
+    yield runs
+    changed = runs.changed()
+    assert not changed, f"tests changed shared runs instead of copies of them: {changed}"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The session's two-node SLURM cluster, started and stopped by the README's own command lines
+    (tests/integration/test_readme.py names this fixture as what runs them)."""
+    import subprocess
+
+    from slurm_cluster import Cluster, slurm_unavailable
+
+    if why := slurm_unavailable():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the SLURM tests: {why} (.ci/run installs slurm-wlm)")
+        pytest.skip(f"{why}; CI runs the SLURM tests")
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "SLURM_CONF"}
+    start = 'export "$(launch/slurm/cluster.sh start | tail -n 1)"'  # the README's lines, as written
+    stop = 'launch/slurm/cluster.sh stop "$(dirname "$SLURM_CONF")"'
+    started = subprocess.run(["bash", "-c", f'set -euo pipefail\n{start}\necho "$SLURM_CONF"'], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, f"cluster.sh start failed:\n{started.stderr}"
+    cluster = Cluster(Path(started.stdout.strip().splitlines()[-1]))
+    pids = cluster.live_pids()
+    assert len(pids) == 4  # munged, slurmctld, slurmd n1 and n2
+    assert cluster.run("sinfo", "-h", "-N", "-o", "%N %t").split() == ["n1", "idle", "n2", "idle"]
+    try:
+        yield cluster
+    finally:
+        stopped = subprocess.run(["bash", "-c", stop], cwd=repo, env={**env, "SLURM_CONF": str(cluster.conf)},
+                                 capture_output=True, text=True, timeout=180)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not cluster.directory.exists(), f"cluster.sh stop left {cluster.directory}"
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "cluster daemons still running"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, pytest.ini): each test module runs whole on one
+    worker, so its module-scoped runs are made once; the two modules that use the SLURM cluster
+    share a worker (one cluster), and they go first: together they are the longest."""
+    slurm_modules = ("test_readme.py", "test_slurm.py")
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("slurm" if name in slurm_modules else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.path.name not in slurm_modules)  # stable: the rest keeps its order
 
 
 def _eod_id(corpus: TinyCorpus) -> int:

@@ -92,7 +92,7 @@ class Workspace:
 
 
     def trained_run(self, **sections: dict) -> str:
-        """A copy of the module's trained run (6 steps, checkpoints at 3 and 6) as <root>/run;
+        """A copy of the session's tiny L³ run (12 steps, checkpoints at 6 and 12) as <root>/run;
         returns its config (the one it was trained with, run_dir moved, `sections` merged in)."""
         shutil.copytree(self._trained, self.root / "run")
         tree = yaml.safe_load((self._trained / "config.yaml").read_text())
@@ -101,22 +101,13 @@ class Workspace:
             tree[section] = {**tree[section], **values}
         return self.write("config.yaml", yaml.safe_dump(tree, sort_keys=False))
 
-    def checkpoint_file(self, name: str, tag: str = "step_00000006") -> Path:
+    def checkpoint_file(self, name: str, tag: str = "step_00000012") -> Path:
         return self.root / "run" / "checkpoints" / tag / name
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
-    tree["training"].update(steps=6, eval_interval=6)
-    tree["checkpoint"]["save_interval"] = 3
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tree, sort_keys=False))
-    result = subprocess.run(train("--config", str(config)), cwd=REPO, env=trainer_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run"
+def trained_run(shared_runs) -> Path:
+    return shared_runs.get("tiny_l3").run_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,10 +250,10 @@ CASES = [
     # ranks are up and the engine exists, before anything is loaded)
     Case("resume-64-bytes-overwritten",
          lambda w: resume_damaged(w, lambda w: overwrite_64_bytes(w.checkpoint_file("mp_rank_00_model_states.pt"))),
-         "(corrupted); the newest older checkpoint that verifies is step_00000003", slow=True),
+         "(corrupted); the newest older checkpoint that verifies is step_00000006", slow=True),
     Case("resume-checkpoint-file-deleted",
          lambda w: resume_damaged(w, lambda w: w.checkpoint_file("mp_rank_00_model_states.pt").unlink()),
-         "mp_rank_00_model_states.pt is missing; the newest older checkpoint that verifies is step_00000003",
+         "mp_rank_00_model_states.pt is missing; the newest older checkpoint that verifies is step_00000006",
          slow=True),
     Case("resume-checkpoint-file-truncated",
          lambda w: resume_damaged(w, lambda w: os.truncate(w.checkpoint_file("config.yaml"), 10)),
@@ -273,8 +264,8 @@ CASES = [
          lambda w: resume_damaged(w, lambda w: w.write("run/checkpoints/latest", "step_00000099\n")),
          "names checkpoint 'step_00000099', which does not exist", slow=True),
     Case("resume-changed-training-steps",
-         lambda w: train("--config", w.trained_run(training={"steps": 12}), "--resume"),
-         "training.steps: 6 -> 12 would change the training trajectory", slow=True),
+         lambda w: train("--config", w.trained_run(training={"steps": 24}), "--resume"),
+         "training.steps: 12 -> 24 would change the training trajectory", slow=True),
     Case("resume-changed-architecture",
          lambda w: train("--config", w.trained_run(model={"ffn_hidden_size": 96}), "--resume"),
          "it was written with model.ffn_hidden_size=128 but the config has 96", slow=True),

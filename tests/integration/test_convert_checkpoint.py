@@ -21,20 +21,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_harness import (REPO, assert_losses_close, metrics, run_trainer, tiny_l3_config, trainer_command,
-                              trainer_env, write_config)
+from shared_runs import BF16_ZERO2, EQUIVALENCE_STEPS, parallel_layout, zero_stage
+from training_harness import REPO, assert_losses_close, metrics, run_trainer, trainer_command, trainer_env
 
 from l3train.checkpoint.consolidated import Consolidated, load_model
 
 pytestmark = pytest.mark.slow
 CONVERT = [sys.executable, str(REPO / "tools/convert_checkpoint.py")]
 WORKER = REPO / "tests/integration/workers/layout_logits_worker.py"
-LAYOUTS = {  # name: (ranks, overrides)
-    "tp2_dp2_zero2_rows": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=2"]),
-    "dp2_zero3_rows": (2, ["parallel.zero_stage=3"]),
-    "ep2_moe_zero2": (2, ["moe.blocks=[1]", "moe.num_experts=4", "moe.expert_parallel=2", "parallel.zero_stage=2"]),
-    "dp2_bf16_zero2_rows": (2, ["training.precision=bf16", "parallel.zero_stage=2"]),
+LAYOUTS = {  # name: (ranks, overrides) of the session's shared `equivalence` runs
+    "tp2_dp2_zero2_rows": (4, parallel_layout(tp=2, stage=2)),
+    "dp2_zero3_rows": (2, zero_stage(3)),
+    "ep2_moe_zero2": (2, ("moe.blocks=[1]", "moe.num_experts=4", "moe.expert_parallel=2", *zero_stage(2))),
+    "dp2_bf16_zero2_rows": (2, BF16_ZERO2),
 }
+HALFWAY = EQUIVALENCE_STEPS // 2
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,26 +55,16 @@ def refused(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
-    root = tmp_path_factory.mktemp("convert")
-    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
-    tree["training"].update(steps=12, eval_interval=100)
-    tree["checkpoint"]["save_interval"] = 100
-    return write_config(root / "config.yaml", tree)
+def config(shared_runs) -> Path:
+    return shared_runs.config("equivalence")
 
 
 @pytest.fixture(scope="module")
-def trained(config, tmp_path_factory) -> dict[str, Path]:
-    """Run directories of 4 steps in each layout of LAYOUTS, made on first use."""
-    made = {}
-
+def trained(shared_runs) -> dict[str, Path]:
+    """Run directories of each layout of LAYOUTS (shared runs, made on first use)."""
     def run(name: str) -> Path:
-        if name not in made:
-            nproc, overrides = LAYOUTS[name]
-            run_dir = tmp_path_factory.mktemp(name) / "run"
-            run_trainer(config, f"run_dir={run_dir}", "training.steps=4", *overrides, nproc=nproc)
-            made[name] = run_dir
-        return made[name]
+        nproc, overrides = LAYOUTS[name]
+        return shared_runs.get("equivalence", *overrides, nproc=nproc).run_dir
 
     return run
 
@@ -85,10 +76,11 @@ def tokens() -> torch.Tensor:
 
 def layout_logits(config: Path, run_dir: Path, name: str, tokens: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     nproc, overrides = LAYOUTS[name]
+    run_dir = shutil.copytree(run_dir, tmp_path / "resumed")  # the worker's Trainer writes into the run it resumes
     torch.save(tokens, tmp_path / "tokens.pt")
     command = trainer_command(config, nproc=nproc)
     command = [*command[:command.index("l3train.train") - 1], str(WORKER), str(config), str(tmp_path / "tokens.pt"),
-               str(tmp_path / "logits.pt"), f"run_dir={run_dir}", "training.steps=4", *overrides]
+               str(tmp_path / "logits.pt"), f"run_dir={run_dir}", *overrides]
     result = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(tmp_path / "logits.pt")
@@ -132,16 +124,12 @@ def test_consolidation_is_deterministic_and_shards_past_the_size_limit(trained, 
 
 
 @pytest.fixture(scope="module")
-def halfway(config, tmp_path_factory) -> tuple[Path, Path]:
-    """A one-process ZeRO-0 run stopped at step 6 of 12 (a copy of its run_dir), and the same
-    run continued to step 12 in that layout: the reference."""
-    root = tmp_path_factory.mktemp("halfway")
-    run_dir = root / "run"
-    run_trainer(config, f"run_dir={run_dir}", "--exit-after-steps", "6")
-    stopped = root / "stopped"
-    shutil.copytree(run_dir, stopped)
-    run_trainer(config, f"run_dir={run_dir}", "--resume")
-    return stopped, run_dir
+def halfway(config, shared_runs, tmp_path_factory) -> tuple[Path, Path]:
+    """A one-process ZeRO-0 run stopped halfway, and the same run uninterrupted (the shared
+    single-process run): the reference."""
+    stopped = tmp_path_factory.mktemp("halfway") / "run"
+    run_trainer(config, f"run_dir={stopped}", "--exit-after-steps", str(HALFWAY))
+    return stopped, shared_runs.get("equivalence").run_dir
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tensor_parallel=2"]),
@@ -151,18 +139,18 @@ def test_reshard_continues_the_original_trajectory(nproc, layout, config, halfwa
     target = tmp_path / "resharded"
     convert("reshard", stopped, "--output", target, "--nproc", nproc, *layout)
     result = run_trainer(target / "config.yaml", "--resume", nproc=nproc)
-    assert "resuming at step 6" in result.stdout and "rows sharded over 2 ranks" in result.stdout
+    assert f"resuming at step {HALFWAY}" in result.stdout and "rows sharded over 2 ranks" in result.stdout
     losses, expected = metrics(target, "train/loss"), metrics(reference, "train/loss")
-    assert sorted(losses) == list(range(7, 13))
-    assert abs(losses[7] - expected[7]) <= 1e-5 * abs(expected[7])
+    assert sorted(losses) == list(range(HALFWAY + 1, EQUIVALENCE_STEPS + 1))
+    assert abs(losses[HALFWAY + 1] - expected[HALFWAY + 1]) <= 1e-5 * abs(expected[HALFWAY + 1])
     assert_losses_close(losses, {step: expected[step] for step in losses}, rtol=1e-5)
 
     # The resharded checkpoint holds exactly the original weights and AdamW state.
     convert("consolidate", stopped, "--output", tmp_path / "before", "--with-optimizer")
-    convert("consolidate", target / "checkpoints" / "step_00000006", "--output", tmp_path / "after",
+    convert("consolidate", target / "checkpoints" / f"step_{HALFWAY:08d}", "--output", tmp_path / "after",
             "--with-optimizer")
     before, after = Consolidated(tmp_path / "before"), Consolidated(tmp_path / "after")
-    assert before.optimizer_step == after.optimizer_step == 6
+    assert before.optimizer_step == after.optimizer_step == HALFWAY
     weights, moments = after.state_dict(), after.moments()
     for name, value in before.state_dict().items():
         assert torch.equal(weights[name], value), name

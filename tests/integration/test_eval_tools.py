@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from training_harness import REPO, run_trainer, tiny_l3_config, trainer_env, write_config
+from training_harness import REPO, tiny_l3_config, trainer_env, write_config
 
 from l3train.data.tokenizer import Tokenizer
 from l3train.eval.data import indexed_documents, split_range
@@ -32,13 +32,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
-    root = tmp_path_factory.mktemp("eval_run")
-    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
-    tree["training"].update(steps=4, eval_interval=4)
-    tree["checkpoint"]["save_interval"] = 4
-    run_trainer(write_config(root / "config.yaml", tree))
-    return root / "run"
+def trained_run(shared_runs) -> Path:
+    return shared_runs.get("tiny_l3").run_dir
 
 
 @pytest.mark.slow
@@ -48,7 +43,7 @@ def test_checkpoint_layouts_evaluate_alike_and_diagnostics_are_written(trained_r
     result = tool("evaluate.py", "lm", trained_run, "--json", tmp_path / "training.json", "--quiet")
     assert result.returncode == 0, result.stderr
     training = json.loads((tmp_path / "training.json").read_text())
-    assert training["step"] == 4 and "valid part of split 90,10,0" in training["text"]
+    assert training["step"] == 12 and "valid part of split 90,10,0" in training["text"]
     convert = tool("convert_checkpoint.py", "consolidate", trained_run, "--output", tmp_path / "consolidated")
     assert convert.returncode == 0, convert.stderr
     result = tool("evaluate.py", "lm", tmp_path / "consolidated", "--json", tmp_path / "consolidated.json", "--quiet")
@@ -79,7 +74,7 @@ def test_checkpoint_layouts_evaluate_alike_and_diagnostics_are_written(trained_r
     scalars = events.Tags()["scalars"]
     assert {"eval/loss", "eval/bits_per_byte", "l3_diag/block_0/entropy_mean", "l3_diag/block_0/top1_mean",
             "l3_diag/block_0/rows_used_fraction_mean", "logit_lens/01_L³_after_block_0"} <= set(scalars)
-    assert events.Scalars("eval/loss")[0].step == 4
+    assert events.Scalars("eval/loss")[0].step == 12
     assert events.Scalars("eval/loss")[0].value == pytest.approx(training["loss"], rel=1e-6)
     assert {"l3_diag/block_0/entropy", "l3_diag/block_0/top1"} <= set(events.Tags()["histograms"])
 

@@ -260,21 +260,17 @@ def test_import_refuses_bad_inputs_in_one_line_without_output(tmp_path, tiny_cor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("l3_blocks", ["[]", "[0]"], ids=["dense", "l3"])
-def test_export_of_a_trained_run_through_the_cli(l3_blocks, tmp_path, tiny_corpus, tiny_allocation):
+def test_export_of_a_trained_run_through_the_cli(l3_blocks, tmp_path, tiny_corpus, shared_runs):
     """A real training checkpoint exported by `tools/convert_checkpoint.py export` (consolidated on
     the way) loads in transformers with the trained model's logits and greedy continuation."""
     import subprocess
     import sys
 
-    from training_harness import REPO, run_trainer, trainer_env, write_config
+    from training_harness import REPO, trainer_env
 
-    tree = tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation)
-    tree["l3"]["after_blocks"] = [] if l3_blocks == "[]" else [0]
-    tree["training"].update(steps=6, eval_interval=100)
-    config = write_config(tmp_path / "config.yaml", tree)
-    run_trainer(config)
-    for command in (["consolidate", tmp_path / "run", "--output", tmp_path / "plain"],
-                    ["export", tmp_path / "run", "--output", tmp_path / "hf"]):
+    run_dir = shared_runs.get("tiny_dense" if l3_blocks == "[]" else "tiny_l3").run_dir
+    for command in (["consolidate", run_dir, "--output", tmp_path / "plain"],
+                    ["export", run_dir, "--output", tmp_path / "hf"]):
         result = subprocess.run([sys.executable, "tools/convert_checkpoint.py", *map(str, command)], cwd=REPO,
                                 env=trainer_env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

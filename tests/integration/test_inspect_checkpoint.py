@@ -21,12 +21,12 @@ from l3train.checkpoint.manifest import read_manifest
 from l3train.config import config_from_dict
 from l3train.errors import L3TrainError
 from l3train.parallel.shard_plan import allocation_hash
-from training_harness import REPO, run_trainer, tiny_l3_config, trainer_env, write_config
+from training_harness import REPO, trainer_env
 
 pytestmark = pytest.mark.slow  # the trainer run and DeepSpeed
 
 TOOL = REPO / "tools" / "inspect_checkpoint.py"
-STEPS = 2
+STEPS = 12  # the shared tiny_l3 run's last step
 SAFETENSORS_DTYPES = {"float32": "F32", "int64": "I64"}
 
 
@@ -44,14 +44,9 @@ def flip_middle_bytes(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_corpus, tiny_allocation, tmp_path_factory) -> Path:
-    """A run of the real trainer: 2 steps of the tiny L³ model, one checkpoint at step 2."""
-    run_dir = tmp_path_factory.mktemp("inspect") / "run"
-    tree = tiny_l3_config(run_dir, tiny_corpus, tiny_allocation)
-    tree["training"].update(steps=STEPS, eval_interval=STEPS)
-    tree["checkpoint"]["save_interval"] = STEPS
-    run_trainer(write_config(run_dir.parent / "config.yaml", tree))
-    return run_dir
+def run_dir(shared_runs) -> Path:
+    """A run of the real trainer: the session's tiny L³ run, whose latest checkpoint is step 12."""
+    return shared_runs.get("tiny_l3").run_dir
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ read (configs/tiny_l3.yaml names data/...). A command runs as written plus `appe
 that only make it short (`training.steps=2`, ...) or keep two commands' run directories
 apart; nothing else is changed.
 
-Commands that need a SLURM cluster run on the README's own `launch/slurm/cluster.sh start`
-(root and slurm-wlm/munge, as in tests/integration/test_slurm.py). `scancel --signal=USR1 --batch`
-needs a job that is busy training when the signal comes, and requeues it: that is what
-tests/integration/test_slurm.py::test_stopped_job_requeues_and_resumes does, so the entry names that
-test and the fast test checks that it exists and runs those words.
+Commands that need a SLURM cluster run on the session's one cluster (root and slurm-wlm/munge),
+which tests/conftest.py's `slurm_cluster` fixture starts and stops with the README's own
+`cluster.sh start` and `cluster.sh stop` lines: those entries name the fixture (`run_by`), and
+the fast test checks that it exists and runs those words. Likewise `scancel --signal=USR1
+--batch` needs a job that is busy training when the signal comes, and requeues it: that is what
+tests/integration/test_slurm.py::test_stopped_job_requeues_and_resumes does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from slurm_cluster import slurm_unavailable
 from training_harness import REPO, free_port, trainer_env
 
 README = REPO / "README.md"
@@ -229,37 +231,6 @@ def serve_tensorboard(ws: "Workspace", command: str) -> Result:
     return Result(0, f"runs: {runs}\n", log.read_text())
 
 
-def cluster_up(ws: "Workspace", result: Result) -> None:
-    conf = ws.state().get("SLURM_CONF", "")
-    assert conf.endswith("/slurm.conf") and Path(conf).is_file(), f"SLURM_CONF not exported: {ws.state()}"
-    ws.notes["cluster_dir"] = Path(conf).parent
-    nodes = ws.slurm("sinfo", "-h", "-N", "-o", "%N %t").split()
-    assert nodes == ["n1", "idle", "n2", "idle"], nodes
-
-
-def cluster_down(ws: "Workspace", result: Result) -> None:
-    cluster_dir: Path = ws.notes["cluster_dir"]
-    assert not cluster_dir.exists(), f"cluster.sh stop left {cluster_dir}"
-    alive = [pid for pid in ws.notes["cluster_pids"] if Path(f"/proc/{pid}").exists()]
-    assert not alive, f"cluster daemons still running: {alive}"
-
-
-def remember_cluster_pids(ws: "Workspace") -> None:
-    lines = (ws.notes["cluster_dir"] / "pids").read_text().splitlines()
-    ws.notes["cluster_pids"] = [int(line.split()[1]) for line in lines]
-
-
-def sbatch_job_trained(ws: "Workspace", result: Result) -> None:
-    job = ws.state()["JOB"]
-    assert job.isdigit(), job
-    log = ws.root / f"slurm-l3train-{job}.out"
-    record = ws.wait_for_job(job, log)
-    text = log.read_text()
-    assert record["JobState"] == "COMPLETED", text[-4000:]
-    assert "on 2 node(s) [n[1-2]]" in text and "training finished" in text, text[-4000:]
-    assert (ws.root / ckpt("runs/readme_sbatch", 2)).is_dir(), text[-4000:]
-
-
 def shorten_sweep_runs(ws: "Workspace") -> None:
     """The sweep file has no command-line overrides: add the short-run ones to its copy here."""
     sweep = ws.root / "configs/sweeps/tiny_lr.yaml"
@@ -385,22 +356,24 @@ REGISTRY: dict[str, Step] = {
         run_by_words=("study.py",)),
     # Benchmarks: bench_core on fewer tokens and positions, one repetition.
     ".venv/bin/python tools/bench_core.py --data-prefix data/indexed/stdlib_docstrings_text_document --vocab-size 2048":
-        Step(append="--tokens 300000 --positions 512 --repeats 1", prints=("(identical)", "speed-up", "padded")),
+        Step(append="--tokens 100000 --positions 256 --repeats 1", prints=("(identical)", "speed-up", "padded")),
     ".venv/bin/python tools/bench_l3_gpu.py": Step(
         append="--positions 1024 --vocab 4096 --iters 2", status=None, check=gpu_bench_outcome),
-    # Launching: local.sh (torchrun --standalone: its own free port).
+    # Launching: local.sh trains and resumes on 2 processes in its own test, with these words.
     "launch/local.sh 2 configs/tiny_l3.yaml training.steps=100": Step(
-        append=short(run_dir="runs/readme_local"), creates=(ckpt("runs/readme_local", 2),),
-        prints=("[local.sh] 2 process(es)", "2 rank(s)")),
+        run_by="test_launch.py::test_local_sh_trains_on_two_processes_and_resumes",
+        run_by_words=("launch/local.sh", "2")),
     "launch/local.sh 2 configs/tiny_l3.yaml --resume": Step(
-        append=short(3, run_dir="runs/readme_local", extend=True), creates=(ckpt("runs/readme_local", 3),),
-        prints=("resuming at step 2",)),
+        run_by="test_launch.py::test_local_sh_trains_on_two_processes_and_resumes",
+        run_by_words=("launch/local.sh", "2", "--resume")),
     ".venv/bin/python launch/sweep.py configs/sweeps/tiny_lr.yaml --dry-run": Step(
         prints=("dry run: 2 job(s), nothing submitted",), check=sweep_dry_run),
     # SLURM, on the README's test cluster.
-    'export "$(launch/slurm/cluster.sh start | tail -n 1)"': Step(slurm=True, check=cluster_up, timeout=180),
+    'export "$(launch/slurm/cluster.sh start | tail -n 1)"': Step(
+        run_by="conftest.py::slurm_cluster", run_by_words=('export "$(launch/slurm/cluster.sh start | tail -n 1)"',)),
     "JOB=$(sbatch --parsable --nodes 2 launch/slurm/pretrain.sbatch configs/tiny_l3.yaml optimizer.lr=1.0e-3)": Step(
-        slurm=True, append=short(run_dir="runs/readme_sbatch"), check=sbatch_job_trained),
+        run_by=f"{SLURM_TESTS}::test_two_node_job_trains_and_checkpoints",
+        run_by_words=("sbatch", "--parsable", "--nodes", "2", "launch/slurm/pretrain.sbatch", "optimizer.lr=1.0e-3")),
     'scancel --signal=USR1 --batch "$JOB"': Step(
         run_by=f"{SLURM_TESTS}::test_stopped_job_requeues_and_resumes",
         run_by_words=("scancel", "--signal=USR1", "--batch")),
@@ -411,7 +384,7 @@ REGISTRY: dict[str, Step] = {
         slurm=True, creates=("reports/lr/report.md",), prints=("report of 2 run(s)",),
         check=report_lists("reports/lr", "tiny_l3-lr0.001", "tiny_l3-lr0.003")),
     'launch/slurm/cluster.sh stop "$(dirname "$SLURM_CONF")"': Step(
-        slurm=True, before=remember_cluster_pids, check=cluster_down, timeout=180),
+        run_by="conftest.py::slurm_cluster", run_by_words=('launch/slurm/cluster.sh stop "$(dirname "$SLURM_CONF")"',)),
 }
 
 
@@ -513,15 +486,6 @@ def make_workspace(tmp_path: Path) -> Workspace:
     return Workspace(root, tmp_path, env, {"editable_install": editable_install_state()})
 
 
-def slurm_available() -> str:
-    """'' when the local SLURM cluster can run here, else why not."""
-    if shutil.which("slurmctld") is None and not Path("/usr/sbin/slurmctld").exists():
-        return "slurm-wlm is not installed (apt-get install -y slurm-wlm munge)"
-    if os.geteuid() != 0:
-        return "launch/slurm/cluster.sh needs root (slurmd)"
-    return ""
-
-
 # ---------------------------------------------------------------------------------------
 # Tests
 
@@ -559,13 +523,15 @@ def test_commands_run_elsewhere_are_run_by_the_named_test(command):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # ~6 minutes on 2 idle cores; pytest.ini's 900 s is too tight on a busy machine
-def test_readme_commands_run_as_written(tmp_path):
+def test_readme_commands_run_as_written(tmp_path, request):
     assert (REPO / ".venv" / "bin" / "python").exists(), "the README's commands need the repository's .venv"
     assert tuple(int(p) for p in version("pip").split(".")[:2]) >= (22, 2), "PIP_DRY_RUN needs pip >= 22.2"
-    no_slurm = slurm_available()
+    no_slurm = slurm_unavailable()
     if no_slurm and os.environ.get("CI") == "true":
         pytest.fail(f"CI must run the README's SLURM commands: {no_slurm}")
     ws = make_workspace(tmp_path)
+    if not no_slurm:  # the session's cluster, as the README's `export "$(... cluster.sh start ...)"` leaves it
+        ws.state_file.write_text(f'declare -x SLURM_CONF="{request.getfixturevalue("slurm_cluster").conf}"\n')
     timings: list[tuple[float, str]] = []
     not_run: list[str] = []
     try:
@@ -594,10 +560,6 @@ def test_readme_commands_run_as_written(tmp_path):
             if step.check:
                 step.check(ws, result)
     finally:
-        conf = ws.state().get("SLURM_CONF", "")
-        if conf and (Path(conf).parent / "pids").exists():  # a failure left the cluster running
-            subprocess.run(["bash", str(REPO / "launch/slurm/cluster.sh"), "stop", str(Path(conf).parent)],
-                           capture_output=True, timeout=180)
         assert editable_install_state() == ws.notes["editable_install"], "the .venv's l3train install changed"
         print("\n".join(f"{seconds:6.1f} s  {command}" for seconds, command in timings))
         print(f"{sum(seconds for seconds, _ in timings):6.1f} s  in all")

@@ -3,7 +3,6 @@ accounting and the metrics, the plots are real PNGs, and bad inputs are one-line
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from training_harness import REPO, metrics, run_trainer, tiny_l3_config, trainer_env, write_config
+from training_harness import REPO, metrics, trainer_env
 
 from l3train.allocation.allocation import Allocation
 from l3train.config import load_config
@@ -23,17 +22,11 @@ SUFFIXES = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_corpus, tiny_allocation) -> tuple[Path, Path, Path]:
+def runs(shared_runs, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The session's tiny L³, dense and L³+MoE runs, linked under the names the report shows."""
     root = tmp_path_factory.mktemp("report_runs")
-    l3_tree = tiny_l3_config(root / "l3", tiny_corpus, tiny_allocation)
-    dense_tree = copy.deepcopy(l3_tree)
-    dense_tree["run_dir"] = str(root / "dense")
-    dense_tree["l3"]["after_blocks"] = []
-    l3_moe_tree = copy.deepcopy(l3_tree)
-    l3_moe_tree["run_dir"] = str(root / "l3_moe")
-    l3_moe_tree["moe"] = {"blocks": [1], "num_experts": 4, "top_k": 2, "expert_hidden_size": 64}
-    for tree in (l3_tree, dense_tree, l3_moe_tree):
-        run_trainer(write_config(Path(tree["run_dir"] + ".yaml"), tree))
+    for name, base in (("l3", "tiny_l3"), ("dense", "tiny_dense"), ("l3_moe", "tiny_l3_moe")):
+        (root / name).symlink_to(shared_runs.get(base).run_dir, target_is_directory=True)
     return root / "l3", root / "dense", root / "l3_moe"
 
 

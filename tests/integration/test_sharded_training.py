@@ -20,53 +20,39 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import EQUIVALENCE_GRAD_CLIP, EQUIVALENCE_STEPS, parallel_layout, zero_stage
 from training_harness import (REPO, assert_crash_resume_is_exact, assert_losses_close, finish_worker, free_port,
-                              metrics, run_expecting_error, run_trainer, stop_and_resume, tiny_l3_config, trainer_env,
-                              write_config)
+                              metrics, run_expecting_error, stop_and_resume, trainer_env)
 
-GRAD_CLIP = 0.5  # below the reference's gradient norms on most steps: clipping is active
 TABLE = "lookups.0.lookup.rows.key_table"
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
-    root = tmp_path_factory.mktemp("sharded_reference")
-    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
-    tree["training"]["steps"] = 20
-    tree["optimizer"]["grad_clip"] = GRAD_CLIP
-    tree["checkpoint"]["save_interval"] = 100
-    return write_config(root / "config.yaml", tree)
-
-
-@pytest.fixture(scope="module")
-def reference_run(config) -> Path:
+def reference_run(shared_runs) -> Path:
     """One process, ZeRO-0: the rows are an ordinary parameter there."""
-    result = run_trainer(config)
-    assert "rows sharded" not in result.stdout
-    return config.parent / "run"
+    run = shared_runs.get("equivalence")
+    assert "rows sharded" not in run.stdout
+    return run.run_dir
 
 
 @pytest.fixture(scope="module")
-def runs(config, tmp_path_factory) -> dict:
-    """Sharded runs by (ranks, TP, ZeRO stage), made on first use and shared between tests."""
-    made = {}
+def config(shared_runs) -> Path:
+    return shared_runs.config("equivalence")
 
+
+@pytest.fixture(scope="module")
+def runs(shared_runs):
+    """Sharded runs by (ranks, TP, ZeRO stage, SP), shared with every test of the session."""
     def run(nproc: int, tp: int, stage: int, sequence_parallel: bool = False) -> Path:
-        key = (nproc, tp, stage, sequence_parallel)
-        if key not in made:
-            run_dir = tmp_path_factory.mktemp(f"n{nproc}_tp{tp}_z{stage}{'_sp' if sequence_parallel else ''}") / "run"
-            result = run_trainer(config, f"run_dir={run_dir}", f"parallel.tensor_parallel={tp}",
-                                 f"parallel.zero_stage={stage}", f"parallel.sequence_parallel={sequence_parallel}",
-                                 nproc=nproc)
-            assert f"L³ rows sharded over {nproc} ranks" in result.stdout
-            made[key] = run_dir
-        return made[key]
+        trained = shared_runs.get("equivalence", *parallel_layout(tp, stage, sequence_parallel), nproc=nproc)
+        assert f"L³ rows sharded over {nproc} ranks" in trained.stdout
+        return trained.run_dir
 
     return run
 
 
 def _final(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "step_00000020"
+    return run_dir / "checkpoints" / f"step_{EQUIVALENCE_STEPS:08d}"
 
 
 def _reference_table(run_dir: Path):
@@ -105,9 +91,9 @@ def test_sharded_training_equals_one_process(nproc, tp, stage, sp, reference_run
     """Also with sequence parallelism, where each TP rank routes its own positions to the rows' owners."""
     run_dir = runs(nproc, tp, stage, sp)
     reference_norms = metrics(reference_run, "train/grad_norm")
-    assert sum(norm > GRAD_CLIP for norm in reference_norms.values()) >= 5  # clipping does act
+    assert sum(norm > EQUIVALENCE_GRAD_CLIP for norm in reference_norms.values()) >= 5  # clipping does act
     losses = metrics(run_dir, "train/loss")
-    assert losses[20] < losses[1] - 0.5
+    assert losses[EQUIVALENCE_STEPS] < losses[1] - 0.5
     assert_losses_close(losses, metrics(reference_run, "train/loss"), rtol=1e-5)
     assert_losses_close(metrics(run_dir, "val/loss"), metrics(reference_run, "val/loss"), rtol=1e-5)
     if nproc == tp:  # one replica sees the whole batch: its logged L³ entropy is the reference's
@@ -153,8 +139,8 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
     resuming with another TP×DP (here one process) is refused in one line."""
     whole = runs(2, 1, 1)
     split = tmp_path / "split"
-    common = [f"run_dir={split}", "parallel.zero_stage=1"]
-    stop_and_resume(config, split, ["parallel.zero_stage=1"], stop_after=10, nproc=2)
+    common = [f"run_dir={split}", *zero_stage(1)]
+    stop_and_resume(config, split, list(zero_stage(1)), stop_after=10, nproc=2)
     assert len(list((split / "checkpoints" / "step_00000010").glob("l3_rows_rank*.pt"))) == 2
     assert metrics(split, "train/loss") == metrics(whole, "train/loss")
     message = run_expecting_error("--config", str(config), *common, "--resume")
@@ -166,7 +152,7 @@ def test_resume_with_sharded_rows_continues_the_trajectory(config, runs, tmp_pat
 def test_sigkill_and_resume_is_bit_identical_dp2_zero2(config, runs, tmp_path):
     """A node failure: every process SIGKILLed at a random step after a checkpoint; --resume
     gives, from the checkpoint on, the uninterrupted run's per-step losses bit for bit."""
-    assert_crash_resume_is_exact(config, runs(2, 1, 2), tmp_path / "crashed", ["parallel.zero_stage=2"])
+    assert_crash_resume_is_exact(config, runs(2, 1, 2), tmp_path / "crashed", list(zero_stage(2)))
 
 
 @pytest.mark.slow

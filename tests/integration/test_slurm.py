@@ -1,15 +1,14 @@
 """SLURM acceptance: launch/slurm/pretrain.sbatch and launch/sweep.py on a real two-node cluster.
 
-launch/slurm/cluster.sh starts munged, slurmctld and slurmd for nodes n1 and n2 on this
-machine (docs/cpu.md, SLURM section); jobs are submitted with the real sbatch and
-run torchrun over gloo on both nodes. Checked: a 2-node run finishes with a checkpoint
-in its per-job run directory; a 3-point sweep finishes with its manifest; a job stopped
+The session's one cluster (tests/conftest.py's `slurm_cluster`: launch/slurm/cluster.sh starts
+munged, slurmctld and slurmd for nodes n1 and n2 on this machine; docs/cpu.md, SLURM section);
+jobs are submitted with the real sbatch and run torchrun over gloo on both nodes. Checked: a
+2-node run finishes with a checkpoint in its per-job run directory; a 3-point sweep finishes with its manifest; a job stopped
 with SIGUSR1 saves, requeues itself and resumes from its checkpoint under the same job id;
 a cancelled job saves and stays cancelled; a node starts the trainers it is told to, with
 the job's CPUs shared among them, and GPUs that SLURM allocated but torch cannot see are
 refused in one line (the trainers-per-node decision itself, from every SLURM variable, is
 tests/unit/test_distributed.py's).
-Job state is polled with `scontrol show job` (sbatch --wait adds ~30 s per job).
 """
 
 from __future__ import annotations
@@ -17,83 +16,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
-from training_harness import REPO, metrics, tiny_l3_config, trainer_env, write_config
+from slurm_cluster import Cluster, tail
+from training_harness import metrics, tiny_l3_config, write_config
 
 pytestmark = pytest.mark.slow
 
-CLUSTER_SH = REPO / "launch" / "slurm" / "cluster.sh"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
 
-
-@dataclass(frozen=True)
-class Cluster:
-    conf: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {**trainer_env(), "SLURM_CONF": str(self.conf), **extra}
-
-    def run(self, *cmd: str, **extra_env: str) -> str:
-        result = subprocess.run(cmd, cwd=REPO, env=self.env(**extra_env), capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0, f"{' '.join(cmd)} failed: {result.stderr}{result.stdout}"
-        return result.stdout
-
-    def sbatch(self, *args: str, **extra_env: str) -> str:
-        return self.run("sbatch", "--parsable", *args, **extra_env).strip().split(";")[0]
-
-    def job(self, job_id: str) -> dict[str, str]:
-        """The job's record (JobState, Restarts, ...) from `scontrol show job`."""
-        return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "-o", job_id)))
-
-    def wait(self, job_id: str, log: Path, timeout: float = 180) -> dict[str, str]:
-        deadline = time.time() + timeout
-        while (record := self.job(job_id))["JobState"] not in FINAL_STATES:
-            if time.time() > deadline:
-                subprocess.run(["scancel", job_id], env=self.env(), timeout=30)
-                pytest.fail(f"job {job_id} still {record['JobState']} after {timeout} s; log:\n{tail(log)}")
-            time.sleep(1)
-        return record
-
-
-def tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text().splitlines()[-lines:]) if log.exists() else f"({log} not written)"
-
-
-def live_pids(cluster_dir: Path) -> list[int]:
-    pids = [int(line.split()[1]) for line in (cluster_dir / "pids").read_text().splitlines()]
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    if shutil.which("slurmctld") is None and not Path("/usr/sbin/slurmctld").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("slurmctld is not installed, but CI must run the SLURM tests (.ci/run installs slurm-wlm)")
-        pytest.skip("slurm-wlm is not installed (apt-get install -y slurm-wlm munge); CI runs these tests")
-    started = subprocess.run(["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, f"cluster.sh start failed:\n{started.stderr}"
-    conf = Path(started.stdout.strip().splitlines()[-1].split("=", 1)[1])
-    cluster_dir = conf.parent
-    pids = live_pids(cluster_dir)
-    assert len(pids) == 4  # munged, slurmctld, slurmd n1 and n2
-    try:
-        yield Cluster(conf)
-    finally:
-        stopped = subprocess.run(["bash", str(CLUSTER_SH), "stop", str(cluster_dir)], capture_output=True,
-                                 text=True, timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
-        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "cluster daemons still running"
+@pytest.fixture
+def cluster(slurm_cluster: Cluster) -> Cluster:
+    return slurm_cluster
 
 
 @pytest.fixture
@@ -106,8 +43,9 @@ def test_two_node_job_trains_and_checkpoints(cluster, tiny_config, tmp_path):
     del tiny_config["run_dir"]
     config = write_config(tmp_path / "tiny.yaml", tiny_config)
     log = tmp_path / "job.out"
-    job_id = cluster.sbatch("--nodes=2", f"--output={log}", "launch/slurm/pretrain.sbatch", str(config),
-                            L3TRAIN_ROOT=str(tmp_path), L3TRAIN_PYTHON=sys.executable)
+    job_id = cluster.run("sbatch", "--parsable", "--nodes", "2", f"--output={log}", "launch/slurm/pretrain.sbatch",
+                         str(config), "optimizer.lr=1.0e-3", L3TRAIN_ROOT=str(tmp_path),
+                         L3TRAIN_PYTHON=sys.executable).strip()  # the README's words (its test names this one)
     record = cluster.wait(job_id, log)
     text = log.read_text()
     assert record["JobState"] == "COMPLETED", tail(log)
@@ -219,7 +157,8 @@ def submit_long_run(cluster, tiny_config: dict, tmp_path: Path, steps: int,
 def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
     """SIGUSR1 to the batch shell (as --signal=B:USR1 does before the time limit): the
     trainers save and exit 75, the job requeues itself and resumes from that checkpoint."""
-    job_id, log, run_dir = submit_long_run(cluster, tiny_config, tmp_path, steps=300, running_past_step=20)
+    steps = 150  # signalled after step 20: the job is still busy when the signal arrives
+    job_id, log, run_dir = submit_long_run(cluster, tiny_config, tmp_path, steps=steps, running_past_step=20)
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     record = cluster.wait(job_id, log)
     text = log.read_text()
@@ -228,12 +167,12 @@ def test_stopped_job_requeues_and_resumes(cluster, tiny_config, tmp_path):
     assert "received SIGUSR1" in text and "trainer exit statuses: 75 x2" in text and "requeueing job" in text
     stopped_at = int(re.search(r"stop signal \(SIGUSR1\) at step (\d+)", text).group(1))
     resumed_at = int(re.search(r"resuming at step (\d+)", text).group(1))
-    assert 20 <= stopped_at == resumed_at < 300
+    assert 20 <= stopped_at == resumed_at < steps
     assert "(restart 1)" in text and text.count("starting from scratch") == 1
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000300"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     # The log continues where the first attempt stopped: every interval once, no restart from 0.
-    assert sorted(metrics(run_dir, "train/loss")) == list(range(10, 301, 10))
-    assert sorted(metrics(run_dir, "val/loss")) == [0, 300]
+    assert sorted(metrics(run_dir, "train/loss")) == list(range(10, steps + 1, 10))
+    assert sorted(metrics(run_dir, "val/loss")) == [0, steps]
 
 
 def test_cancelled_job_saves_and_stays_cancelled(cluster, tiny_config, tmp_path):

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import parallel_layout
 from training_harness import (REPO, assert_crash_resume_is_exact, assert_losses_close, finish_worker, free_port,
-                              metrics, run_expecting_error, run_trainer, tiny_l3_config, trainer_env, write_config)
+                              metrics, run_expecting_error, run_trainer, trainer_env)
 
 
 def _relative_difference(actual, expected) -> float:
@@ -113,27 +114,21 @@ def test_tp2_forward_and_gradients_equal_the_plain_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_corpus, tiny_allocation) -> Path:
-    """The harness's tiny L³ model (GQA: 4 heads, 2 KV heads), 20 steps, ZeRO-0."""
-    root = tmp_path_factory.mktemp("tp_reference")
-    tree = tiny_l3_config(root / "run", tiny_corpus, tiny_allocation)
-    tree["training"]["steps"] = 20
-    tree["checkpoint"]["save_interval"] = 100
-    return write_config(root / "config.yaml", tree)
+def reference_run(shared_runs):
+    """One process: what every TP run must reproduce (the harness's tiny L³ model, GQA: 4 heads,
+    2 KV heads; 20 steps with clipping active, ZeRO-0)."""
+    return shared_runs.get("equivalence")
 
 
 @pytest.fixture(scope="module")
-def reference_run(config) -> Path:
-    """One process: what every TP run must reproduce."""
-    run_trainer(config)
-    return config.parent / "run"
+def config(reference_run) -> Path:
+    return reference_run.config
 
 
 @pytest.fixture(scope="module")
-def tp2_run(config, tmp_path_factory):
+def tp2_run(shared_runs):
     """TP=2 on 2 ranks (one data-parallel replica), ZeRO-0, same config."""
-    run_dir = tmp_path_factory.mktemp("tp2") / "run"
-    return run_dir, run_trainer(config, f"run_dir={run_dir}", "parallel.tensor_parallel=2", nproc=2)
+    return shared_runs.get("equivalence", *parallel_layout(tp=2), nproc=2)
 
 
 def _assert_equal_to_reference(run_dir: Path, reference_dir: Path) -> None:
@@ -149,28 +144,25 @@ def _assert_equal_to_reference(run_dir: Path, reference_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_tp2_training_equals_one_process(reference_run, tp2_run):
-    run_dir, result = tp2_run
-    assert "2 rank(s) (TP=2 × DP=1)" in result.stdout
-    _assert_equal_to_reference(run_dir, reference_run)
+    assert "2 rank(s) (TP=2 × DP=1)" in tp2_run.stdout
+    _assert_equal_to_reference(tp2_run.run_dir, reference_run.run_dir)
     # One model file per TP rank (DeepSpeed names them by model-parallel rank).
-    final = run_dir / "checkpoints" / "step_00000020"
+    final = tp2_run.checkpoint(20)
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {p.name for p in final.iterdir()}
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero1_training_equals_one_process(config, reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_trainer(config, f"run_dir={run_dir}", "parallel.tensor_parallel=2", "parallel.zero_stage=1",
-                         nproc=4)
-    assert "4 rank(s) (TP=2 × DP=2)" in result.stdout
-    _assert_equal_to_reference(run_dir, reference_run)
+def test_tp2_dp2_zero1_training_equals_one_process(shared_runs, reference_run):
+    run = shared_runs.get("equivalence", *parallel_layout(tp=2, stage=1), nproc=4)
+    assert "4 rank(s) (TP=2 × DP=2)" in run.stdout
+    _assert_equal_to_reference(run.run_dir, reference_run.run_dir)
 
 
 @pytest.mark.slow
 def test_tp2_resume_continues_the_uninterrupted_trajectory(config, tp2_run, tmp_path):
     """Each TP rank saves and reloads its own shard: a stop after 10 steps and --resume give the
     losses of the uninterrupted TP=2 run exactly; resuming it with another TP size is refused."""
-    whole_dir, _ = tp2_run
+    whole_dir = tp2_run.run_dir
     split = tmp_path / "split"
     common = [f"run_dir={split}", "parallel.tensor_parallel=2"]
     run_trainer(config, *common, "--exit-after-steps", "10", nproc=2)
@@ -185,7 +177,7 @@ def test_tp2_resume_continues_the_uninterrupted_trajectory(config, tp2_run, tmp_
 def test_tp2_sigkill_and_resume_is_bit_identical(config, tp2_run, tmp_path):
     """Every process SIGKILLed at a random step after a checkpoint; --resume gives, from the
     checkpoint on, the uninterrupted TP=2 run's per-step losses bit for bit."""
-    assert_crash_resume_is_exact(config, tp2_run[0], tmp_path / "crashed", ["parallel.tensor_parallel=2"])
+    assert_crash_resume_is_exact(config, tp2_run.run_dir, tmp_path / "crashed", ["parallel.tensor_parallel=2"])
 
 
 def test_tensor_parallel_config_errors_are_one_line(config, tmp_path):

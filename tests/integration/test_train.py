@@ -8,27 +8,25 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from training_harness import (REPO, assert_losses_close, metrics, run_expecting_error, run_trainer,
-                              tiny_l3_config, trainer_env, write_config)
+from shared_runs import BF16_ZERO2, EQUIVALENCE_STEPS, zero_stage
+from training_harness import REPO, assert_losses_close, metrics, run_expecting_error, run_trainer, trainer_env
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_corpus, tiny_allocation):
-    """One process, ZeRO-0: the reference every parallel run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    config = write_config(root / "config.yaml", tiny_l3_config(root / "run", tiny_corpus, tiny_allocation))
-    result = run_trainer(config)
-    return root / "run", result, config
+def reference_run(shared_runs):
+    """One process, ZeRO-0: the session's tiny L³ run (12 steps, checkpoints at 6 and 12)."""
+    run = shared_runs.get("tiny_l3")
+    return run.run_dir, run.stdout, run.config
 
 
 def test_single_process_trains_and_writes_everything(reference_run):
-    run_dir, result, _ = reference_run
+    run_dir, stdout, _ = reference_run
     losses = metrics(run_dir, "train/loss")
     assert sorted(losses) == list(range(1, 13))
     val = metrics(run_dir, "val/loss")
     assert sorted(val) == [0, 6, 12]
     assert val[12] < val[0] - 0.5, val  # learns, on real text
-    assert "step     12/12 | loss" in result.stdout and "val_loss" in result.stdout
+    assert "step     12/12 | loss" in stdout and "val_loss" in stdout
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
@@ -47,49 +45,44 @@ def test_single_process_trains_and_writes_everything(reference_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_on_two_ranks_match_one_process(stage, reference_run, tmp_path):
+def test_zero_stages_on_two_ranks_match_one_process(stage, shared_runs):
     """Same global batch on 2 gloo ranks: ZeRO 0-3 losses equal the single process (fp32, 1e-5)."""
-    reference_dir, _, config = reference_run
-    run_dir = tmp_path / "run"
-    run_trainer(config, f"run_dir={run_dir}", f"parallel.zero_stage={stage}", "checkpoint.save_interval=100",
-                nproc=2)
+    reference_dir = shared_runs.get("equivalence").run_dir
+    run_dir = shared_runs.get("equivalence", *zero_stage(stage), nproc=2).run_dir
     losses = metrics(run_dir, "train/loss")
-    assert losses[12] < losses[1]
+    assert losses[EQUIVALENCE_STEPS] < losses[1]
     assert_losses_close(losses, metrics(reference_dir, "train/loss"), rtol=1e-5)
     assert_losses_close(metrics(run_dir, "val/loss"), metrics(reference_dir, "val/loss"), rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_bf16_trains_on_two_ranks(reference_run, tmp_path):
+def test_bf16_trains_on_two_ranks(shared_runs):
     """bf16 under ZeRO-2: finite, falling losses close to (not equal to) the fp32 reference."""
-    reference_dir, _, config = reference_run
-    run_dir = tmp_path / "run"
-    run_trainer(config, f"run_dir={run_dir}", "training.precision=bf16", "parallel.zero_stage=2",
-                "checkpoint.save_interval=100", nproc=2)
+    reference_dir = shared_runs.get("equivalence").run_dir
+    run_dir = shared_runs.get("equivalence", *BF16_ZERO2, nproc=2).run_dir
     losses, reference = metrics(run_dir, "train/loss"), metrics(reference_dir, "train/loss")
-    assert losses[12] < losses[1] - 0.3
+    assert losses[EQUIVALENCE_STEPS] < losses[1] - 0.3
     assert all(abs(losses[s] - reference[s]) < 0.1 * reference[s] for s in reference)
 
 
 @pytest.mark.slow
-def test_resume_continues_the_uninterrupted_trajectory(reference_run, tmp_path):
-    """Stop after 5 steps (ZeRO-2, 2 ranks), resume: steps 6-12 equal an uninterrupted run."""
-    _, _, config = reference_run
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ["parallel.zero_stage=2", "checkpoint.save_interval=100"]
-    run_trainer(config, f"run_dir={whole}", *common, nproc=2)
-    first = run_trainer(config, f"run_dir={split}", *common, "--exit-after-steps", "5", nproc=2)
+def test_resume_continues_the_uninterrupted_trajectory(shared_runs, tmp_path):
+    """Stop after 5 steps (ZeRO-2, 2 ranks), resume: steps 6-20 equal an uninterrupted run."""
+    whole = shared_runs.get("equivalence", *zero_stage(2), nproc=2)
+    split = tmp_path / "split"
+    common = [f"run_dir={split}", *zero_stage(2)]
+    first = run_trainer(whole.config, *common, "--exit-after-steps", "5", nproc=2)
     assert "exiting after 5 steps" in first.stdout
     assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000005"
-    second = run_trainer(config, f"run_dir={split}", *common, "--resume", nproc=2)
+    second = run_trainer(whole.config, *common, "--resume", nproc=2)
     assert "resuming at step 5" in second.stdout
-    expected = metrics(whole, "train/loss")
+    expected = metrics(whole.run_dir, "train/loss")
     resumed = metrics(split, "train/loss")
-    assert sorted(resumed) == list(range(1, 13))  # the interrupted run's log continues, no duplicates
+    assert sorted(resumed) == list(range(1, EQUIVALENCE_STEPS + 1))  # the interrupted run's log continues, no duplicates
     assert resumed == expected  # bit-exact: same data, same RNG, same optimizer state
     events = EventAccumulator(str(split / "tensorboard"))
     events.Reload()
-    assert sorted(e.step for e in events.Scalars("train/loss"))[-7:] == list(range(6, 13))
+    assert sorted(e.step for e in events.Scalars("train/loss"))[-15:] == list(range(6, EQUIVALENCE_STEPS + 1))
 
 
 def test_bad_configs_and_data_give_one_line(reference_run, tmp_path):

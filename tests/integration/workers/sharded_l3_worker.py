@@ -6,15 +6,17 @@ full layer's, the rank's row gradients equal the matching rows of the full layer
 gradient of the mean replica loss, DP-averaged dense gradients equal the full ones, and
 the rank stores only its shard's rows. Then two sharded layers run one after the other on
 one `LookupRoutes`: they share one route, and outside building it their forward and
-backward make no host synchronisation (`HostSyncCounter`). Writes a JSON report per rank;
-exits non-zero on any mismatch.
+backward make no host synchronisation (`HostSyncCounter`). Writes a JSON report per rank
+and case (failures listed in it, an exception's traceback included).
 
-Usage: sharded_l3_worker.py TP tied|untied REPORT_DIR (one JSON report per rank).
+Usage: sharded_l3_worker.py REPORT_DIR TP:tied|untied [TP:tied|untied ...]: the cases run in
+one world, each writes REPORT_DIR/<TP>_<kv>/rank<r>.json.
 """
 
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,8 @@ def check_routes_are_shared_and_layers_never_sync(first, full, plan, state, ids,
     return route_syncs
 
 
-def main() -> None:
-    tp_size, tied = int(sys.argv[1]), sys.argv[2] == "tied"
-    dist.init_process_group("gloo")
+def check_case(tp_size: int, tied: bool, report_dir: Path) -> None:
+    """One layout of the world's ranks (TP × DP); writes this rank's report to report_dir."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_size = world // tp_size
     tp_rank, dp_rank = rank % tp_size, rank // tp_size
@@ -119,8 +120,24 @@ def main() -> None:
     report = {"rank": rank, "rows_stored": stored, "rows_total": int(rows.sum()),
               "rows_max_over_mean": float(plan.rows_per_shard().max() / plan.rows_per_shard().mean()),
               "route_host_syncs": route_syncs, "failures": failures}
-    (Path(sys.argv[3]) / f"rank{rank}.json").write_text(json.dumps(report))
-    finish_worker(1 if failures else 0)
+    (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def main() -> None:
+    """Each case in the same world, one after the other (a world costs seconds to start): an
+    exception in one is written as that case's failure and the next case still runs."""
+    dist.init_process_group("gloo")
+    for case in sys.argv[2:]:
+        tp_size, kv = case.split(":")
+        report_dir = Path(sys.argv[1]) / case.replace(":", "_")
+        report_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_case(int(tp_size), kv == "tied", report_dir)
+        except Exception:  # noqa: BLE001  (reported per case; the test names it)
+            report = {"rank": dist.get_rank(), "failures": [traceback.format_exc()]}
+            (report_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finish_worker()
 
 
 if __name__ == "__main__":
