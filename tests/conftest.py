@@ -143,16 +143,27 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "cluster daemons still running"
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
+SLURM_MODULES = ("test_readme.py", "test_slurm.py")  # they share the session's SLURM cluster
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, pytest.ini): each test module runs whole on one
-    worker, so its module-scoped runs are made once; the two modules that use the SLURM cluster
-    share a worker (one cluster), and they go first: together they are the longest."""
-    slurm_modules = ("test_readme.py", "test_slurm.py")
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("slurm" if name in slurm_modules else item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: item.path.name not in slurm_modules)  # stable: the rest keeps its order
+    """The modules that use the SLURM cluster first: together they are the longest unit of work
+    (see pytest_xdist_make_scheduler); the rest keep their order."""
+    items.sort(key=lambda item: item.path.name not in SLURM_MODULES)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist (`-n 2`, pytest.ini) sends each test module whole to one worker, so that its
+    module-scoped runs are made once, in collection order; the two SLURM modules go together
+    (one cluster)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if module.endswith(SLURM_MODULES) else module
+
+    return ModuleScheduling(config, log)
 
 
 def _eod_id(corpus: TinyCorpus) -> int:

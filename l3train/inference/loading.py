@@ -118,12 +118,14 @@ def _table_names(model: DecoderLM) -> list[tuple[LargeLookupLayer, list[str]]]:
             for name, module in model.named_modules() if isinstance(module, LargeLookupLayer)]
 
 
-def _row_source(checkpoint: CheckpointTensors, name: str, shape: tuple[int, int], config: InferenceConfig,
-                device: torch.device) -> RowSource:
-    """Table `name` of the checkpoint in host memory, or in its table file."""
+def _row_source(checkpoint: CheckpointTensors, name: str, shape: tuple[int, int], config: InferenceConfig) -> RowSource:
+    """Table `name` of the checkpoint in host memory, or in its table file. Host tables are
+    ordinary (pageable) memory also for a CUDA model: a step's rows are copied from them into
+    the staging buffer, and only that buffer is pinned and copied to the device (pinning whole
+    tables would lock their size, rounded up to a power of two, in RAM for nothing)."""
     dtype = np.dtype(np.float32)
     if config.placement == "host":
-        table = torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+        table = torch.empty(shape, dtype=torch.float32)
         start = 0
         for chunk in checkpoint.row_chunks(name, ROWS_PER_CHUNK):
             table[start:start + len(chunk)] = torch.from_numpy(chunk)
@@ -164,7 +166,7 @@ def load_for_generation(checkpoint: CheckpointTensors, config: InferenceConfig,
         placement = TablePlacement(device)
     else:
         shapes = {name: tuple(table.shape) for name, table in model.state_dict().items()}
-        tables = [[_row_source(checkpoint, name, shapes[name], config, device) for name in names]
+        tables = [[_row_source(checkpoint, name, shapes[name], config) for name in names]
                   for _, names in layers]
         placement = TablePlacement.install([layer for layer, _ in layers], tables,
                                            bounds_from_rows(rows_per_token).numpy(), config.staging_rows,

@@ -41,10 +41,11 @@ class RowSource(Protocol):
 
 
 class HostRows:
-    """A table in host memory: a CPU tensor (pinned when the compute device is CUDA)."""
+    """A table in host memory: a CPU tensor (pageable: rows go to the device through the
+    staging buffer, which is the pinned one)."""
 
     def __init__(self, table: torch.Tensor) -> None:
-        self.table = table  # owns the memory (pinned memory must stay a tensor to stay pinned)
+        self.table = table  # owns the memory
         self._array = table.numpy()  # a view of it
         self.num_rows, self.width = table.shape
         self.dtype = self._array.dtype

@@ -101,6 +101,18 @@ def test_logits_are_bit_identical_across_placements_and_prefetch(variant, reques
         assert (resident.model(tokens).logits - plain).abs().max() > 0.1
 
 
+def test_host_tables_are_pageable_memory_also_for_a_cuda_model(checkpoint):
+    """Only the staging buffer is pinned: a host table for a CUDA model is an ordinary CPU tensor
+    (on this CPU machine, asking for pinned memory would raise)."""
+    from l3train.inference.loading import _row_source
+
+    source = _row_source(open_checkpoint(checkpoint), "lookups.0.lookup.rows.key_table",
+                         tuple(Consolidated(checkpoint).state_dict()["lookups.0.lookup.rows.key_table"].shape),
+                         InferenceConfig(placement="host"))
+    assert source.table.device.type == "cpu" and not source.table.is_pinned()
+    assert torch.equal(source.table, Consolidated(checkpoint).state_dict()["lookups.0.lookup.rows.key_table"])
+
+
 def test_a_step_larger_than_the_staging_buffer_runs_in_chunks(checkpoint, tmp_path):
     sampling = InferenceConfig(max_new_tokens=4, temperature=0)
     rows = np.diff(open_checkpoint(checkpoint).tensor("lookups.0.lookup.bounds").numpy())
