@@ -51,8 +51,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence and repetition")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the prefetch thread "
                                                                "gets the other core)")
-    parser.add_argument("--device", default="cpu", help="compute device: cpu, or cuda (tables pinned in host memory "
-                                                       "for the host placement; memory figures are the host's)")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu, or cuda (host and disk tables staged "
+                                                       "through a pinned buffer; memory figures are the host's)")
     parser.add_argument("--memory-batch", type=int, default=16, help="batch size of the memory measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (large_tables)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_inference"),

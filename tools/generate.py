@@ -8,7 +8,8 @@ ends. Greedy with --temperature 0; otherwise sampled, reproducibly from --seed (
 of a batch draws with seed + i, so it gives the same text alone with that seed).
 
 The L³ tables can stay off the compute device (docs/inference.md): --placement host keeps
-them in host memory (pinned on CUDA), --placement disk in .npy files written once into
+them in host memory (a step's rows go to a CUDA device through a pinned staging buffer),
+--placement disk in .npy files written once into
 --table-dir (reused when they match the checkpoint); the rows of each step's tokens are
 prefetched into a staging buffer of --staging-rows rows while the blocks before the L³
 layer run (--no-prefetch: fetched by the layer itself).

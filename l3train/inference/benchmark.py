@@ -143,7 +143,7 @@ def _warm_page_cache(table_dir: Path) -> None:
 def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int, new_tokens: int,
                 log: Callable[[str], None] = print, device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
     """Interleaved decode timings of every variant, per batch size, on `device` (on CUDA the
-    host placement is pinned host memory)."""
+    host and disk placements stage rows through a pinned buffer)."""
     reader = open_checkpoint(checkpoint, verify=False)
     generators = {}
     for variant, options in VARIANTS.items():
