@@ -144,12 +144,15 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 SLURM_MODULES = ("test_readme.py", "test_slurm.py")  # they share the session's SLURM cluster
+# Timed against the wall clock (a dead rank must end the job, the survivor naming it, before
+# torchrun's grace period ends): run last, when the other worker has only unit tests left.
+LAST_MODULES = ("test_failures.py",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The modules that use the SLURM cluster first: together they are the longest unit of work
-    (see pytest_xdist_make_scheduler); the rest keep their order."""
-    items.sort(key=lambda item: item.path.name not in SLURM_MODULES)
+    (see pytest_xdist_make_scheduler); LAST_MODULES last; the rest keep their order."""
+    items.sort(key=lambda item: (item.path.name not in SLURM_MODULES, item.path.name in LAST_MODULES))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
