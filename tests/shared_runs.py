@@ -73,8 +73,6 @@ BASES: dict[str, Callable[[dict], None]] = {
 class TrainedRun:
     run_dir: Path
     config: Path  # the base config it was trained from (its run_dir is another directory)
-    overrides: tuple[str, ...]  # the command-line overrides it was trained with, run_dir excluded
-    nproc: int
     stdout: str
 
     def checkpoint(self, step: int) -> Path:
@@ -113,7 +111,7 @@ class SharedRuns:
 
         build_once(folder, train)
         self._used.add(folder)
-        return TrainedRun(folder / "run", config, tuple(overrides), nproc, (folder / "stdout.txt").read_text())
+        return TrainedRun(folder / "run", config, (folder / "stdout.txt").read_text())
 
     def changed(self) -> list[Path]:
         """Shared run directories this worker read whose files differ from what their training left."""
