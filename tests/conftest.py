@@ -111,7 +111,7 @@ def shared_runs(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: TinyCorpu
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+def slurm_cluster():
     """The session's two-node SLURM cluster, started and stopped by the README's own command lines
     (tests/integration/test_readme.py names this fixture as what runs them)."""
     import subprocess

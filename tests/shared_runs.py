@@ -19,7 +19,6 @@ BASES are the config trees runs start from:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -81,8 +80,7 @@ class TrainedRun:
 
 class SharedRuns:
     """The runs under `root`, which every pytest-xdist worker of the session shares: the first
-    worker to ask for a run trains it, a second one waits for it (tests/conftest.py's
-    `build_once`)."""
+    worker to ask for a run trains it, a second one waits for it (`build_once`)."""
 
     def __init__(self, root: Path, corpus, allocation: Path) -> None:
         self.root, self._corpus, self._allocation = root, corpus, allocation
@@ -91,7 +89,7 @@ class SharedRuns:
     def config(self, base: str) -> Path:
         """The config file of `base` (its run_dir is `<root>/<base>/run`, which no shared run uses)."""
         def write(folder: Path) -> None:
-            tree = copy.deepcopy(tiny_l3_config(folder / "run", self._corpus, self._allocation))
+            tree = tiny_l3_config(folder / "run", self._corpus, self._allocation)
             BASES[base](tree)
             write_config(folder / "config.yaml", tree)
 

@@ -43,8 +43,8 @@ class Cluster:
     def env(self, **extra: str) -> dict[str, str]:
         return {**trainer_env(), "SLURM_CONF": str(self.conf), **extra}
 
-    def run(self, *cmd: str, cwd: Path = REPO, **extra_env: str) -> str:
-        result = subprocess.run(cmd, cwd=cwd, env=self.env(**extra_env), capture_output=True, text=True,
+    def run(self, *cmd: str, **extra_env: str) -> str:
+        result = subprocess.run(cmd, cwd=REPO, env=self.env(**extra_env), capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, f"{' '.join(cmd)} failed: {result.stderr}{result.stdout}"
         return result.stdout

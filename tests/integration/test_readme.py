@@ -40,11 +40,9 @@ from slurm_cluster import slurm_unavailable
 from training_harness import REPO, free_port, trainer_env
 
 README = REPO / "README.md"
-# Shell variables that README lines set and later lines use (cluster.sh start -> SLURM_CONF,
-# sbatch -> JOB): each command runs in its own bash, so they are carried in a state file.
-STATE_VARS = ("SLURM_CONF", "JOB")
-FINAL_JOB_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                    "DEADLINE", "PREEMPTED"}
+# Shell variables that README lines set and later lines use (cluster.sh start -> SLURM_CONF):
+# each command runs in its own bash, so they are carried in a state file.
+STATE_VARS = ("SLURM_CONF",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +240,7 @@ def sweep_trained(ws: "Workspace", result: Result) -> None:
     assert [run["name"] for run in runs] == ["tiny_l3-lr0.001", "tiny_l3-lr0.003"], runs
     for run in runs:
         log = Path(run["log"].replace("%j", run["job_id"]))
-        record = ws.wait_for_job(run["job_id"], log)
+        record = ws.notes["cluster"].wait(run["job_id"], log, timeout=300)
         assert record["JobState"] == "COMPLETED", log.read_text()[-4000:] if log.exists() else record
         assert (Path(run["run_dir"]) / "checkpoints/step_00000002").is_dir(), run
 
@@ -426,29 +424,10 @@ class Workspace:
                 f"declare -p {names} >{self.state_file}.new 2>/dev/null || true\n"
                 f"mv {self.state_file}.new {self.state_file}\n")
 
-    def state(self) -> dict[str, str]:
-        text = self.state_file.read_text() if self.state_file.exists() else ""
-        return dict(re.findall(r'declare -\S+ (\w+)="([^"]*)"', text))
-
     def run(self, command: str, extra_env: dict[str, str], timeout: int) -> Result:
         result = subprocess.run(["bash", "-c", self.script(command)], cwd=self.root, env={**self.env, **extra_env},
                                 capture_output=True, text=True, timeout=timeout)
         return Result(result.returncode, result.stdout, result.stderr)
-
-    def slurm(self, *cmd: str) -> str:
-        env = {**self.env, "SLURM_CONF": self.state()["SLURM_CONF"]}
-        result = subprocess.run(cmd, cwd=self.root, env=env, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
-        return result.stdout
-
-    def wait_for_job(self, job: str, log: Path, timeout: float = 300) -> dict[str, str]:
-        deadline = time.time() + timeout
-        while (record := dict(re.findall(r"(\w+)=(\S*)", self.slurm("scontrol", "show", "job", "-o", job))))[
-                "JobState"] not in FINAL_JOB_STATES:
-            assert time.time() < deadline, f"job {job} still {record['JobState']}:\n" + (
-                log.read_text()[-4000:] if log.exists() else "(no log)")
-            time.sleep(1)
-        return record
 
 
 def make_workspace(tmp_path: Path) -> Workspace:
@@ -531,7 +510,8 @@ def test_readme_commands_run_as_written(tmp_path, request):
         pytest.fail(f"CI must run the README's SLURM commands: {no_slurm}")
     ws = make_workspace(tmp_path)
     if not no_slurm:  # the session's cluster, as the README's `export "$(... cluster.sh start ...)"` leaves it
-        ws.state_file.write_text(f'declare -x SLURM_CONF="{request.getfixturevalue("slurm_cluster").conf}"\n')
+        ws.notes["cluster"] = request.getfixturevalue("slurm_cluster")
+        ws.state_file.write_text(f'declare -x SLURM_CONF="{ws.notes["cluster"].conf}"\n')
     timings: list[tuple[float, str]] = []
     not_run: list[str] = []
     try:
