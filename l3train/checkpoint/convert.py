@@ -170,12 +170,15 @@ class TrainingCheckpoint:
         return torch.cat([tensors[name].contiguous() for tensors in per_tp_rank], dim=dim)
 
     def tensor(self, name: str) -> Tensor:
-        """The whole fp32 tensor `name` of the plain model (buffers included)."""
+        """The whole fp32 tensor `name` of the plain model (buffers included), detached: DeepSpeed
+        saves its fp32 master partitions as Parameters, which `torch.load` returns requiring grad."""
         if name in self.row_names and "l3_rows" in self._rank_files:
-            return self._assemble_rows(self.row_names.index(name), None)
-        if name in self.expert_names and "experts" in self._rank_files:
-            return self._assemble_experts(self.expert_names.index(name), None)
-        return self._merge_tensor_parallel(name, self._dense)
+            tensor = self._assemble_rows(self.row_names.index(name), None)
+        elif name in self.expert_names and "experts" in self._rank_files:
+            tensor = self._assemble_experts(self.expert_names.index(name), None)
+        else:
+            tensor = self._merge_tensor_parallel(name, self._dense)
+        return tensor.detach()
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) in the plain model's order, each checked against the config's shape."""

@@ -7,11 +7,12 @@ import sys
 
 import torch
 
-from l3train.checkpoint.convert import consolidate
+from l3train.checkpoint.convert import TrainingCheckpoint, consolidate
 from l3train.data.tokenizer import Tokenizer
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
 from l3train.inference.loading import load_for_generation, open_checkpoint
+from shared_runs import BF16_ZERO2
 from training_harness import REPO
 
 
@@ -35,3 +36,21 @@ def test_a_run_dir_generates_what_its_consolidated_checkpoint_generates(tiny_cor
     assert result.returncode == 0, result.stderr
     new = [step.tokens[0] for step in steps["training"] if step.tokens[0] is not None]
     assert result.stdout == tokenizer.decode(prompt + new) + "\n"
+
+
+def test_a_bf16_zero2_run_dir_generates_from_host_and_disk_tables(shared_runs, tmp_path):
+    """Its fp32 master weights come from DeepSpeed's partitions, which are Parameters: read
+    from the file, every tensor must come out detached, or the staged placements cannot copy
+    rows out of it (tools/gpu_check.sh's inference part first found this)."""
+    run_dir = shared_runs.get("equivalence", *BF16_ZERO2, nproc=2).run_dir
+    assert not any(tensor.requires_grad for _, tensor in TrainingCheckpoint(run_dir, []).tensors())
+    reader = open_checkpoint(run_dir)
+    sampling = InferenceConfig(max_new_tokens=4, temperature=0)
+    logits = {}
+    for placement in ("resident", "host", "disk"):
+        model, tables = load_for_generation(reader, InferenceConfig(placement=placement, table_dir=str(tmp_path)),
+                                            torch.device("cpu"))
+        logits[placement] = torch.stack([step.logits for step in Generator(model, tables).stream([[5, 6, 7]],
+                                                                                                 sampling)])
+        tables.close()
+    assert torch.equal(logits["host"], logits["resident"]) and torch.equal(logits["disk"], logits["resident"])
