@@ -100,7 +100,8 @@ class KernelConfig:
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b; `tl.dot` needs every dimension ≥ 16, smaller tiles multiply and sum."""
     if a.shape[0] >= 16 and a.shape[1] >= 16 and b.shape[1] >= 16:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        # out_dtype explicitly: Triton 3.6 assumes fp32 (and rejects an fp64 accumulator) without it.
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     else:
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
