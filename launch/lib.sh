@@ -61,3 +61,19 @@ stderr_copy_cleanup() {
   rm -rf "$_stderr_copy_dir"
   _stderr_copy_dir=""
 }
+
+# build_quickstart_data PYTHON DIR: the quick start's data under DIR (corpus/, tokenizer/,
+# indexed/, allocation/: the paths configs/tiny_*.yaml name under data/), each step skipped
+# when its output exists. Also used by tools/gpu_kit.sh and tools/gpu_check.sh.
+build_quickstart_data() {
+  local py=$1 dir=$2
+  local corpus=$dir/corpus/stdlib_docstrings.jsonl tokenizer=$dir/tokenizer/spm_bpe_2048
+  local indexed=$dir/indexed/stdlib_docstrings_text_document allocation=$dir/allocation/lzw_v32768_k128.npz
+  [ -f "$corpus" ] || "$py" tools/build_corpus.py --output "$corpus"
+  [ -f "$tokenizer.model" ] || "$py" tools/train_tokenizer.py --input "$corpus" --output-prefix "$tokenizer" \
+      --vocab-size 2048 --model-type bpe --max-sentences 200000
+  [ -f "$indexed.idx" ] || "$py" tools/preprocess_data.py --input "$corpus" --tokenizer "$tokenizer.model" \
+      --output-prefix "$indexed" --workers 2
+  [ -f "$allocation" ] || "$py" tools/lzw_allocate.py --data-prefix "$indexed" --tokenizer "$tokenizer.model" \
+      --mode lzw --budget 32768 --cap 128 --output "$allocation"
+}

@@ -60,7 +60,7 @@ def implementations(sweep: list[tuple[int, int, int, int]]) -> dict[str, Attenti
     fns = {f"triton P{p} R{r} F{f} w{w}": triton_fn(KernelConfig(p, r, f, w)) for p, r, f, w in sweep}
     # The torch path directly: on CUDA `row_attention_with_entropy` dispatches to Triton.
     fns["torch-sorted"] = lambda x, ids, bounds, keys, values: _SortedRowAttention.apply(
-        x, keys, values, plan_blocks(ids, bounds))[0]
+        x, keys, values, plan_blocks(ids, bounds, feature_width=x.shape[1] + values.shape[1]))[0]
     fns["padded"] = row_attention_padded
     return fns
 
@@ -81,7 +81,8 @@ def check_against_fp64(tied: bool, log: Callable[[str], None] = print) -> bool:
     from l3train.model.l3_triton import triton_row_attention_with_entropy
 
     def sorted_with_entropy(x, ids, bounds, keys, values):
-        return _SortedRowAttention.apply(x, keys, values, plan_blocks(ids, bounds))
+        plan = plan_blocks(ids, bounds, feature_width=x.shape[1] + values.shape[1])  # as training plans
+        return _SortedRowAttention.apply(x, keys, values, plan)
 
     names = ["out", "grad_x", "grad_keys"] + ([] if tied else ["grad_values"])
     passed = True

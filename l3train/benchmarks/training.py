@@ -26,7 +26,8 @@ from l3train.errors import L3TrainError
 WARMUP_STEPS = 3
 
 
-def _train(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> None:
+def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:
+    """Train `config` on `nproc` local ranks into `run_dir`; returns `run_dir`."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
@@ -35,11 +36,14 @@ def _train(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> None
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
+        print(result.stderr[-4000:], file=sys.stderr)  # the cause, for a log
         raise L3TrainError(f"benchmark run of {config} on {nproc} rank(s) failed: "
                            f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return run_dir
 
 
-def _tokens_per_second(run_dir: Path) -> float:
+def tokens_per_second(run_dir: Path) -> float:
+    """Median tokens/s of a run's logged steps after the warm-up."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [row["train/tokens_per_s"] for row in rows if "train/tokens_per_s" in row and row["step"] > WARMUP_STEPS]
     return statistics.median(rates)
@@ -66,8 +70,8 @@ def measure_throughput(configs: list[str], nproc: int, steps: int, repeats: int,
         for repeat in range(repeats):
             for index, result in enumerate(results):
                 run_dir = Path(scratch) / f"r{repeat}_m{index}"
-                _train(result.config, nproc, run_dir, common)
-                result.tokens_per_s.append(_tokens_per_second(run_dir))
+                run_trainer(result.config, nproc, run_dir, common)
+                result.tokens_per_s.append(tokens_per_second(run_dir))
                 log(f"  {nproc} rank(s), repetition {repeat + 1}/{repeats}: {result.config} "
                     f"{result.tokens_per_s[-1]:,.0f} tok/s")
     return results
@@ -78,7 +82,7 @@ def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) ->
     first = WARMUP_STEPS + 1
     with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
         run_dir = Path(scratch) / "profiled"
-        _train(config, nproc, run_dir, [f"training.steps={steps}", f"training.eval_interval={steps + 1}",
+        run_trainer(config, nproc, run_dir, [f"training.steps={steps}", f"training.eval_interval={steps + 1}",
                                         f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1",
                                         f"training.profile_steps=[{first},{steps}]", *overrides])
         phases = json.loads((run_dir / "profile" / "phases_rank00000.json").read_text())["ms_per_step"]
