@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None, usage_text: str = "") -> int:
                 saved = yaml.safe_load((resolve_training_checkpoint(source) / "config.yaml").read_text())
                 keep_paths = [f"l3.allocation={saved['l3']['allocation']}",
                               f"data.tokenizer={saved['data']['tokenizer']}"]
-                source = _as_consolidated(args.checkpoint, [], scratch, with_optimizer=not args.weights_only)
+                # The user's overrides also repoint the paths the consolidation reads (a run whose
+                # config holds relative paths, resharded from elsewhere).
+                source = _as_consolidated(args.checkpoint, args.overrides, scratch,
+                                          with_optimizer=not args.weights_only)
             out = reshard(source, Path(args.output), args.nproc, [*keep_paths, *args.overrides], args.weights_only,
                           args.overwrite)
         if args.weights_only:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from shared_runs import BF16_ZERO2, EQUIVALENCE_STEPS, parallel_layout, zero_stage
 from training_harness import REPO, assert_losses_close, metrics, run_trainer, trainer_command, trainer_env
 
@@ -200,3 +202,26 @@ def test_bad_inputs_are_one_line_and_write_nothing(trained, halfway, tmp_path):
     assert "has no optimizer state" in refused("reshard", extra, "--output", out, "--nproc", 1)
     assert "already exists" in refused("consolidate", checkpoint, "--output", tmp_path / "plain")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_reshard_of_a_run_with_relative_paths_takes_the_path_overrides(config, tmp_path):
+    """A run whose config names its tokenizer and allocation relative to where it was trained,
+    resharded from another directory with the paths repointed (the consolidation inside the
+    reshard once ignored them and failed on every retry)."""
+    tree = yaml.safe_load(config.read_text())
+    tokenizer, allocation, prefixes = tree["data"]["tokenizer"], tree["l3"]["allocation"], tree["data"]["prefixes"]
+    tree["data"]["tokenizer"] = os.path.relpath(tokenizer, REPO)
+    tree["l3"]["allocation"] = os.path.relpath(allocation, REPO)
+    tree["data"]["prefixes"] = [os.path.relpath(prefix, REPO) for prefix in prefixes]
+    relative = tmp_path / "relative.yaml"
+    relative.write_text(yaml.safe_dump(tree))
+    run_trainer(relative, f"run_dir={tmp_path / 'run'}", "training.steps=2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([*CONVERT, "reshard", str(tmp_path / "run"), "--output", str(tmp_path / "resharded"),
+                             "--nproc", "1", "--weights-only", f"data.tokenizer={tokenizer}",
+                             f"l3.allocation={allocation}", f"data.prefixes=[{','.join(prefixes)}]"],
+                            cwd=elsewhere, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resharded = yaml.safe_load((tmp_path / "resharded" / "config.yaml").read_text())
+    assert (resharded["data"]["tokenizer"], resharded["l3"]["allocation"]) == (tokenizer, allocation)
