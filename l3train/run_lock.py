@@ -75,8 +75,10 @@ def _warn_on_stderr(message: str) -> None:
 class RunDirLock:
     """The lock of one run directory: `acquire()` / `release()`, or `with RunDirLock(run_dir):`."""
 
-    def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] = _warn_on_stderr) -> None:
+    def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] = _warn_on_stderr,
+                 holder_kind: str = "trainer") -> None:
         self.run_dir = Path(run_dir)
+        self.holder_kind = holder_kind  # who takes such a lock, for the refusal: "trainer", "study"
         self.path = self.run_dir / LOCK_NAME
         self.log = log  # where the take-over warning goes (stderr by default)
         self._record: dict[str, Any] | None = None  # what this process wrote, while it holds the lock
@@ -198,6 +200,6 @@ class RunDirLock:
         return None
 
     def _refusal(self, holder: dict[str, Any]) -> str:
-        return (f"another trainer (pid {holder.get('pid')} on host {holder.get('host')}, started "
+        return (f"another {self.holder_kind} (pid {holder.get('pid')} on host {holder.get('host')}, started "
                 f"{holder.get('started', 'at an unknown time')}) is using run_dir {self.run_dir}; wait for it, "
                 f"or delete {self.path} if that process is gone")

@@ -56,6 +56,7 @@ from l3train.config import Config, config_from_dict, load_config
 from l3train.data.indexed import IndexedDocuments, read_meta
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
+from l3train.run_lock import RunDirLock
 from l3train.eval.data import split_range
 from l3train.utils.atomic import atomic_write_text
 
@@ -320,9 +321,7 @@ class Study:
             name = self.run_name(model, index)
             run_dir = self.path("runs", name)
             start = time.monotonic()
-            if run_dir.exists() and not (checkpoint_root(run_dir) / "latest").is_file():
-                # Stopped before its first checkpoint: what it logged would mix with the fresh start's logs.
-                shutil.rmtree(run_dir)
+            discard_unstarted_run(run_dir)
             if not self.trained(run_dir):
                 self._execute(f"train_{name}", f"training {name}", self.train_command(model, index))
             result = self.evaluate(model, index, run_dir)
@@ -480,16 +479,25 @@ def _relative_command(command: list[str]) -> str:
     return shlex.join(short(part) for part in command)
 
 
+def discard_unstarted_run(run_dir: Path) -> None:
+    """Remove a run stopped before its first checkpoint (what it logged would mix with the fresh
+    start's logs), unless a trainer still holds its lock: then refuse, naming that trainer."""
+    if run_dir.exists() and not (checkpoint_root(run_dir) / "latest").is_file():
+        with RunDirLock(run_dir):
+            shutil.rmtree(run_dir)
+
+
 def run_study(settings: StudySettings, argv: list[str], progress: bool = True, threads: int | None = None) -> Path:
-    """The whole study; returns the report's path."""
+    """The whole study, holding the study directory's lock (one study per directory); returns
+    the report's path."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     study = Study(settings, progress=progress, threads=threads)
-    study.dir.mkdir(parents=True, exist_ok=True)
-    study.check_plan()
-    study.prepare()
-    study.run_all()
-    return study.report(argv)
+    with RunDirLock(study.dir, holder_kind="study"):
+        study.check_plan()
+        study.prepare()
+        study.run_all()
+        return study.report(argv)
 

@@ -147,3 +147,22 @@ def test_study_runs_end_to_end_skips_what_is_done_and_refuses_another_plan(tmp_p
     assert report.read_text().startswith("<!-- written by tools/study.py")
     changed = [arg if arg != "2" else "3" for arg in args]
     assert "planned with steps=2" in one_error_line(tool("study.py", *changed))
+
+
+def test_a_second_study_on_the_same_directory_is_refused(tmp_path, tiny_corpus, tiny_allocation):
+    """One study per --study-dir: the second would delete the first's runs before their first checkpoint."""
+    config = write_config(tmp_path / "l3.yaml", tiny_l3_config(tmp_path / "unused", tiny_corpus, tiny_allocation))
+    study = tmp_path / "study"
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom l3train.run_lock import RunDirLock\n"
+                              "RunDirLock(sys.argv[1], holder_kind='study').acquire()\nprint('locked', flush=True)\n"
+                              "time.sleep(600)", str(study)], stdout=subprocess.PIPE, text=True, env=trainer_env())
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        (study / "runs" / "dense-seed0").mkdir(parents=True)  # the first study's run, before its checkpoint
+        line = one_error_line(tool("study.py", "--config", config, "--steps", "2", "--seeds", "1", "--study-dir",
+                                   study, "--output", tmp_path / "results.md", "--quiet"))
+        assert f"another study (pid {first.pid} on host" in line and str(study) in line
+        assert (study / "runs" / "dense-seed0").is_dir() and not (tmp_path / "results.md").exists()
+    finally:
+        first.kill()
+        first.wait()

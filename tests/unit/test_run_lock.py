@@ -158,3 +158,17 @@ def test_of_processes_racing_for_the_lock_exactly_one_wins(tmp_path):
                                text=True) for _ in range(4)]
     outcomes = sorted(process.communicate(timeout=60)[0].strip() for process in racers)
     assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+def test_a_study_never_discards_a_run_that_a_trainer_holds(tmp_path, holder):
+    """tools/study.py removes a run stopped before its first checkpoint, but not while its trainer runs."""
+    from l3train.eval.study import discard_unstarted_run
+
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(L3TrainError, match=rf"another trainer \(pid {holder.pid} on host"):
+        discard_unstarted_run(tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    holder.kill()
+    holder.wait()
+    discard_unstarted_run(tmp_path / "run")  # its trainer is gone: the unstarted run goes
+    assert not (tmp_path / "run").exists()
