@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None, usage_text: str = "") -> int:
         diagnosed = diagnose(loaded.model, text, tokenizer, seq_length, args.batch_size, progress)
         write_diagnostics(diagnosed, Path(args.output), loaded.step, Path(args.checkpoint).resolve().name, about)
         lm = diagnosed.lm
-    lines = [f"{text.description}: {lm.tokens:,} tokens, {lm.bytes:,} bytes",
+    lines = [f"{text.description}: {lm.tokens:,} tokens, {lm.bytes:,} bytes ({lm.bytes_of}; "
+             f"{lm.detokenized_bytes:,} detokenized)",
              f"loss {lm.loss:.4f} | perplexity {lm.perplexity:.3f} | bits per byte {lm.bits_per_byte:.4f}"]
     if args.command == "diagnostics":
         for block, layer in diagnosed.layers.items():

@@ -33,6 +33,8 @@ class EvalText:
 
     documents: list[np.ndarray]
     description: str  # where they came from, for reports
+    # UTF-8 bytes of the documents as written (None for an indexed dataset, which stores tokens only)
+    text_bytes: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -78,19 +80,22 @@ def indexed_documents(prefix: str, tokenizer: Tokenizer, split: str, part: str) 
 
 def text_documents(path: str | os.PathLike, tokenizer: Tokenizer, fmt: str = "auto", json_key: str = "text",
                    max_tokens: int | None = None) -> EvalText:
-    """The documents of a raw text (one per line) or JSONL file, tokenized, each with EOD appended."""
-    documents = [np.asarray([*tokenizer.encode(text), tokenizer.eod_id], dtype=np.int64)
-                 for text in iter_documents(path, fmt, json_key)]
+    """The documents of a raw text (one per line) or JSONL file, tokenized, each with EOD appended,
+    and their UTF-8 bytes as written (the tokenizer normalises: its round trip may differ)."""
+    texts = list(iter_documents(path, fmt, json_key))
+    documents = [np.asarray([*tokenizer.encode(text), tokenizer.eod_id], dtype=np.int64) for text in texts]
     if not documents:
         raise L3TrainError(f"{path} holds no non-empty document")
     kept = limit_documents(documents, max_tokens)
     cut = f", the first {len(kept)} (--max-tokens {max_tokens})" if len(kept) < len(documents) else ""
-    return EvalText(kept, f"{path} ({len(documents)} documents{cut})")
+    return EvalText(kept, f"{path} ({len(documents)} documents{cut})",
+                    sum(len(text.encode("utf-8")) for text in texts[:len(kept)]))
 
 
 def detokenized_bytes(tokenizer: Tokenizer, documents: list[np.ndarray]) -> int:
-    """UTF-8 bytes of the documents' detokenized text: the denominator of bits per byte, which
-    makes it comparable across tokenizers (EOD decodes to nothing)."""
+    """UTF-8 bytes of the documents' detokenized text (EOD decodes to nothing): bits per byte's
+    denominator where the text as written is unknown (an indexed dataset). The tokenizer's
+    normalisation (NFKC, collapsed whitespace) can make it shorter than the text was."""
     return sum(len(tokenizer.decode(doc.tolist()).encode("utf-8")) for doc in documents)
 
 

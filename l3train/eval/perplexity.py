@@ -7,10 +7,14 @@ from the context of its window (non-overlapping windows, as in training).
 
     loss          = Σ NLL / predicted tokens        (nats; the mean token cross entropy)
     perplexity    = exp(loss)
-    bits per byte = Σ NLL / (ln 2 · UTF-8 bytes of the detokenized documents)
+    bits per byte = Σ NLL / (ln 2 · UTF-8 bytes of the documents)
 
 Perplexity depends on the tokenizer (a token is a different unit for each); bits per byte
-does not, so it compares models with different tokenizers on the same text.
+does not, so it compares models with different tokenizers on the same text. The bytes are
+those of the documents as written when the text is a file (`--text`); the tokenizer
+normalises (NFKC, collapsed whitespace), so its round trip can be shorter and would favour
+a tokenizer that drops more. An indexed dataset stores tokens only: there the bytes are the
+detokenized documents', which `LMResult.bytes_of` says. The detokenized count is kept beside.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ class LMResult:
 
     nll: float  # nats, summed over the predicted tokens
     tokens: int  # predicted tokens (document tokens and their EODs)
-    bytes: int  # UTF-8 bytes of the detokenized documents
+    bytes: int  # UTF-8 bytes of the documents: as written where known, else detokenized (`bytes_of`)
     documents: int
+    detokenized_bytes: int  # UTF-8 bytes of the documents' tokens decoded
+    bytes_of: str  # "text as written" or "detokenized tokens"
 
     @property
     def loss(self) -> float:
@@ -83,5 +89,8 @@ def evaluate_lm(model: nn.Module, text: EvalText, tokenizer: Tokenizer, seq_leng
             length = min(seq_length, predicted - int(group[0]))
             rows = torch.stack([stream[start:start + length + 1] for start in group.tolist()]).to(device)
             nll += next_token_nll(model, rows[:, :-1], rows[:, 1:]).double().sum().cpu()
-    return LMResult(nll=float(nll), tokens=predicted, bytes=detokenized_bytes(tokenizer, text.documents),
-                    documents=len(text.documents))
+    decoded = detokenized_bytes(tokenizer, text.documents)
+    written = text.text_bytes is not None
+    return LMResult(nll=float(nll), tokens=predicted, bytes=text.text_bytes if written else decoded,
+                    documents=len(text.documents), detokenized_bytes=decoded,
+                    bytes_of="text as written" if written else "detokenized tokens")

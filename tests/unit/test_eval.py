@@ -92,6 +92,23 @@ def test_bits_per_byte_of_a_hand_made_text(tmp_path, tokenizer):
     assert result.bits_per_byte == pytest.approx(nll / (math.log(2) * 25), rel=1e-5)
 
 
+
+def test_bits_per_byte_counts_the_text_as_written_not_the_tokenizers_round_trip(tmp_path, tokenizer):
+    """The tokenizer normalises (NFKC folds full-width letters, whitespace runs collapse): counting
+    the detokenized bytes would make bits per byte depend on the tokenizer, which is its purpose not to."""
+    lines = ["    def  ｆｕｌｌ(self):", "        return   ｗｉｄｔｈ"]
+    path = tmp_path / "snippet.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    written = sum(len(line.encode("utf-8")) for line in lines)
+    text = text_documents(path, tokenizer)
+    decoded = sum(len(tokenizer.decode(doc.tolist()).encode("utf-8")) for doc in text.documents)
+    assert decoded < written  # the round trip lost bytes
+    model = small_model(tokenizer.vocab_size, seed=1)
+    nll = sum(reference_nll(model, token_stream(text.documents, tokenizer.eod_id), seq_length=64))
+    result = evaluate_lm(model, text, tokenizer, seq_length=64, progress=False)
+    assert (result.bytes, result.detokenized_bytes, result.bytes_of) == (written, decoded, "text as written")
+    assert result.bits_per_byte == pytest.approx(nll / (math.log(2) * written), rel=1e-5)
+
 def repeat_model(vocab_size: int) -> DecoderLM:
     """A model that predicts its current token again, with near certainty: every residual branch
     writes zero (attention, SwiGLU and L³ outputs), so the final state is the token's embedding,
