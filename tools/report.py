@@ -13,7 +13,8 @@ Inputs are read, never written: each run's config.yaml and metrics.jsonl, and fo
 runs the allocation file the config names (its mean rows per token occurrence sets the
 active parameters; relative paths resolve from the current directory, as in training).
 
-    python tools/report.py runs/studies/lr --output reports/lr          # a study (study.json)
+    python tools/report.py runs/studies/lr --output reports/lr          # a sweep (launch/sweep.py's study.json)
+    python tools/report.py runs/study --output reports/study             # a tools/study.py directory (plan.json)
     python tools/report.py runs/dense-1 runs/l3-1 --output reports/pair   # run directories
 
 Writes DIR/report.md, DIR/loss_vs_tokens.png and DIR/val_loss_vs_active_params.png,

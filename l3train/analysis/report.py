@@ -99,7 +99,8 @@ def load_run(name: str, run_dir: Path, cache: dict[str, tuple[int, float]]) -> R
     if not run_dir.is_dir():
         raise L3TrainError(f"run directory {run_dir} not found")
     if not (run_dir / "config.yaml").is_file():
-        raise L3TrainError(f"{run_dir} has no config.yaml: not a run directory, or the run has not started")
+        raise L3TrainError(f"{run_dir} has no config.yaml: not a run directory (or the run has not started), nor a "
+                           f"study directory (launch/sweep.py's study.json, or tools/study.py's plan.json)")
     metrics_path = run_dir / "metrics.jsonl"
     train, val = read_metrics(metrics_path) if metrics_path.is_file() else ({}, {})
     if not train:
@@ -111,24 +112,35 @@ def load_run(name: str, run_dir: Path, cache: dict[str, tuple[int, float]]) -> R
     return Run(name, run_dir, cfg, stats, train, val)
 
 
+def _study_runs(path: Path) -> list[tuple[str, Path]] | None:
+    """(name, run_dir) of the runs of a study directory: launch/sweep.py's lists them in its
+    study.json, tools/study.py's (plan.json) holds them under runs/. None: not a study directory."""
+    manifest = path / "study.json"
+    if manifest.is_file():
+        try:
+            return [(entry["name"], Path(entry["run_dir"])) for entry in json.loads(manifest.read_text())["runs"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise L3TrainError(f"{manifest} is not a study manifest written by launch/sweep.py") from None
+    if (path / "plan.json").is_file() and (path / "runs").is_dir():
+        return [(run_dir.name, run_dir) for run_dir in sorted((path / "runs").iterdir()) if run_dir.is_dir()]
+    return None
+
+
 def collect_runs(paths: list[Path]) -> list[Run]:
-    """Runs of study directories (their study.json) and run directories, in the order given."""
+    """Runs of study directories (launch/sweep.py's or tools/study.py's) and of run directories,
+    in the order given."""
     cache: dict[str, tuple[int, float]] = {}
     runs = []
     for path in paths:
-        manifest = path / "study.json"
-        if not manifest.is_file():
+        members = _study_runs(path)
+        if members is None:
             runs.append(load_run(path.name, path, cache))
             continue
-        try:
-            entries = json.loads(manifest.read_text())["runs"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise L3TrainError(f"{manifest} is not a study manifest written by launch/sweep.py") from None
-        for entry in entries:
+        for name, run_dir in members:
             try:
-                runs.append(load_run(entry["name"], Path(entry["run_dir"]), cache))
+                runs.append(load_run(name, run_dir, cache))
             except L3TrainError as err:
-                print(f"warning: skipping {entry['name']} of study {path}: {err}", file=sys.stderr)
+                print(f"warning: skipping {name} of study {path}: {err}", file=sys.stderr)
     if not runs:
         raise L3TrainError(f"no run with logged training steps in {', '.join(map(str, paths))}")
     names = [run.name for run in runs]

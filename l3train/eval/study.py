@@ -19,7 +19,7 @@ the exact commands).
 
 The study directory holds everything, so an interrupted study continues where it stopped:
 
-    study.json             the plan (inputs, v, k, steps); a rerun with another plan is refused
+    plan.json              the plan (inputs, v, k, steps); a rerun with another plan is refused
     allocation/            lzw.npz, uniform.npz
     configs/               l3_lzw.yaml, l3_uniform.yaml (written here), dense.yaml, moe.yaml (sized)
     task.jsonl             the multiple-choice task (tools/build_mc_task.py)
@@ -206,8 +206,9 @@ class Study:
 
     # ---------------------------------------------------------------- preparation
     def check_plan(self) -> None:
-        """Write study.json, or refuse a study directory planned with other settings."""
-        plan, manifest = self.settings.plan(), self.path("study.json")
+        """Write plan.json, or refuse a study directory planned with other settings. (Not study.json:
+        that is launch/sweep.py's list of runs, which tools/report.py also reads.)"""
+        plan, manifest = self.settings.plan(), self.path("plan.json")
         if manifest.is_file():
             previous = json.loads(manifest.read_text())
             changed = [key for key in sorted(set(plan) | set(previous)) if plan.get(key) != previous.get(key)]

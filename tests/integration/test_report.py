@@ -97,6 +97,20 @@ def test_study_manifest_skips_runs_without_steps(runs, tmp_path):
     assert set(table_rows((tmp_path / "out" / "report.md").read_text())) == {"a", "b"}
 
 
+
+def test_a_tools_study_directory_is_reported_from_its_runs_folder(runs, tmp_path):
+    """tools/study.py keeps its plan in plan.json and its runs under runs/ (launch/sweep.py lists
+    its runs in study.json): one report reads both."""
+    l3_dir, dense_dir, _ = runs
+    study = tmp_path / "study"
+    (study / "runs").mkdir(parents=True)
+    (study / "plan.json").write_text(json.dumps({"steps": 12, "seeds": 1}))
+    (study / "runs" / "l3_lzw-seed0").symlink_to(l3_dir)
+    (study / "runs" / "dense-seed0").symlink_to(dense_dir)
+    result = report(str(study), "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert set(table_rows((tmp_path / "out" / "report.md").read_text())) == {"l3_lzw-seed0", "dense-seed0"}
+
 def test_missing_or_empty_runs_are_one_line_errors(runs, tmp_path):
     l3_dir, _, _ = runs
     empty = tmp_path / "empty"
