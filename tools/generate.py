@@ -20,8 +20,10 @@ layer run (--no-prefetch: fetched by the layer itself).
     python tools/generate.py exports/tiny_consolidated --prompt "" --placement disk --table-dir /tmp/l3_tables --stats
     python tools/generate.py runs/tiny_l3 data.tokenizer=data/tokenizer/spm_bpe_2048.model --prompt "If"
 
-An empty prompt starts after an end-of-document token. Generation stops at --stop-token
-ids (default: the end-of-document token) or after --max-new-tokens.
+Every prompt starts after an end-of-document token, as every document does in training
+and evaluation (an empty prompt is that token alone). Generation stops at --stop-token ids
+(default: the end-of-document token) or after --max-new-tokens. A prompt too long for the
+model is refused before anything is printed.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> int:
                              table_dir=args.table_dir, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              stop_tokens=tuple(args.stop_token or [tokenizer.eod_id]))
-    prompts = [tokenizer.encode(text) or [tokenizer.eod_id] for text in args.prompt]
+    prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
     model, placement = load_for_generation(checkpoint, config, device)
     generator = Generator(model, placement, pad_id=tokenizer.eod_id)
     try:

@@ -65,6 +65,12 @@ class Tokenizer:
         """Token ids of `text` (no EOD appended)."""
         return self._sp.encode(text, out_type=int)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """EOD, then the token ids of `text`: how a prompt (the start of a document) is read by a
+        model trained on documents that each follow an EOD (the previous document's, or the
+        stream's first). Generation and evaluation start every prompt this way."""
+        return [self.eod_id, *self.encode(text)]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special pieces such as EOD decode to nothing."""
         return self._sp.decode([int(i) for i in ids])

@@ -124,8 +124,8 @@ class _Request:
 
 def _request(tokenizer: Tokenizer, example: Example, choice: str, max_length: int, where: str) -> _Request | None:
     """The scoring request of one choice; None when the choice alone does not fit the model."""
-    prompt = [tokenizer.eod_id, *tokenizer.encode(example.context)]
-    tokens = [tokenizer.eod_id, *tokenizer.encode(example.context + choice)]
+    prompt = tokenizer.encode_prompt(example.context)
+    tokens = tokenizer.encode_prompt(example.context + choice)
     first = 0
     while first < min(len(prompt), len(tokens)) and prompt[first] == tokens[first]:
         first += 1

@@ -52,7 +52,12 @@ class Generator:
         self.model, self.placement, self.pad_id = model, placement, pad_id
 
     def stream(self, prompts: list[list[int]], config: InferenceConfig) -> Iterator[GenerationStep]:
-        """Yield every decoding step as soon as its tokens are drawn."""
+        """Every decoding step as soon as its tokens are drawn. The prompts are checked now, not at
+        the first step: a caller that got a stream can show the prompt before any step."""
+        self._check(prompts, config)
+        return self._steps(prompts, config)
+
+    def _check(self, prompts: list[list[int]], config: InferenceConfig) -> None:
         if not prompts or any(not prompt for prompt in prompts):
             raise L3TrainError("every prompt needs at least one token")
         vocab, limit = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
@@ -62,6 +67,9 @@ class Generator:
         if width + config.max_new_tokens - 1 > limit:
             raise L3TrainError(f"a prompt of {width} tokens plus {config.max_new_tokens} new tokens exceeds the "
                                f"model's max_seq_len {limit}; shorten the prompt or lower max new tokens")
+
+    def _steps(self, prompts: list[list[int]], config: InferenceConfig) -> Iterator[GenerationStep]:
+        width = max(len(prompt) for prompt in prompts)
         pad_lengths = torch.tensor([width - len(prompt) for prompt in prompts])
         ids = torch.tensor([[self.pad_id] * (width - len(prompt)) + prompt for prompt in prompts])
         # The last token drawn is never fed back, hence the - 1.

@@ -13,10 +13,11 @@ def stream_one(generator: Generator, prompt: list[int], config: InferenceConfig,
     """Print the completion as it grows: the decoded whole minus what is already shown. Text
     ending in an incomplete UTF-8 sequence (byte pieces) is held back until it completes or
     the generation ends."""
+    steps = generator.stream([prompt], config)  # checks the prompt before it is shown
     shown = tokenizer.decode(prompt)
     sys.stdout.write(shown)
     tokens = list(prompt)
-    for step in generator.stream([prompt], config):
+    for step in steps:
         if step.tokens[0] is None:
             break
         tokens.append(step.tokens[0])

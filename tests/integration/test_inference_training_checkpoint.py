@@ -20,7 +20,7 @@ def test_a_run_dir_generates_what_its_consolidated_checkpoint_generates(tiny_cor
     run_dir = shared_runs.get("tiny_l3").run_dir
     consolidated = consolidate(run_dir, tmp_path / "consolidated", progress=False)
     tokenizer = Tokenizer.load(tiny_corpus.tokenizer_path)
-    prompt = tokenizer.encode("Return the value")
+    prompt = tokenizer.encode_prompt("Return the value")
     sampling = InferenceConfig(max_new_tokens=8, temperature=0, stop_tokens=(tokenizer.eod_id,))
     steps = {}
     for name, path, placement in (("training", run_dir, "host"), ("consolidated", consolidated, "resident")):

@@ -267,15 +267,20 @@ def test_generate_tool_streams_text_and_refuses_bad_input(checkpoint, tiny_corpu
     from l3train.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tiny_corpus.tokenizer_path)
-    expected = generator_for(checkpoint).generate([tokenizer.encode("Return the")],
-                                                  InferenceConfig(max_new_tokens=8, temperature=0, stop_tokens=(tokenizer.eod_id,)))
+    prompt = tokenizer.encode_prompt("Return the")  # EOD first, as every document in training
+    assert prompt[0] == tokenizer.eod_id and prompt[1:] == tokenizer.encode("Return the")
+    expected = generator_for(checkpoint).generate([prompt], InferenceConfig(max_new_tokens=8, temperature=0,
+                                                                            stop_tokens=(tokenizer.eod_id,)))
     result = run_generate(str(checkpoint), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0",
                           "--placement", "disk", "--table-dir", str(tmp_path), "--device", "cpu", "--stats")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == tokenizer.decode(tokenizer.encode("Return the") + expected.tokens[0]) + "\n"
+    assert result.stdout == tokenizer.decode(prompt + expected.tokens[0]) + "\n"
     assert "bytes_per_token=" in result.stderr
+    too_long = " ".join(["Return the value"] * 200)
     for args, message in [((str(tmp_path / "missing"), "--prompt", "x"), "not found"),
-                          ((str(checkpoint), "--prompt", "x", "--top-p", "0"), "top-p")]:
+                          ((str(checkpoint), "--prompt", "x", "--top-p", "0"), "top-p"),
+                          ((str(checkpoint), "--prompt", too_long), "exceeds the model's max_seq_len")]:
         failed = run_generate(*args)
         assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
         assert failed.stderr.startswith("error: ") and message in failed.stderr
+        assert failed.stdout == ""  # nothing streamed before the refusal
