@@ -12,8 +12,8 @@ The weights are recomputed from outside the model: a forward hook on each
 `LargeLookupLayer` captures its inputs (normed hidden states and token ids), and the layer's
 own key table and bounds give softmax(K_t x) for every position, one token at a time, in
 fp64. This reference computation is independent of the training kernels, which return only
-each position's entropy; it reads the whole key table, so it needs the plain model
-(`l3train.eval.loading`).
+each position's entropy. Of the key table it reads the rows of the batch's tokens only,
+gathered on the table's device (`batch_rows`); it needs the plain model (`l3train.eval.loading`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,30 @@ def lookup_weights(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor) -
     for token, positions in zip(unique.tolist(), torch.split(order, counts.tolist())):
         rows = keys[int(bounds[token]):int(bounds[token + 1])].double()
         yield token, positions, torch.softmax(x[positions].double() @ rows.t(), dim=-1)
+
+
+@dataclass
+class BatchRows:
+    """The key rows of a batch's distinct tokens, on the host, and the batch re-indexed to them."""
+
+    tokens: Tensor  # (U,) the distinct token ids, ascending
+    starts: Tensor  # (U,) each one's first row in the whole table
+    keys: Tensor  # (Σ d_t, d_in) their rows, in token order
+    local_bounds: Tensor  # (U + 1,) row offsets into `keys`
+    local_ids: Tensor  # (N,) each position's index into `tokens`
+
+
+def batch_rows(keys: Tensor, bounds: Tensor, token_ids: Tensor) -> BatchRows:
+    """Gather, on the table's device, only the rows of the tokens in `token_ids`, then copy them
+    to the host: a GPU's tables are gigabytes, a batch's rows a few megabytes."""
+    bounds = bounds.to(keys.device)
+    tokens, local_ids = torch.unique(token_ids.to(keys.device), return_inverse=True)
+    starts, counts = bounds[tokens], bounds[tokens + 1] - bounds[tokens]
+    local_bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    # Row r of the gathered block belongs to token u = owner[r]: table row starts[u] + (r - local_bounds[u]).
+    owner = torch.repeat_interleave(torch.arange(len(tokens), device=keys.device), counts)
+    rows = starts[owner] + torch.arange(len(owner), device=keys.device) - local_bounds[owner]
+    return BatchRows(tokens.cpu(), starts.cpu(), keys[rows].cpu(), local_bounds.cpu(), local_ids.cpu())
 
 
 @dataclass
@@ -98,14 +122,14 @@ class _LayerRecorder:
 
     def __call__(self, module: LargeLookupLayer, args: tuple[Tensor, Tensor | LookupRoutes], _output: object) -> None:
         x, ids = args
-        x, token_ids = x.detach().reshape(-1, x.shape[-1]).cpu(), LookupRoutes.of(ids).token_ids.reshape(-1).cpu()
-        bounds = module.bounds.cpu()
-        keys = module.rows.tables()[0].detach().cpu()
-        for token, positions, weights in lookup_weights(x, token_ids, bounds, keys):
+        token_ids = LookupRoutes.of(ids).token_ids.reshape(-1)
+        batch = batch_rows(module.rows.tables()[0].detach(), module.bounds, token_ids)
+        x = x.detach().reshape(-1, x.shape[-1]).cpu()
+        for local, positions, weights in lookup_weights(x, batch.local_ids, batch.local_bounds, batch.keys):
+            token, start = int(batch.tokens[local]), int(batch.starts[local])
             self.entropy.append(torch.special.entr(weights).sum(-1))
             self.top1.append(weights.max(-1).values)
             self.rows.append(torch.full((len(positions),), weights.shape[1]))
-            start = int(bounds[token])
             self.row_max[start:start + weights.shape[1]] = torch.maximum(
                 self.row_max[start:start + weights.shape[1]], weights.max(0).values)
             self.counts[token] += len(positions)

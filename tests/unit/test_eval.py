@@ -186,6 +186,25 @@ def test_diagnostics_of_a_hand_built_layer_give_known_entropies():
     assert len(diagnostics.result()[0].entropy) == 6
 
 
+
+def test_diagnostics_read_only_the_rows_of_the_batch_tokens():
+    """On a GPU the tables are gigabytes: the hook gathers the batch's rows there and copies those."""
+    from l3train.eval.diagnostics import batch_rows
+
+    rows_per_token = torch.tensor([3, 1, 5, 2, 4, 7])
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(rows_per_token, 0)])
+    keys = torch.randn(int(bounds[-1]), 6)
+    token_ids = torch.tensor([4, 1, 4, 2, 1, 1])
+    batch = batch_rows(keys, bounds, token_ids)
+    assert batch.tokens.tolist() == [1, 2, 4]
+    assert batch.keys.shape == (1 + 5 + 4, 6)  # the rows of tokens 1, 2 and 4, not the table's 22
+    for local, token in enumerate(batch.tokens.tolist()):
+        start, end = int(bounds[token]), int(bounds[token + 1])
+        assert int(batch.starts[local]) == start
+        assert torch.equal(batch.keys[int(batch.local_bounds[local]):int(batch.local_bounds[local + 1])],
+                           keys[start:end])
+    assert torch.equal(batch.tokens[batch.local_ids], token_ids)
+
 def test_logit_lens_matches_a_manual_early_exit():
     model = small_model(64, seed=3)
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
