@@ -161,12 +161,19 @@ def test_reshard_continues_the_original_trajectory(nproc, layout, config, halfwa
 
 
 def test_reshard_weights_only_warns_and_restarts_the_optimizer(halfway, tmp_path):
-    stopped, _ = halfway
+    """Zero moments, but the run's step and learning-rate schedule go on where they were."""
+    stopped, reference = halfway
     result = convert("reshard", stopped, "--output", tmp_path / "fresh", "--nproc", 1, "--weights-only")
     assert "warning: --weights-only" in result.stderr
     convert("consolidate", tmp_path / "fresh", "--output", tmp_path / "plain", "--with-optimizer")
-    moments = Consolidated(tmp_path / "plain").moments()
-    assert all(not value.any() for value in moments["exp_avg"].values())
+    plain = Consolidated(tmp_path / "plain")
+    assert plain.step == HALFWAY
+    assert all(not value.any() for value in plain.moments()["exp_avg"].values())
+    resumed = run_trainer(tmp_path / "fresh" / "config.yaml", "--resume")
+    assert f"resuming at step {HALFWAY}" in resumed.stdout
+    rates, expected = metrics(tmp_path / "fresh", "train/lr"), metrics(reference, "train/lr")
+    assert sorted(rates) == list(range(HALFWAY + 1, EQUIVALENCE_STEPS + 1))
+    assert rates == {step: expected[step] for step in rates}
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(trained, halfway, tmp_path):

@@ -149,6 +149,26 @@ def test_multiple_choice_picks_the_answer_it_must(tokenizer):
     assert result.scores[0][1] == pytest.approx(expected, rel=1e-5)
 
 
+
+def test_length_normalised_accuracy_divides_by_the_choices_bytes(tokenizer):
+    """Raw and length-normalised accuracy disagree on purpose. Under the repeat model a token costs
+    about the same unless it repeats the one before (then ~0). The answer has two costly tokens
+    in 31 bytes (5 tokens): worst raw score, best per byte. The decoys: " a a a a", one costly
+    token in 4 tokens (best per token), and " of", one in 3 bytes (best raw, and best if scores
+    were multiplied by length). Normalising by the context changes nothing against raw."""
+    model = repeat_model(tokenizer.vocab_size)
+    context, choices = "I said the the", (" of object object object object", " a a a a", " of")
+    assert [len(tokenizer.encode(word)) for word in (" of", " object", " a")] == [1, 1, 1]
+    result = evaluate_multiple_choice(model, tokenizer, [Example(context, choices, 0)], progress=False)
+    scores = np.array(result.scores[0])
+    utf8_bytes = np.array([len(choice.encode("utf-8")) for choice in choices])
+    tokens = np.array([len(tokenizer.encode(context + choice)) - len(tokenizer.encode(context)) for choice in choices])
+    # The example separates the normalisations (else this test could not tell them apart).
+    assert (utf8_bytes.tolist(), tokens.tolist()) == ([31, 8, 3], [5, 4, 1])
+    assert (scores / utf8_bytes).argmax() == 0
+    assert scores.argmax() != 0 and (scores / tokens).argmax() != 0 and (scores * utf8_bytes).argmax() != 0
+    assert (result.accuracy, result.accuracy_norm) == (0.0, 1.0)
+
 def test_diagnostics_of_a_hand_built_layer_give_known_entropies():
     # Token 0: one row; token 1: four equal keys (even spread: entropy log 4); token 2: eight
     # keys of which one scores 50 above the others (entropy ~0); token 3: never seen.
