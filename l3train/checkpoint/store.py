@@ -99,22 +99,94 @@ def _sync_tree(directory: Path) -> None:
     sync_directory(directory)
 
 
+STAGING = ".staging"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _checkpoint_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def _intact(root: Path) -> str:
+    tag = latest_tag(root)
+    return f"{root / tag} is intact" if tag else "no checkpoint was saved before"
+
+
+def _space_problem(root: Path, tag: str) -> str | None:
+    """Why `tag` cannot be saved: less free space than the last checkpoint took (None: go ahead,
+    or there is no checkpoint yet to go by)."""
+    last = latest_tag(root)
+    if last is None:
+        return None
+    needed, free = _checkpoint_bytes(root / last), _free_bytes(root)
+    if free >= needed:
+        return None
+    return (f"not enough space to save checkpoint {tag}: {_megabytes(free)} free on the filesystem of {root}, "
+            f"the last checkpoint took {_megabytes(needed)}; {_intact(root)}; free space (or lower "
+            f"checkpoint.keep_last), then continue with --resume")
+
+
+def clear_abandoned_staging(run_dir: str | os.PathLike) -> str | None:
+    """Remove what a save killed midway left in the staging folder (only the run's own trainer,
+    holding its lock, may call this); returns the line to log, None if there was nothing."""
+    staging = checkpoint_root(run_dir) / STAGING
+    if not staging.exists():
+        return None
+    size = _checkpoint_bytes(staging)
+    shutil.rmtree(staging)
+    return f"removed {staging} ({_megabytes(size)}): the staging of a checkpoint save that did not finish"
+
+
+def no_space_message(run_dir: str | os.PathLike, error: OSError) -> str:
+    """One line for a full disk before training starts, naming what of the run takes space."""
+    staging = checkpoint_root(run_dir) / STAGING
+    held = (f"; {staging} holds {_megabytes(_checkpoint_bytes(staging))} of an unfinished checkpoint save, which "
+            f"--resume removes once it can start" if staging.exists() else "")
+    return (f"no space left on the filesystem of {run_dir} ({_megabytes(_free_bytes(Path(run_dir)))} free; "
+            f"{error.strerror}){held}; free space, then continue with --resume")
+
+
 def save_checkpoint(engine, cfg: Config, step: int, identity: dict[str, Any], parts: ParallelModel,
                     rank: int, world_size: int) -> Path:
     """Save engine state and this rank's rank-local tensors (`parts`) for `step` (the number
-    of optimizer steps completed); collective over all ranks."""
+    of optimizer steps completed); collective over all ranks. Refused before writing when the
+    free space is below the last checkpoint's size; a save that fails midway (a full disk)
+    removes its staging and raises one line on every rank."""
     root = checkpoint_root(cfg.run_dir)
-    staging, tag = root / ".staging", tag_for_step(step)
+    staging, tag = root / STAGING, tag_for_step(step)
+    problem = None
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted save's leftovers
-        staging.mkdir(parents=True)
-    dist.barrier()
-    deepspeed_adapter.save_engine_checkpoint(engine, str(staging), tag, {"step": step})
-    for part in parts.rank_local:
-        part.save(staging / tag, rank)
-    if rank == 0:
-        (staging / tag / "config.yaml").write_text(cfg.to_yaml())
-    dist.barrier()
+        root.mkdir(parents=True, exist_ok=True)
+        problem = _space_problem(root, tag)
+        if problem is None:
+            staging.mkdir(parents=True)
+    problem = _all_gather(problem, world_size)[0]
+    if problem:
+        raise L3TrainError(problem)
+    failure = None
+    try:
+        deepspeed_adapter.save_engine_checkpoint(engine, str(staging), tag, {"step": step})
+        for part in parts.rank_local:
+            part.save(staging / tag, rank)
+        if rank == 0:
+            (staging / tag / "config.yaml").write_text(cfg.to_yaml())
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos ..."
+        failure = f"rank {rank}: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    failures = [f for f in _all_gather(failure, world_size) if f]
+    if failures:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise L3TrainError(f"saving checkpoint {tag} failed ({failures[0]}); removed {staging}, "
+                           f"{_megabytes(_free_bytes(root))} free on the filesystem of {root}; {_intact(root)}; "
+                           f"free space, then continue with --resume")
     files = _checksum_shares(staging / tag, rank, world_size)
     final = root / tag
     if rank == 0:

@@ -18,6 +18,7 @@ finite is skipped on every rank (no update to the dense weights, the rows or the
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from l3train.checkpoint import load_latest_checkpoint, refuse_existing_checkpoints, run_identity, save_checkpoint
+from l3train.checkpoint import (clear_abandoned_staging, load_latest_checkpoint, no_space_message,
+                                refuse_existing_checkpoints, run_identity, save_checkpoint)
 from l3train.checkpoint.consolidated import Consolidated, load_weights
 from l3train.config import Config, validate_for_world
 from l3train.data.dataset import batch_for_step, build_datasets
@@ -65,8 +67,16 @@ class Trainer:
         """Ranks and process groups, the parallel model, data, the DeepSpeed engine, and the
         checkpoint to resume from."""
         cfg = self.cfg
+        cleared = None
         if self.lock is not None:
-            self.lock.acquire()
+            try:
+                self.lock.acquire()
+                if self.resume:  # the lock is ours: no other trainer can be saving into it
+                    cleared = clear_abandoned_staging(cfg.run_dir)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise L3TrainError(no_space_message(cfg.run_dir, err)) from None
         if not self.resume:
             refuse_existing_checkpoints(cfg)
         self.world = init_distributed(cfg.parallel.collective_timeout_minutes)
@@ -108,6 +118,8 @@ class Trainer:
         self.monitor = Monitor(cfg, self.parallel, self.world.is_main, self.start_step)
         if self.world.is_main:
             atomic_write_text(Path(cfg.run_dir) / "config.yaml", cfg.to_yaml())
+        if cleared:
+            self.monitor.info(cleared)
         for change in resumed.config_changes if resumed else []:
             self.monitor.info(f"config changed on resume (--allow-config-change): {change}")
         self.monitor.info(self._describe())

@@ -5,6 +5,8 @@ that verifies; extending a run keeps the steps already planned; trajectory chang
 from __future__ import annotations
 
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,48 @@ def test_an_allowed_learning_rate_change_applies_from_the_resumed_step(constant_
     assert "optimizer.lr: 0.002 -> 0.0005" in resumed.stdout
     lrs = metrics(run_dir, "train/lr")
     assert lrs[6] == pytest.approx(2e-3) and lrs[7] == pytest.approx(5e-4) and lrs[12] == pytest.approx(5e-4)
+
+
+@contextmanager
+def small_filesystem(path: Path, size: int):
+    """A tmpfs of `size` bytes at `path` (the test runs as root, as the SLURM tests do)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(shared_runs, tiny_corpus, tiny_allocation,
+                                                                         tmp_path):
+    checkpoint_bytes = sum(path.stat().st_size for path in shared_runs.get("tiny_l3").checkpoint(6).iterdir())
+    config = write_config(tmp_path / "l3.yaml", tiny_l3_config(tmp_path / "unused", tiny_corpus, tiny_allocation))
+    args = ["training.steps=4", "checkpoint.save_interval=2", "--config", str(config)]
+    # Room for a checkpoint and a half: step 2 is saved; step 4 is refused before anything is written.
+    with small_filesystem(tmp_path / "room_for_one", checkpoint_bytes * 3 // 2 + 2_000_000) as disk:
+        root = disk / "run" / "checkpoints"
+        line = run_expecting_error(*args, f"run_dir={disk / 'run'}")
+        assert line.startswith("error: not enough space to save checkpoint step_00000004: ") and " MB free on the " \
+            f"filesystem of {root}, the last checkpoint took " in line, line
+        assert f"{root / 'step_00000002'} is intact; free space" in line
+        assert (root / "latest").read_text().strip() == "step_00000002" and not (root / ".staging").exists()
+        assert verify(root / "step_00000002") is None
+    # No room for one: the first save fails midway, and removes what it wrote.
+    with small_filesystem(tmp_path / "too_small", checkpoint_bytes // 2) as disk:
+        root = disk / "run" / "checkpoints"
+        line = run_expecting_error(*args, f"run_dir={disk / 'run'}")
+        assert line.startswith("error: saving checkpoint step_00000002 failed (rank 0: ") and \
+            f"removed {root / '.staging'}, " in line and "no checkpoint was saved before" in line, line
+        assert not (root / ".staging").exists() and not (root / "latest").exists()
+
+
+def test_a_resume_removes_the_staging_of_a_save_that_was_killed(shared_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(shared_runs.get("tiny_l3").run_dir, run_dir)
+    staging = run_dir / "checkpoints" / ".staging"
+    (staging / "step_00000013").mkdir(parents=True)
+    (staging / "step_00000013" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 3_000_000)
+    result = run_trainer(run_dir / "config.yaml", f"run_dir={run_dir}", "--resume")
+    assert f"removed {staging} (3 MB): the staging of a checkpoint save that did not finish" in result.stdout
+    assert not staging.exists()
