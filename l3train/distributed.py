@@ -229,6 +229,12 @@ def lost_ranks(wait_seconds: float = 5.0) -> list[int] | None:
 EXIT_RANK_LOST = 3
 
 
+def is_collective_timeout(err: BaseException) -> bool:
+    """A collective failed because it waited past the timeout (gloo: "Timed out waiting ...";
+    NCCL's watchdog: "... timeout")."""
+    return is_collective_failure(err) and ("timed out" in str(err).lower() or "Watchdog caught" in str(err))
+
+
 def is_collective_failure(err: BaseException) -> bool:
     """A collective failed because a peer went away: NCCL raises DistError (c10d's type);
     gloo raises a plain RuntimeError from its TCP transport."""
@@ -237,14 +243,22 @@ def is_collective_failure(err: BaseException) -> bool:
 
 def init_distributed(timeout_minutes: float = 10.0) -> World:
     """Initialise torch.distributed through DeepSpeed (which also sets up its own comm); a
-    collective waiting longer than `timeout_minutes` fails instead of hanging."""
+    collective waiting longer than `timeout_minutes`, in any group of the run, fails instead
+    of hanging."""
     if "RANK" not in os.environ:
         _rank_environment_without_torchrun()
     device = select_accelerator()
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+                               auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    # Groups created later without a timeout of their own (DeepSpeed's ZeRO and sequence
+    # groups, l3train's) get torch's default instead (30 minutes), not the world's: a rank
+    # that hangs (stopped, deadlocked, a stuck GPU) would keep the others waiting for that
+    # long. new_group reads these module defaults when it is called; megatron-core, which
+    # passes its own, is given the same (l3train.parallel.state).
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size(),
                  local_rank=int(os.environ["LOCAL_RANK"]), device=device)

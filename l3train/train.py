@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # is reported at once.
     import torch
 
-    from l3train.distributed import EXIT_RANK_LOST, is_collective_failure, lost_ranks
+    from l3train.distributed import EXIT_RANK_LOST, is_collective_failure, is_collective_timeout, lost_ranks
     from l3train.trainer.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, exit_after_steps=args.exit_after_steps,
@@ -65,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
         lost = lost_ranks() if torch.distributed.is_initialized() else None
         who = f"rank(s) {', '.join(map(str, lost))}" if lost else "another rank"
-        print(f"error: rank {rank}: lost contact with {who} during a collective ({str(err).splitlines()[0][:160]}); "
-              f"it died, was killed or lost its node; restart the job with --resume", file=sys.stderr, flush=True)
+        cause = str(err).splitlines()[0][:160]
+        if is_collective_timeout(err):  # a peer that hangs (stopped, deadlocked) keeps its connections open
+            print(f"error: rank {rank}: {who} did not answer within the collective timeout "
+                  f"({cfg.parallel.collective_timeout_minutes:g} min) ({cause}); it hung, died or lost its node; "
+                  f"restart the job with --resume", file=sys.stderr, flush=True)
+        else:
+            print(f"error: rank {rank}: lost contact with {who} during a collective ({cause}); it died, was killed "
+                  f"or lost its node; restart the job with --resume", file=sys.stderr, flush=True)
         return EXIT_RANK_LOST
     finally:
         trainer.close()  # explicitly: the process ends without finalizers (exit_process)

@@ -65,9 +65,13 @@ def initialize_parallel(tensor_parallel: int, expert_parallel: int = 1) -> Paral
         parallel_state.destroy_model_parallel()
     # No gloo copies of the groups: megatron only uses them for its distributed optimizer's
     # checkpoints, which l3train does not use (DeepSpeed owns optimizer and checkpoints).
+    # megatron-core gives its groups its own timeout (30 minutes by default): the run's instead,
+    # which l3train.distributed.init_distributed made torch's default for new groups.
+    timeout = torch.distributed.distributed_c10d.default_pg_timeout
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                              expert_model_parallel_size=expert_parallel,
-                                             create_gloo_process_groups=False)
+                                             create_gloo_process_groups=False,
+                                             distributed_timeout_minutes=timeout.total_seconds() / 60)
     return ParallelState(
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
