@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from session_cache import build_once, session_shared_dir
 from shared_runs import BF16_ZERO2, EQUIVALENCE_STEPS, zero_stage
 from training_harness import REPO, assert_losses_close, metrics, run_expecting_error, run_trainer, trainer_env
 
@@ -183,3 +185,32 @@ def test_the_readme_library_example_runs(reference_run, tmp_path):
     assert sorted(metrics(run_dir, "train/loss")) == [1, 2]
     step, loss, micro = result.stdout.split("EXTRA_STEP ")[1].split()
     assert step == "3" and 0 < float(loss) < 20 and micro == "2"  # 8 sequences in micro-batches of 4
+
+
+# configs/tiny_l3.yaml on the quick start's data (launch/lib.sh build_quickstart_data, from
+# this CPython's stdlib docstrings): the validation loss before training and the first train
+# losses, as `bash launch/quickstart.sh` logs them. A change here changes the README's figures:
+# make it on purpose, and regenerate those.
+QUICK_START_VAL_LOSS_0 = 7.6522
+QUICK_START_LOSSES = {1: 7.6547, 2: 7.6374, 3: 7.5944, 4: 7.5462, 5: 7.4503}
+
+
+@pytest.fixture(scope="module")
+def quickstart_data(tmp_path_factory) -> Path:
+    def build(folder: Path) -> None:
+        subprocess.run(["bash", "-c", 'source launch/lib.sh && build_quickstart_data "$0" "$1"', sys.executable,
+                        str(folder)], cwd=REPO, env=trainer_env(), check=True, capture_output=True, timeout=600)
+
+    return build_once(session_shared_dir(tmp_path_factory) / "quickstart_data", build)
+
+
+def test_the_quick_start_trajectory_is_pinned(quickstart_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(REPO / "configs" / "tiny_l3.yaml", f"run_dir={run_dir}", "training.log_interval=1",
+                f"data.prefixes=[{quickstart_data / 'indexed' / 'stdlib_docstrings_text_document'}]",
+                f"data.tokenizer={quickstart_data / 'tokenizer' / 'spm_bpe_2048.model'}",
+                f"l3.allocation={quickstart_data / 'allocation' / 'lzw_v32768_k128.npz'}",
+                "--exit-after-steps", str(len(QUICK_START_LOSSES)))  # the 500-step schedule, stopped early
+    losses = {step: round(loss, 4) for step, loss in metrics(run_dir, "train/loss").items()}
+    assert round(metrics(run_dir, "val/loss")[0], 4) == QUICK_START_VAL_LOSS_0
+    assert losses == QUICK_START_LOSSES
