@@ -27,6 +27,13 @@ import yaml
 from l3train.errors import L3TrainError
 
 
+# Elements of DeepSpeed's gradient reduction buckets: ZeRO's `reduce_bucket_size` (set by
+# l3train.trainer.deepspeed_adapter.engine_config, DeepSpeed's default) and the engine's own
+# all-reduce bucket at ZeRO-0. Each is a flat buffer of this many gradient elements
+# (l3train.sizing.memory counts it in a rank's memory).
+GRADIENT_BUCKET_ELEMENTS = 500_000_000
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder backbone."""

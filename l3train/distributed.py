@@ -15,7 +15,6 @@ how many trainers a node starts and how many threads each gets.
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import socket
 import sys
@@ -23,7 +22,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
@@ -46,6 +44,14 @@ def select_accelerator() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def accelerator_name() -> str:
+    """The device type DeepSpeed's accelerator runs on ("cuda", "cpu"); chosen at the first call
+    in a process (from DS_ACCELERATOR), fixed after (DeepSpeed's public API)."""
+    import deepspeed
+
+    return deepspeed.get_accelerator().device_name()
+
+
 def _match_deepspeed_accelerator(device_type: str, gpus: int, local_rank: int) -> None:
     """Point DeepSpeed at `device_type`. A `DS_ACCELERATOR` that says otherwise is overridden,
     with one line per node (local rank 0); a DeepSpeed that has already chosen another
@@ -57,8 +63,6 @@ def _match_deepspeed_accelerator(device_type: str, gpus: int, local_rank: int) -
               f"{device_type}", file=sys.stderr, flush=True)
     os.environ["DS_ACCELERATOR"] = device_type
     if "deepspeed" in sys.modules:
-        from l3train.trainer.deepspeed_adapter import accelerator_name
-
         chosen = accelerator_name()  # chosen now from DS_ACCELERATOR unless chosen before
         if chosen != device_type:
             raise L3TrainError(f"DeepSpeed already runs on {chosen}, but this process trains on {device_type}: "
@@ -181,28 +185,6 @@ def expected_world_size() -> int:
     if "SLURM_PROCID" in os.environ:
         return int(os.environ.get("SLURM_NTASKS", "1"))
     return 1
-
-
-def exit_process(status: int) -> NoReturn:
-    """End a process that has used torch.distributed, without interpreter finalization.
-
-    Why: a gloo worker thread that finishes a collective releases its tensors' Python
-    wrappers, which takes the GIL. If the main thread begins finalizing between torch's
-    `Py_IsInitialized()` check and that GIL acquisition, CPython ends the worker thread with
-    `pthread_exit`; the forced unwind crosses noexcept destructors and the process aborts
-    ("terminate called without an active exception", SIGABRT) after its work is done.
-    `destroy_process_group()` cannot prevent it: it does not join gloo's threads while
-    megatron-core and DeepSpeed still hold their groups. Callers first pass a barrier (all
-    ranks are past their last collective), then exit here; nothing l3train needs runs in
-    atexit handlers or finalizers (logs and writers are closed explicitly).
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    record_dir = os.environ.get("L3TRAIN_EXIT_DIR")  # launch/slurm/pretrain.sbatch collects every rank's status
-    if record_dir:
-        Path(record_dir, f"rank_{os.environ.get('RANK', '0')}").write_text(f"{status}\n")
-    os._exit(status)
 
 
 def lost_ranks(wait_seconds: float = 5.0) -> list[int] | None:

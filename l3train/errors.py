@@ -34,10 +34,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
 def _exit(status: int) -> NoReturn:
     """`sys.exit`, except in a process that joined torch.distributed: that one must skip
-    interpreter finalization (l3train.distributed.exit_process says why)."""
+    interpreter finalization (l3train.process.exit_process says why)."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        from l3train.distributed import exit_process
+        from l3train.process import exit_process
 
         exit_process(status)
     sys.exit(status)

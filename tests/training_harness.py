@@ -131,10 +131,10 @@ def crash_and_resume(config: Path, run_dir: Path, overrides: list[str], nproc: i
 def finish_worker(status: int = 0) -> NoReturn:
     """Leave a torchrun worker: a barrier (every rank is past its last collective), then exit
     without interpreter finalization, which can abort a gloo process at exit
-    (l3train.distributed.exit_process explains the race)."""
+    (l3train.process.exit_process explains the race)."""
     import torch.distributed as dist
 
-    from l3train.distributed import exit_process
+    from l3train.process import exit_process
 
     if dist.is_initialized():
         dist.barrier()

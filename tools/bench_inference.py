@@ -6,7 +6,7 @@ decode tokens/s at each --batch for resident tables, host memory with and withou
 prefetch, and disk with prefetch (warm page cache), in interleaved repetitions (this
 machine is noisy: read the ratios); the staging counters (bytes staged per token, stalls,
 time waited) and where a step's time goes; and the resident memory that loading and generating add, per placement, in
-a fresh process each, for the model with large tables (l3train.inference.benchmark says
+a fresh process each, for the model with large tables (l3train.benchmarks.inference says
 exactly what is measured).
 
 Models: `tiny_l3` is configs/tiny_l3.yaml (LZW allocation, 2 × 16 MiB of tables);
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from l3train.benchmarks.core import machine
+from l3train.benchmarks.inference import (BenchModel, bench_memory, bench_speed, prepare_checkpoint, table_bytes,
+                                          write_report)
 from l3train.errors import CliArgumentParser, run_cli
-from l3train.inference.benchmark import (BenchModel, bench_memory, bench_speed, prepare_checkpoint, table_bytes,
-                                         write_report)
 
 MODELS = {
     "tiny_l3": (BenchModel("tiny_l3", "configs/tiny_l3.yaml"),

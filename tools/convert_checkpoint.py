@@ -31,7 +31,7 @@ outputs appear only when complete. `tools/inspect_checkpoint.py` shows what a ch
 
 from __future__ import annotations
 
-from l3train.checkpoint.commands import main
+from l3train.conversion.commands import main
 from l3train.errors import run_cli
 
 if __name__ == "__main__":

@@ -594,7 +594,7 @@ def _placement_logits(ctx: Context, reader: Any, placement: str, prompts: list[l
 
 
 def part_inference(fig: Figures, ctx: Context) -> None:
-    from l3train.inference.benchmark import bench_prompts, bench_speed
+    from l3train.benchmarks.inference import bench_prompts, bench_speed
     from l3train.inference.loading import open_checkpoint
 
     checkpoint = l3_run_dir(ctx)

@@ -4,7 +4,7 @@ A training checkpoint (l3train.checkpoint.store) is spread over the ranks that w
 
 - the dense weights and their AdamW moments are DeepSpeed's, per TP rank a slice of every
   tensor that tensor parallelism splits (`tensor_parallel_dim`), and under ZeRO partitioned
-  over the DP ranks: read with DeepSpeed's own reader (`read_weights` in l3train.trainer.deepspeed_adapter);
+  over the DP ranks: read with DeepSpeed's own reader (`read_weights` in l3train.checkpoint.deepspeed_files);
 - the L³ rows, when sharded, are one `l3_rows_rank*.pt` per rank: shard s holds the rows of
   the tokens the shard plan (saved in the file) gives it, in `global_row_indices(s)` order;
 - the experts, under expert parallelism, are one `experts_rank*.pt` per rank: EP rank r
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from l3train.checkpoint.consolidated import (MOMENTS, ConsolidatedContents, check_tensors, plain_state_dict,
                                              write_consolidated)
+from l3train.checkpoint.deepspeed_files import read_weights, read_zero0_moments, read_zero_moments
 from l3train.checkpoint.manifest import read_manifest, verify
 from l3train.checkpoint.store import checkpoint_root, latest_tag
 from l3train.config import Config, config_from_dict
@@ -40,7 +41,6 @@ from l3train.model.roles import ParamRole
 from l3train.optim import named_parameter_groups
 from l3train.parallel.shard_plan import ShardPlan, allocation_hash
 from l3train.parallel.sharded_optim import rank_file
-from l3train.trainer.deepspeed_adapter import read_weights, read_zero0_moments, read_zero_moments
 
 
 def resolve_training_checkpoint(path: str | os.PathLike) -> Path:

@@ -34,11 +34,11 @@ import torch.distributed as dist
 import yaml
 
 from l3train.checkpoint.config_change import check_config_change
+from l3train.checkpoint.deepspeed_files import load_engine_checkpoint, save_engine_checkpoint
 from l3train.checkpoint.manifest import checkpoint_files, checksum, read_manifest, verify, write_manifest
 from l3train.config import Config, WorldLayout
 from l3train.errors import L3TrainError
 from l3train.parallel.shard_plan import ShardPlan, allocation_hash
-from l3train.trainer import deepspeed_adapter
 from l3train.utils.atomic import atomic_write_text, sync_directory
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def save_checkpoint(engine, cfg: Config, step: int, identity: dict[str, Any], pa
         raise L3TrainError(problem)
     failure = None
     try:
-        deepspeed_adapter.save_engine_checkpoint(engine, str(staging), tag, {"step": step})
+        save_engine_checkpoint(engine, str(staging), tag, {"step": step})
         for part in parts.rank_local:
             part.save(staging / tag, rank)
         if rank == 0:
@@ -288,7 +288,7 @@ def load_latest_checkpoint(engine, cfg: Config, identity: dict[str, Any], parts:
     changes = check_config_change(saved_config, cfg.to_dict(), str(directory), allow_config_change)
     _check_identity(manifest, identity, directory)
     try:
-        client_state = deepspeed_adapter.load_engine_checkpoint(engine, str(root), tag)
+        client_state = load_engine_checkpoint(engine, str(root), tag)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as err:
         raise L3TrainError(f"checkpoint {directory} is unreadable ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); delete it or point "

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from l3train.config import Config, WorldLayout, validate_for_world
+from l3train.config import GRADIENT_BUCKET_ELEMENTS, Config, WorldLayout, validate_for_world
 from l3train.errors import L3TrainError
 from l3train.parallel.shard_plan import plan_shards
 from l3train.sizing.accounting import config_allocation
@@ -151,9 +151,6 @@ def deepspeed_holding(elements: int, zero_stage: int, precision: str, data_paral
 
 def gradient_bucket_bytes(elements: int, zero_stage: int, precision: str) -> int:
     """DeepSpeed's gradient bucket (module docstring)."""
-    # Here, not at the top: the adapter imports torch, which the CLI's input checks do without.
-    from l3train.trainer.deepspeed_adapter import GRADIENT_BUCKET_ELEMENTS
-
     if zero_stage == 3:
         return FP32 * GRADIENT_BUCKET_ELEMENTS
     bucket = GRADIENT_BUCKET_ELEMENTS if zero_stage else min(elements, GRADIENT_BUCKET_ELEMENTS)

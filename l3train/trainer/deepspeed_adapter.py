@@ -1,7 +1,8 @@
 """Every place l3train reaches into DeepSpeed beyond its public API, in one module.
 
 DeepSpeed owns the dense parameters: ZeRO partitioning, gradient reduction, loss scaling,
-clipping and the checkpoint files. Sharded L³ rows and expert-parallel experts live outside
+clipping and the checkpoint files (which l3train.checkpoint.deepspeed_files writes and
+reads: this module keeps only what touches a live engine). Sharded L³ rows and expert-parallel experts live outside
 it (l3train.parallel.sharded_optim), and clipping all of them by one global norm needs the
 dense norm *before* `engine.step()` and a way to set the clip threshold of that step; for
 both DeepSpeed has no public API, so this adapter uses its internals:
@@ -11,17 +12,6 @@ both DeepSpeed has no public API, so this adapter uses its internals:
   `deepspeed.runtime.utils.combine_grad_norm_groups`, and `loss_scale`;
 - the threshold: the ZeRO optimizers' `clip_grad`, and at ZeRO-0 the engine's
   `_config.gradient_clipping`;
-- reading a checkpoint's DeepSpeed files offline (checkpoint conversion): the weights with
-  DeepSpeed's own reader, `deepspeed.utils.zero_to_fp32`, which knows every stage's
-  partitioning but assumes data parallelism only, so it is given a view of one TP rank's
-  files at a time (symbolic links renamed to mp rank 00); the AdamW moments sit in the same
-  flat partitions as the fp32 weights, so they are un-flattened by that reader's private
-  merge functions (`_get_fp32_state_dict_from_zero{2,3}_checkpoint`), given the moment
-  partitions in place of the weight partitions. DeepSpeed's files per TP rank t: ZeRO 0
-  `mp_rank_{t:02d}_model_states.pt` (`module`, and `optimizer`: the client optimizer's
-  state by parameter position); ZeRO 1/2 the same plus `zero_pp_rank_{d}_mp_rank_{t:02d}_
-  optim_states.pt` per DP rank d; ZeRO 3 `zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt`
-  and `..._optim_states.pt` per d;
 - setting AdamW's moments of a fresh engine (resharding a checkpoint, `set_adam_state`):
   DeepSpeed's tensor-fragment API (`safe_set_full_optimizer_state`) writes a parameter's
   share into the ZeRO partitions, but only once the base optimizer has state, which it
@@ -38,25 +28,15 @@ first, not a training run.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from l3train.config import Config, WorldLayout
+from l3train.config import GRADIENT_BUCKET_ELEMENTS, Config, WorldLayout
 from l3train.errors import L3TrainError
 
 PINNED_VERSION = "0.19.8"
-# Elements of DeepSpeed's gradient reduction buckets: ZeRO's `reduce_bucket_size` (set below,
-# DeepSpeed's default) and the engine's own all-reduce bucket at ZeRO-0. Each is a flat buffer
-# of this many gradient elements (l3train.sizing.memory counts it in a rank's memory).
-GRADIENT_BUCKET_ELEMENTS = 500_000_000
-
-
 def engine_config(cfg: Config, layout: WorldLayout) -> dict:
     """The DeepSpeed config of a run: batch layout, ZeRO stage, precision and clipping, and
     under bf16 the gradients' data types (`gradient_data_types`)."""
@@ -93,14 +73,6 @@ def gradient_data_types(zero_stage: int) -> dict:
     if zero_stage < 2:
         return {}
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
-
-
-def accelerator_name() -> str:
-    """The device type DeepSpeed's accelerator runs on ("cuda", "cpu"); chosen at the first call
-    in a process (from DS_ACCELERATOR), fixed after."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name()
 
 
 def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -161,16 +133,6 @@ def reported_grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def load_engine_checkpoint(engine, root: str, tag: str) -> dict | None:
-    """Load DeepSpeed's part of checkpoint `root/tag`; its client state, None if it found nothing."""
-    path, client_state = engine.load_checkpoint(root, tag=tag)
-    return None if path is None else client_state
-
-
-def save_engine_checkpoint(engine, root: str, tag: str, client_state: dict) -> None:
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-
-
 def set_adam_state(engine, optimizer: torch.optim.Optimizer, params: list[tuple[nn.Parameter, dict[str, torch.Tensor]]],
                    step: float) -> None:
     """Give the AdamW that DeepSpeed steps (`optimizer`, the client optimizer) the moments
@@ -205,96 +167,3 @@ def set_adam_state(engine, optimizer: torch.optim.Optimizer, params: list[tuple[
     for param, moments in params:
         for key, value in moments.items():
             safe_set_full_optimizer_state(param, value.to(flats[0].device, torch.float32), key)
-
-
-_VIEW_TAG = "tp_rank_view"
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-@contextlib.contextmanager
-def _tp_rank_view(directory: Path, tp_rank: int) -> Iterator[Path]:
-    """A temporary checkpoint root whose tag `_VIEW_TAG` holds links to TP rank `tp_rank`'s
-    DeepSpeed files, renamed as mp rank 00, as `zero_to_fp32` expects."""
-    marker = f"mp_rank_{tp_rank:02d}_"
-    with tempfile.TemporaryDirectory(prefix="l3train-tp-view-") as root:
-        view = Path(root) / _VIEW_TAG
-        view.mkdir()
-        for path in sorted(directory.glob(f"*{marker}*.pt")):
-            (view / path.name.replace(marker, "mp_rank_00_")).symlink_to(path.resolve())
-        yield Path(root)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """zero_to_fp32 prints progress lines and bars; the converter has its own."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-def read_weights(directory: Path, tp_rank: int, zero_stage: int) -> dict[str, Tensor]:
-    """The fp32 weights and buffers held by DeepSpeed for TP rank `tp_rank`, by name (this TP
-    rank's slice of split tensors). Values may be lazy: call `.contiguous()` on each."""
-    if zero_stage == 0:
-        state = torch.load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
-                           weights_only=False, mmap=True)
-        return {name: tensor for name, tensor in state["module"].items() if tensor is not None}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _tp_rank_view(directory, tp_rank) as root, _quiet():
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=_VIEW_TAG, lazy_mode=True)
-
-
-def _optimizer_step(states: list[dict]) -> float:
-    """The one step count of the optimizer's states; 0 when it has not stepped (no state)."""
-    steps = {float(state["step"]) for state in states if "step" in state}
-    if not steps:
-        return 0.0
-    if len(steps) != 1:
-        raise L3TrainError(f"the optimizer state records step counts {sorted(steps)}; expected one")
-    return steps.pop()
-
-
-def read_zero0_moments(directory: Path, tp_rank: int, names: list[str]) -> tuple[dict[str, dict[str, Tensor]], float]:
-    """AdamW's moments at ZeRO 0, by name; `names` are the engine's parameters in the order
-    of the optimizer's groups (the client optimizer's state is keyed by that position)."""
-    state = torch.load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
-                       weights_only=False, mmap=True)["optimizer"]
-    indices = [index for group in state["param_groups"] for index in group["params"]]
-    if len(indices) != len(names):
-        raise L3TrainError(f"{directory}: the optimizer holds {len(indices)} tensors, the model has {len(names)} "
-                           f"outside the rank-local ones; the checkpoint does not match its config")
-    per_param = [state["state"].get(index, {}) for index in indices]
-    moments = {key: {name: entry[key] for name, entry in zip(names, per_param) if key in entry} for key in MOMENTS}
-    return moments, _optimizer_step(per_param)
-
-
-def read_zero_moments(directory: Path, tp_rank: int) -> tuple[dict[str, dict[str, Tensor]], float]:
-    """AdamW's moments at ZeRO 1-3 for TP rank `tp_rank`, by name, merged over the DP partitions."""
-    from deepspeed.utils import zero_to_fp32 as reader
-
-    with _tp_rank_view(directory, tp_rank) as root, _quiet():
-        view = root / _VIEW_TAG
-        model_states = reader.parse_model_states(reader.get_model_state_files(str(view)))
-        optim_files = reader.get_optim_files(str(view))
-        partitions = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-                      for path in optim_files]
-        stage = partitions[0]["zero_stage"]
-        world_size = len(partitions)
-        base_key = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
-        group_states = [[part[base_key]["state"][index] for index in sorted(part[base_key]["state"])]
-                        for part in partitions]
-        step = _optimizer_step([state for states in group_states for state in states])
-        moments = {key: {} for key in MOMENTS}
-        if step == 0:
-            return moments, step
-        for key in MOMENTS:
-            flat_groups = [[state[key] for state in states] for states in group_states]
-            if stage <= 2:
-                merged = reader._get_fp32_state_dict_from_zero2_checkpoint(
-                    world_size, flat_groups, model_states, False, partitions[0].get("param_alignment_paddings"))
-            else:
-                merged = reader._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states,
-                                                                           False)
-            buffers = model_states[0].buffers
-            moments[key] = {name: tensor.contiguous() for name, tensor in merged.items() if name not in buffers}
-    return moments, step

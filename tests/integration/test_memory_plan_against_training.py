@@ -71,7 +71,7 @@ def planned(config: Path, overrides: list[str], ranks: int) -> dict[str, int]:
 def test_planned_memory_matches_what_the_trainer_holds(tmp_path, tiny_corpus, tiny_allocation, ranks):
     from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
 
-    from l3train.trainer.deepspeed_adapter import GRADIENT_BUCKET_ELEMENTS
+    from l3train.config import GRADIENT_BUCKET_ELEMENTS
 
     assert MEMORY_OPT_ALLREDUCE_SIZE == GRADIENT_BUCKET_ELEMENTS  # the ZeRO-0 bucket the planner assumes
     tree = tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation)

@@ -19,7 +19,7 @@ from l3train.model.llama import DecoderLM
 from l3train.sizing.accounting import model_stats
 from l3train.sizing.memory import (activation_estimate, deepspeed_holding, gradient_bucket_bytes, markdown_table,
                                    parse_size, plan_memory, rank_elements)
-from l3train.trainer.deepspeed_adapter import GRADIENT_BUCKET_ELEMENTS
+from l3train.config import GRADIENT_BUCKET_ELEMENTS
 from l3train.trainer.loss import lm_loss
 from training_harness import REPO
 

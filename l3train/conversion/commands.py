@@ -1,7 +1,7 @@
 """The commands of tools/convert_checkpoint.py: argument parsing and what each command runs.
 
 The tool is a thin shell (its docstring is the user's documentation); the conversions
-themselves are in l3train.checkpoint.convert, reshard and huggingface.
+themselves are in l3train.checkpoint.convert and huggingface, and l3train.conversion.reshard.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, usage_text: str = "") -> int:
         print(f"wrote consolidated checkpoint {out} (step {Consolidated(out, check=False).step})")
     elif args.command == "reshard":
         from l3train.checkpoint.convert import resolve_training_checkpoint
-        from l3train.checkpoint.reshard import reshard
+        from l3train.conversion.reshard import reshard
 
         refuse_existing([args.output], "a run directory", args.overwrite)
         with tempfile.TemporaryDirectory(prefix="l3train-convert-") as scratch:

@@ -69,7 +69,7 @@ def reshard(consolidated_dir: Path, output: Path, nproc: int, overrides: list[st
             config_path.write_text(target_config(consolidated, staging, list(overrides)).to_yaml())
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                       "-m", "l3train.checkpoint.reshard", "--config", str(config_path),
+                       "-m", "l3train.conversion.reshard", "--config", str(config_path),
                        "--consolidated", str(consolidated.directory), *(["--weights-only"] if weights_only else [])]
             # On the host (gloo): the slices are cut and saved, no accelerator is needed.
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -152,7 +152,7 @@ def advance_to_step(trainer, step: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """One rank of `reshard` (run under torchrun)."""
-    parser = CliArgumentParser(prog="python -m l3train.checkpoint.reshard", description=__doc__)
+    parser = CliArgumentParser(prog="python -m l3train.conversion.reshard", description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--consolidated", required=True)
     parser.add_argument("--weights-only", action="store_true")
