@@ -33,11 +33,12 @@ import sys
 
 import torch
 
+from l3train.checkpoint.reader import open_checkpoint
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.inference.config import PLACEMENTS, InferenceConfig
 from l3train.inference.engine import Generator
-from l3train.inference.loading import load_for_generation, open_checkpoint
+from l3train.inference.loading import load_for_generation
 from l3train.inference.text import print_batch, stream_one
 
 

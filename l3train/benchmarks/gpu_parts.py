@@ -595,7 +595,7 @@ def _placement_logits(ctx: Context, reader: Any, placement: str, prompts: list[l
 
 def part_inference(fig: Figures, ctx: Context) -> None:
     from l3train.benchmarks.inference import bench_prompts, bench_speed
-    from l3train.inference.loading import open_checkpoint
+    from l3train.checkpoint.reader import open_checkpoint
 
     checkpoint = l3_run_dir(ctx)
     reader = open_checkpoint(checkpoint)

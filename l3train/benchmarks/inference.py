@@ -37,10 +37,11 @@ import torch
 
 from l3train.benchmarks.core import resident_kb
 from l3train.checkpoint.consolidated import ConsolidatedContents, plain_state_dict, write_consolidated
+from l3train.checkpoint.reader import open_checkpoint
 from l3train.config import load_config
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
-from l3train.inference.loading import load_for_generation, open_checkpoint
+from l3train.inference.loading import load_for_generation
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "resident": {"placement": "resident"},

@@ -10,19 +10,13 @@ tables' size with the disk placement.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from l3train.checkpoint.consolidated import KIND, Consolidated, load_weights, plain_state_dict
-from l3train.checkpoint.manifest import read_manifest
-from l3train.config import Config
-from l3train.errors import L3TrainError
+from l3train.checkpoint.consolidated import load_weights, plain_state_dict
+from l3train.checkpoint.reader import CheckpointTensors
 from l3train.inference.config import InferenceConfig
 from l3train.inference.disk_tables import DEFAULT_TABLE_DIR, disk_table, table_key
 from l3train.inference.placement import TablePlacement
@@ -32,84 +26,6 @@ from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
 from l3train.model.llama import DecoderLM, rope_tables
 
 ROWS_PER_CHUNK = 1 << 14  # rows per read when a table is copied out of a checkpoint
-
-
-class CheckpointTensors(Protocol):
-    """A checkpoint read tensor by tensor under the plain model's names."""
-
-    directory: Path
-    config: Config
-    files: dict[str, Any]  # the manifest's record of every file (sizes and CRC-32s): the checkpoint's identity
-
-    def tensor(self, name: str) -> Tensor: ...
-
-    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
-        """Consecutive blocks of at most `rows` rows of the 2-D tensor `name`."""
-        ...
-
-
-class ConsolidatedTensors:
-    """A consolidated checkpoint: tensors and row blocks read from its safetensors files."""
-
-    def __init__(self, consolidated: Consolidated) -> None:
-        from safetensors import safe_open
-
-        self.directory, self.config = consolidated.directory, consolidated.config
-        self.files = consolidated.manifest["files"]
-        self._file_of = {}
-        for path in consolidated.model_files():
-            with safe_open(str(path), framework="pt") as handle:
-                self._file_of.update({name: path for name in handle.keys()})
-
-    def tensor(self, name: str) -> Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
-        from safetensors import safe_open
-
-        with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            table = handle.get_slice(name)
-            for start in range(0, table.get_shape()[0], rows):
-                yield table[start:start + rows].numpy()
-
-
-class TrainingTensors:
-    """A training checkpoint of any layout (l3train.checkpoint.convert.TrainingCheckpoint). A
-    sharded table is reassembled whole in memory once when it is read."""
-
-    def __init__(self, path: str | os.PathLike, overrides: list[str], verify: bool) -> None:
-        from l3train.checkpoint.convert import TrainingCheckpoint
-
-        self._checkpoint = TrainingCheckpoint(path, overrides, check=verify)
-        self.directory, self.config = self._checkpoint.directory, self._checkpoint.config
-        self.files = self._checkpoint.manifest["files"]
-
-    def tensor(self, name: str) -> Tensor:
-        return self._checkpoint.tensor(name)
-
-    def row_chunks(self, name: str, rows: int) -> Iterator[np.ndarray]:
-        table = self.tensor(name)
-        for start in range(0, table.shape[0], rows):
-            yield table[start:start + rows].numpy()
-
-
-def open_checkpoint(path: str | os.PathLike, overrides: list[str] = (), verify: bool = True) -> CheckpointTensors:
-    """A consolidated checkpoint, or a training checkpoint (also a run_dir: its latest one).
-    `overrides` (key=value) repoint a training checkpoint's tokenizer or allocation paths."""
-    path = Path(path)
-    if not path.exists():
-        raise L3TrainError(f"checkpoint {path} not found; pass a consolidated checkpoint, a training checkpoint "
-                           f"(run_dir/checkpoints/step_*) or a run_dir")
-    manifest, _ = read_manifest(path)
-    if manifest is not None and manifest.get("kind") == KIND:
-        if overrides:
-            raise L3TrainError(f"{path} is a consolidated checkpoint: its tokenizer and allocation are inside it, "
-                               f"config overrides ({overrides[0]}) apply to training checkpoints only")
-        return ConsolidatedTensors(Consolidated(path, check=verify))
-    return TrainingTensors(path, list(overrides), verify)
 
 
 def _table_names(model: DecoderLM) -> list[tuple[LargeLookupLayer, list[str]]]:

@@ -108,7 +108,8 @@ def test_held_out_documents_are_the_trainers_validation_documents(tiny_corpus):
 
 @pytest.mark.slow  # five tool start-ups: over 20 s on a busy machine
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    assert "not a training checkpoint" in one_error_line(tool("evaluate.py", "lm", tmp_path / "missing"))
+    missing = tmp_path / "missing"
+    assert f"checkpoint {missing} not found" in one_error_line(tool("evaluate.py", "lm", missing))
     (tmp_path / "taken.json").write_text("{}")
     assert "already exists" in one_error_line(tool("evaluate.py", "lm", tmp_path, "--json", tmp_path / "taken.json"))
     assert "not found" in one_error_line(tool("evaluate.py", "mc", tmp_path, "--task", tmp_path / "none.jsonl"))

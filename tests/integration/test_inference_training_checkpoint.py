@@ -8,10 +8,11 @@ import sys
 import torch
 
 from l3train.checkpoint.convert import TrainingCheckpoint, consolidate
+from l3train.checkpoint.reader import open_checkpoint
 from l3train.data.tokenizer import Tokenizer
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
-from l3train.inference.loading import load_for_generation, open_checkpoint
+from l3train.inference.loading import load_for_generation
 from shared_runs import BF16_ZERO2
 from training_harness import REPO
 

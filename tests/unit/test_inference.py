@@ -15,11 +15,12 @@ import torch
 
 from l3train.checkpoint.consolidated import (Consolidated, ConsolidatedContents, load_model, plain_state_dict,
                                              write_consolidated)
+from l3train.checkpoint.reader import open_checkpoint
 from l3train.config import config_from_dict
 from l3train.errors import L3TrainError
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
-from l3train.inference.loading import load_for_generation, open_checkpoint
+from l3train.inference.loading import load_for_generation
 from l3train.inference.sampling import filter_logits
 from l3train.model.build import build_model
 from training_harness import REPO, tiny_l3_config
