@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              "shares the machine")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from l3train.eval.study import REPORT_MARK, resolve_settings, run_study
+    from l3train.study import REPORT_MARK, resolve_settings, run_study
 
     output = Path(args.output)
     if output.exists() and not args.overwrite and not output.read_text(errors="replace").startswith(REPORT_MARK):

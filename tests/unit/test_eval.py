@@ -316,7 +316,7 @@ def test_examples_that_do_not_fit_are_skipped_and_counted(tokenizer):
 
 
 def test_throughput_weighs_each_logged_interval_by_its_time(tmp_path):
-    from l3train.eval.study import throughput
+    from l3train.study import throughput
 
     # 10 steps at 1,000 tokens/s, then 10 at 500, 100 tokens a step: 2,000 tokens in 1 s + 2 s.
     path = tmp_path / "metrics.jsonl"

@@ -162,7 +162,7 @@ def test_of_processes_racing_for_the_lock_exactly_one_wins(tmp_path):
 
 def test_a_study_never_discards_a_run_that_a_trainer_holds(tmp_path, holder):
     """tools/study.py removes a run stopped before its first checkpoint, but not while its trainer runs."""
-    from l3train.eval.study import discard_unstarted_run
+    from l3train.study import discard_unstarted_run
 
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(L3TrainError, match=rf"another trainer \(pid {holder.pid} on host"):
