@@ -1,11 +1,11 @@
 """Load a checkpoint for generation, with its L³ tables where the inference config puts them.
 
-The model is built on the meta device, so no table is ever allocated or initialised on
-the way: with the `host` or `disk` placement each L³ layer's row backend is swapped for a
-`StagedRowTable` over tables read from the checkpoint in row chunks (into host memory, or
-into the table files of l3train.inference.disk_tables), and only the remaining tensors are
-materialised on the compute device and loaded. Peak memory therefore stays below the
-tables' size with the disk placement.
+The model is built by `build_model` with its L³ tables deferred (on the meta device), so no
+table is allocated or initialised on the way: with the `host` or `disk` placement each L³
+layer's row backend is swapped for a `StagedRowTable` over tables read from the checkpoint
+in row chunks (into host memory, or into the table files of l3train.inference.disk_tables),
+and only the remaining tensors go to the compute device and are loaded. Peak memory
+therefore stays below the tables' size with the disk placement.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from l3train.inference.config import InferenceConfig
 from l3train.inference.disk_tables import DEFAULT_TABLE_DIR, disk_table, table_key
 from l3train.inference.placement import TablePlacement
 from l3train.inference.row_sources import DiskRows, HostRows, RowSource
-from l3train.model.build import load_allocation, meta_model
+from l3train.model.build import build_model
 from l3train.model.l3_layer import LargeLookupLayer, bounds_from_rows
-from l3train.model.llama import DecoderLM, rope_tables
+from l3train.model.llama import DecoderLM
 
 ROWS_PER_CHUNK = 1 << 14  # rows per read when a table is copied out of a checkpoint
 
@@ -54,40 +54,27 @@ def _row_source(checkpoint: CheckpointTensors, name: str, shape: tuple[int, int]
     return DiskRows(path)
 
 
-def _materialize(model: DecoderLM, rows_per_token: np.ndarray | None, device: torch.device) -> None:
-    """Give the meta model's tensors memory on `device`, and rebuild what the constructor
-    computes rather than loads: the tied output projection, the RoPE tables, and the L³
-    bounds from the allocation (the checkpoint's bounds are then checked against them)."""
-    cfg = model.cfg
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:
-        model.output.weight = model.embedding.weight
-    cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-    with torch.no_grad():
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
-        for layer in model.l3_layers():
-            layer.bounds.copy_(bounds_from_rows(rows_per_token))
-
-
 def load_for_generation(checkpoint: CheckpointTensors, config: InferenceConfig,
                         device: torch.device) -> tuple[DecoderLM, TablePlacement]:
     """The checkpoint's model on `device` in eval mode, its L³ tables placed as `config` says."""
     cfg = checkpoint.config
-    allocation = load_allocation(cfg)  # also checks the tokenizer against the model's vocabulary
-    rows_per_token = allocation.rows_per_token if allocation else None
-    model = meta_model(cfg, rows_per_token)
+    # The constructor makes what is computed, not loaded (RoPE tables, the tied output, the L³
+    # bounds from the allocation, which the checkpoint's must then equal); the tables stay on
+    # the meta device until their placement gives them memory.
+    model, allocation = build_model(cfg, defer_rows=True)
     layers = _table_names(model)
     if config.placement == "resident" or not layers:
+        for layer, _ in layers:
+            layer.rows.to_empty(device=device)  # filled from the checkpoint below
         placement = TablePlacement(device)
     else:
         shapes = {name: tuple(table.shape) for name, table in model.state_dict().items()}
         tables = [[_row_source(checkpoint, name, shapes[name], config) for name in names]
                   for _, names in layers]
         placement = TablePlacement.install([layer for layer, _ in layers], tables,
-                                           bounds_from_rows(rows_per_token).numpy(), config.staging_rows,
+                                           bounds_from_rows(allocation.rows_per_token).numpy(), config.staging_rows,
                                            config.prefetch, device)
-    _materialize(model, rows_per_token, device)
+    model.to(device)
     source = str(checkpoint.directory)
     load_weights(model, {name: checkpoint.tensor(name) for name in plain_state_dict(model, cfg.model.tie_embeddings)},
                  cfg.model.tie_embeddings, source)
