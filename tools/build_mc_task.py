@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.data.corpus import iter_documents
+from l3train.data.sources import iter_documents
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.eval.data import SPLIT_PARTS, split_range
 from l3train.eval.multiple_choice import continuation_task, write_task

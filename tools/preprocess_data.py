@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """Tokenize a corpus into a Megatron indexed dataset (<prefix>.bin/.idx) for training.
 
-Resumable: rerun the same command after an interruption and finished chunks are kept.
-Example (default corpus and tokenizer, see tools/build_corpus.py, tools/train_tokenizer.py):
+The corpus is any number of files, directories (their corpus files, sorted) and globs:
+JSONL, plain text (one document per line), Parquet (one document per row), text and JSONL
+also .gz or .zst; each file is streamed. Resumable: rerun the same command after an
+interruption and finished chunks are kept. Examples (the default corpus and tokenizer, see
+tools/build_corpus.py and tools/train_tokenizer.py; then a directory of FineWeb-style shards):
 
     python tools/preprocess_data.py --input data/corpus/stdlib_docstrings.jsonl \\
         --tokenizer data/tokenizer/spm_bpe_2048.model --output-prefix data/indexed/stdlib_docstrings_text_document --workers 2
+    python tools/preprocess_data.py --input 'corpus/shard_*.parquet' more/part-0001.jsonl.zst \\
+        --tokenizer tok.model --output-prefix data/indexed/web --workers 16
 """
 
 from __future__ import annotations
@@ -20,26 +25,29 @@ from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 def parse_args() -> argparse.Namespace:
     parser = CliArgumentParser(
         description=(
-            "Tokenize text (one document per line) or JSONL into <prefix>.bin/.idx with "
-            "megatron-core's IndexedDatasetBuilder, EOD after every document, plus a "
-            "<prefix>.meta.json naming the tokenizer. Output is identical for any "
-            "--workers and --chunk-size. Work is saved per chunk under <prefix>.parts/: "
-            "rerunning an interrupted command resumes it."
+            "Tokenize text, JSONL or Parquet files (text and JSONL also .gz/.zst) into "
+            "<prefix>.bin/.idx with megatron-core's IndexedDatasetBuilder, EOD after every "
+            "document, plus a <prefix>.meta.json naming the tokenizer and inputs. Output is "
+            "identical for any --workers and --chunk-size, and however the same files are named. "
+            "Work is saved per chunk under <prefix>.parts/: rerunning an interrupted command resumes it."
         )
     )
-    parser.add_argument("--input", required=True, help="corpus file (.jsonl/.json = JSONL)")
+    parser.add_argument("--input", required=True, nargs="+", metavar="FILE_DIR_OR_GLOB",
+                        help="corpus files, directories or globs (quote globs), in order")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
     parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     parser.add_argument(
-        "--format", choices=["auto", "text", "jsonl"], default="auto", help="default: by extension"
+        "--format", choices=["auto", "text", "jsonl", "parquet"], default="auto",
+        help="default: by extension (.jsonl/.json, .parquet, else text; under .gz/.zst too)"
     )
-    parser.add_argument("--json-key", default="text", help="JSONL field with the text")
+    parser.add_argument("--json-key", "--text-key", dest="json_key", default="text",
+                        help="the JSONL field or Parquet column with the text (default text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_LINES,
-        help=f"input lines per resumable chunk (default {DEFAULT_CHUNK_LINES})",
+        help=f"documents per resumable chunk (default {DEFAULT_CHUNK_LINES})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite_argument(parser)

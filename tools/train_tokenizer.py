@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from l3train.data.corpus import check_input, detect_format, iter_documents
+from l3train.data.sources import check_input, detect_format, iter_documents
 from l3train.data.tokenizer import iter_training_sentences, train_tokenizer
 from l3train.errors import CliArgumentParser, run_cli
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing

@@ -11,9 +11,7 @@ line) but whitespace inside a paragraph is collapsed, because docstring indentat
 hard line wraps are layout, not content. Files are visited in sorted order and every
 step is deterministic, so the same Python version always yields byte-identical output.
 
-This module also reads corpora back (`iter_documents`, `parse_document`) in the two
-input formats the tokenizer trainer and the preprocessor accept: plain text with one
-document per line, and JSONL with the document under a key (default "text").
+Corpora are read back (in every format the data tools accept) by l3train.data.sources.
 """
 
 from __future__ import annotations
@@ -244,60 +242,3 @@ def build_corpus(
     )
     atomic_write_text(meta_path(output), json.dumps(asdict(stats), indent=2) + "\n")
     return stats
-
-
-def detect_format(path: str | os.PathLike, fmt: str = "auto") -> str:
-    """`"jsonl"` or `"text"`; `auto` decides by extension (.jsonl/.json = JSONL)."""
-    if fmt not in ("auto", "text", "jsonl"):
-        raise L3TrainError(f"input format must be auto, text or jsonl, got {fmt!r}")
-    if fmt != "auto":
-        return fmt
-    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "text"
-
-
-def parse_document(raw: bytes, fmt: str, json_key: str, where: str) -> str:
-    """The document in one input line; `where` (`file:line`) prefixes any error.
-
-    Takes bytes so that undecodable input is reported with its line number, wherever
-    (main process or preprocessing worker) the line is parsed. Blank lines give "".
-    """
-    try:
-        line = raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as err:
-        raise L3TrainError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    if fmt == "text" or not line.strip():
-        return line
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise L3TrainError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict) or json_key not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise L3TrainError(f"{where}: no {json_key!r} field (found {keys}); see --json-key")
-    text = record[json_key]
-    if not isinstance(text, str):
-        raise L3TrainError(f"{where}: field {json_key!r} is {type(text).__name__}, not a string")
-    return text
-
-
-def check_input(path: str | os.PathLike) -> Path:
-    """`path` as a Path, or `L3TrainError` if it is not a readable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise L3TrainError(
-            f"input file not found: {path} (build the default corpus with tools/build_corpus.py)"
-        )
-    return path
-
-
-def iter_documents(
-    path: str | os.PathLike, fmt: str = "auto", json_key: str = "text"
-) -> Iterator[str]:
-    """Yield the non-empty documents of a text or JSONL corpus, in file order."""
-    path = check_input(path)
-    fmt = detect_format(path, fmt)
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            text = parse_document(raw, fmt, json_key, f"{path}:{lineno}")
-            if text.strip():
-                yield text

@@ -1,18 +1,21 @@
-"""Preprocessing: tokenize a text/JSONL corpus into a Megatron indexed dataset (.bin/.idx).
+"""Preprocessing: tokenize a corpus of many files into a Megatron indexed dataset (.bin/.idx).
 
 The output is written with megatron-core's own `IndexedDatasetBuilder`, so the files are
 exactly what `GPTDataset` (and Megatron-LM's tooling) reads; each document is followed
 by the EOD token. Token dtype is uint16 below 65500 vocabulary entries, else int32
 (megatron's `DType.optimal_dtype` rule).
 
-Tokenizing a large corpus takes hours, so the work is resumable: the input is cut into
-fixed chunks of lines (one line = one document), each chunk is written as a partial
-dataset under `<output_prefix>.parts/` and marked done only once complete. A rerun with
-the same input, tokenizer and settings skips finished chunks (a manifest detects any
-change, which discards the parts). Finally the parts are concatenated in order with
-`builder.add_index` into a temporary prefix and renamed into place, so the final
-`.bin`/`.idx` never exist half-written. Chunks and ordered `Pool.imap` make the output
-byte-identical for any worker count and any chunk size.
+The inputs are files in any format of l3train.data.sources (text, JSONL, Parquet; text and
+JSONL also .gz/.zst), named as files, directories or globs, each streamed record by record.
+Tokenizing a large corpus takes hours, so the work is resumable: each input file is cut into
+fixed chunks of records (one record = one document), each chunk is written as a partial
+dataset under `<output_prefix>.parts/` and marked done only once complete, and a file whose
+chunks are all done is marked too. A rerun with the same inputs, tokenizer and settings
+skips finished work (a manifest detects any change, which discards the parts). Finally the
+parts are concatenated in input order with `builder.add_index` into a temporary prefix and
+renamed into place, so the final `.bin`/`.idx` never exist half-written. Chunks and ordered
+`Pool.imap` make the output byte-identical for any worker count and any chunk size, and the
+same files give the same dataset however they are listed as directories or globs.
 
 Reading back: `read_meta` is the one reader of the `<prefix>.meta.json` sidecar, and
 `IndexedDocuments` the one way tools and analyses open a dataset outside training (as
@@ -29,7 +32,6 @@ import contextlib
 import functools
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -38,21 +40,21 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from l3train.data.corpus import check_input, detect_format, parse_document
+from l3train.data.sources import detect_format, document_text, expand_inputs, iter_records
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
 from l3train.utils.atomic import atomic_write_text
 
-DEFAULT_CHUNK_LINES = 50_000  # a chunk's lines are held in memory while tokenized
+DEFAULT_CHUNK_LINES = 50_000  # a chunk's records are held in memory while tokenized
 # Lines per Pool task: large enough to amortize inter-process overhead, small enough
 # that both workers stay busy on small chunks.
 _IMAP_CHUNKSIZE = 64
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 # Tokens per read when iterating over a dataset's documents: bounds memory, amortizes calls.
 READ_TOKENS = 1 << 22
 
@@ -214,30 +216,17 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _count_lines(path: Path) -> int:
-    count = 0
-    last = b"\n"
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            count += block.count(b"\n")
-            last = block[-1:]
-    # A final line without a trailing newline is still a line.
-    return count + (last != b"\n")
-
-
 class _Encoder:
-    """Turns one numbered input line into its token array (document + EOD), or None."""
+    """Turns one record (format, file, number, payload) into its token array (document + EOD), or None."""
 
-    def __init__(self, tokenizer_path: str, fmt: str, json_key: str, input_path: str):
+    def __init__(self, tokenizer_path: str, json_key: str):
         self.tokenizer = Tokenizer.load(tokenizer_path)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
-        self.fmt = fmt
         self.json_key = json_key
-        self.input_path = input_path
 
-    def __call__(self, item: tuple[int, bytes]) -> np.ndarray | None:
-        lineno, raw = item
-        text = parse_document(raw, self.fmt, self.json_key, f"{self.input_path}:{lineno}")
+    def __call__(self, item: tuple[str, str, int, bytes | str | None]) -> np.ndarray | None:
+        fmt, path, number, payload = item
+        text = document_text(payload, fmt, self.json_key, f"{path}:{number}")
         if not text.strip():
             return None
         ids = self.tokenizer.encode(text)
@@ -253,7 +242,7 @@ def _init_worker(*args: str) -> None:
     _worker_encoder = _Encoder(*args)
 
 
-def _encode_in_worker(item: tuple[int, bytes]) -> np.ndarray | None:
+def _encode_in_worker(item: tuple[str, str, int, bytes | str | None]) -> np.ndarray | None:
     assert _worker_encoder is not None
     return _worker_encoder(item)
 
@@ -301,18 +290,19 @@ def _prepare_parts_dir(
 
 
 @dataclass(frozen=True)
-class _Chunks:
-    """How the input is cut into chunks, and where each chunk's part and marker live."""
+class _Parts:
+    """Where input file i's chunk k, its done marker and the file's own marker live."""
 
-    parts_dir: Path
-    count: int
-    lines: int
+    directory: Path
 
-    def part(self, k: int) -> Path:
-        return self.parts_dir / f"chunk_{k:06d}"
+    def part(self, index: int, k: int) -> Path:
+        return self.directory / f"input_{index:05d}_chunk_{k:06d}"
 
-    def done(self, k: int) -> Path:
-        return self.part(k).with_suffix(".done")
+    def done(self, index: int, k: int) -> Path:
+        return self.part(index, k).with_suffix(".done")
+
+    def input_done(self, index: int) -> Path:
+        return self.directory / f"input_{index:05d}.done"
 
 
 def _check_preprocess_args(output_prefix: str, workers: int, chunk_lines: int) -> None:
@@ -327,22 +317,13 @@ def _check_preprocess_args(output_prefix: str, workers: int, chunk_lines: int) -
         raise L3TrainError(f"--chunk-size must be at least 1, got {chunk_lines}")
 
 
-def _manifest(
-    path: Path,
-    fmt: str,
-    json_key: str,
-    tokenizer: Tokenizer,
-    dtype: type[np.integer],
-    chunk_lines: int,
-) -> dict[str, Any]:
+def _manifest(paths: list[Path], formats: list[str], json_key: str, tokenizer: Tokenizer, dtype: type[np.integer],
+              chunk_lines: int) -> dict[str, Any]:
     """Everything the finished parts depend on: any change invalidates them."""
-    stat = path.stat()
     return {
         "version": _MANIFEST_VERSION,
-        "input": str(path),
-        "input_bytes": stat.st_size,
-        "input_mtime_ns": stat.st_mtime_ns,
-        "format": fmt,
+        "inputs": [{"path": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                    "format": fmt} for path, fmt in zip(paths, formats)],
         "json_key": json_key,
         "tokenizer_id": tokenizer.tokenizer_id,
         "dtype": np.dtype(dtype).name,
@@ -350,13 +331,13 @@ def _manifest(
     }
 
 
-_LineEncoder = Callable[[list[tuple[int, bytes]]], Iterable[np.ndarray | None]]
+_RecordEncoder = Callable[[list[tuple[str, str, int, bytes | str | None]]], Iterable[np.ndarray | None]]
 
 
 @contextlib.contextmanager
-def _line_encoder(workers: int, encoder_args: tuple[str, ...]) -> Iterator[_LineEncoder]:
-    """A function from numbered lines to their token arrays, in input order, so the
-    output cannot depend on the worker count."""
+def _record_encoder(workers: int, encoder_args: tuple[str, ...]) -> Iterator[_RecordEncoder]:
+    """A function from records to their token arrays, in input order, so the output cannot
+    depend on the worker count."""
     if workers == 1:
         yield functools.partial(map, _Encoder(*encoder_args))
         return
@@ -365,55 +346,57 @@ def _line_encoder(workers: int, encoder_args: tuple[str, ...]) -> Iterator[_Line
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     pool = context.Pool(workers, initializer=_init_worker, initargs=encoder_args)
     try:
-        yield lambda lines: pool.imap(_encode_in_worker, lines, chunksize=_IMAP_CHUNKSIZE)
+        yield lambda records: pool.imap(_encode_in_worker, records, chunksize=_IMAP_CHUNKSIZE)
     finally:
         pool.terminate()
         pool.join()
 
 
-def _tokenize_chunks(
-    path: Path,
-    chunks: _Chunks,
-    encode: _LineEncoder,
-    bar: tqdm,
-    builder_cls: Any,
-    dtype: type[np.integer],
-) -> None:
-    """Write the part of every chunk not yet marked done."""
+def _tokenize_input(index: int, path: Path, fmt: str, json_key: str, parts: _Parts, chunk_lines: int,
+                    encode: _RecordEncoder, bar: tqdm, builder_cls: Any, dtype: type[np.integer]) -> int:
+    """Write the parts of input file `index` not yet marked done, streaming its records chunk by
+    chunk (a chunk's records are the only ones held); returns its number of chunks."""
+    if parts.input_done(index).exists():
+        done = json.loads(parts.input_done(index).read_text())
+        bar.update(done["records"])
+        return done["chunks"]
 
     def counted(arrays: Iterable[np.ndarray | None]) -> Iterator[np.ndarray | None]:
         for array in arrays:
             bar.update(1)
             yield array
 
-    with open(path, "rb") as handle:
-        numbered = enumerate(handle, start=1)
-        for k in range(chunks.count):
-            lines = list(itertools.islice(numbered, chunks.lines))
-            if chunks.done(k).exists():
-                bar.update(len(lines))
-                continue
-            arrays = counted(encode(lines))
-            documents, tokens = _write_part(builder_cls, chunks.part(k), arrays, dtype)
+    records = iter_records(path, fmt, json_key)
+    chunks = documents = total = 0
+    while chunk := list(itertools.islice(records, chunk_lines)):
+        total += len(chunk)
+        marker = parts.done(index, chunks)
+        if marker.exists():
+            bar.update(len(chunk))
+        else:
+            arrays = counted(encode([(fmt, str(path), number, payload) for number, payload in chunk]))
+            written, tokens = _write_part(builder_cls, parts.part(index, chunks), arrays, dtype)
             # The marker is written last: a chunk without it is redone on resume.
-            marker = json.dumps({"documents": documents, "tokens": tokens}) + "\n"
-            atomic_write_text(chunks.done(k), marker)
+            atomic_write_text(marker, json.dumps({"documents": written, "tokens": tokens}) + "\n")
+        documents += json.loads(marker.read_text())["documents"]
+        chunks += 1
+    if documents == 0:
+        raise L3TrainError(f"{path} holds no non-empty document; remove it from the inputs")
+    atomic_write_text(parts.input_done(index), json.dumps({"chunks": chunks, "records": total}) + "\n")
+    return chunks
 
 
-def _meta_record(
-    stats: PreprocessStats,
-    path: Path,
-    fmt: str,
-    json_key: str,
-    tokenizer_path: str | os.PathLike,
-    tokenizer: Tokenizer,
-) -> dict[str, Any]:
-    """The `<prefix>.meta.json` record: the stats plus the input and tokenizer they came from."""
+def _meta_record(stats: PreprocessStats, paths: list[Path], formats: list[str], json_key: str,
+                 tokenizer_path: str | os.PathLike, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The `<prefix>.meta.json` record: the stats plus the inputs and tokenizer they came from
+    (`input`, `format`: those of a single input file, else None and "mixed")."""
+    single = len(paths) == 1
     return {
         **asdict(stats),
-        "input": str(path),
-        "format": fmt,
-        "json_key": json_key if fmt == "jsonl" else None,
+        "input": str(paths[0]) if single else None,
+        "inputs": [str(path) for path in paths],
+        "format": formats[0] if len(set(formats)) == 1 else "mixed",
+        "json_key": json_key if set(formats) - {"text"} else None,
         "tokenizer": str(Path(tokenizer_path).resolve()),
         "tokenizer_id": tokenizer.tokenizer_id,
         "vocab_size": tokenizer.vocab_size,
@@ -422,7 +405,7 @@ def _meta_record(
 
 
 def preprocess(
-    input_path: str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     output_prefix: str | os.PathLike,
     tokenizer_path: str | os.PathLike,
     fmt: str = "auto",
@@ -432,49 +415,42 @@ def preprocess(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> PreprocessStats:
-    """Tokenize `input_path` into `<output_prefix>.bin/.idx` (+ `.meta.json`), resumably."""
+    """Tokenize the files `inputs` names (files, directories, globs: l3train.data.sources), in
+    order, into `<output_prefix>.bin/.idx` (+ `.meta.json`), resumably."""
     start = time.monotonic()
     output_prefix = str(output_prefix)
     _check_preprocess_args(output_prefix, workers, chunk_lines)
-    path = check_input(input_path).resolve()
-    fmt = detect_format(path, fmt)
+    paths = [path.resolve() for path in expand_inputs(inputs)]
+    formats = [detect_format(path, fmt) for path in paths]
     tokenizer = Tokenizer.load(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     builder_cls = _megatron_builder()
 
-    total_lines = _count_lines(path)
-    n_chunks = max(1, math.ceil(total_lines / chunk_lines))
-    chunks = _Chunks(Path(f"{output_prefix}.parts"), n_chunks, chunk_lines)
-    manifest = _manifest(path, fmt, json_key, tokenizer, dtype, chunk_lines)
-    _prepare_parts_dir(chunks.parts_dir, manifest, log)
-    reused = sum(chunks.done(k).exists() for k in range(n_chunks))
-    log(
-        f"preprocessing {path} ({fmt}, {total_lines} lines) -> {output_prefix}.bin/.idx: "
-        f"{n_chunks} chunk(s) of {chunk_lines} lines, {workers} worker(s), "
-        f"{np.dtype(dtype).name} tokens"
-        + (f"; resuming, {reused} chunk(s) already done" if reused else "")
-    )
-    encoder_args = (str(tokenizer_path), fmt, json_key, str(path))
-    with _line_encoder(workers, encoder_args) as encode, tqdm(
-        total=total_lines, unit="doc", desc="tokenize", disable=not progress
+    parts = _Parts(Path(f"{output_prefix}.parts"))
+    _prepare_parts_dir(parts.directory, _manifest(paths, formats, json_key, tokenizer, dtype, chunk_lines), log)
+    reused = len(list(parts.directory.glob("input_*_chunk_*.done")))
+    log(f"preprocessing {paths[0] if len(paths) == 1 else f'{len(paths)} files'} ({', '.join(sorted(set(formats)))}) "
+        f"-> {output_prefix}.bin/.idx: chunks of {chunk_lines} documents, {workers} worker(s), "
+        f"{np.dtype(dtype).name} tokens" + (f"; resuming, {reused} chunk(s) already done" if reused else ""))
+    with _record_encoder(workers, (str(tokenizer_path), json_key)) as encode, tqdm(
+        unit="doc", desc="tokenize", disable=not progress
     ) as bar:
-        _tokenize_chunks(path, chunks, encode, bar, builder_cls, dtype)
+        chunks = [_tokenize_input(index, path, fmt, json_key, parts, chunk_lines, encode, bar, builder_cls, dtype)
+                  for index, (path, fmt) in enumerate(zip(paths, formats))]
 
-    parts = [chunks.part(k) for k in range(n_chunks)]
-    documents, tokens = _merge_parts(builder_cls, parts, output_prefix, dtype)
-    if documents == 0:
-        raise L3TrainError(f"{path} contains no non-empty documents")
+    ordered = [parts.part(index, k) for index, count in enumerate(chunks) for k in range(count)]
+    documents, tokens = _merge_parts(builder_cls, ordered, output_prefix, dtype)
     stats = PreprocessStats(
         documents=documents,
         tokens=tokens,
-        chunks=n_chunks,
+        chunks=len(ordered),
         chunks_reused=reused,
         dtype=np.dtype(dtype).name,
         seconds=round(time.monotonic() - start, 2),
     )
-    meta = _meta_record(stats, path, fmt, json_key, tokenizer_path, tokenizer)
+    meta = _meta_record(stats, paths, formats, json_key, tokenizer_path, tokenizer)
     atomic_write_text(data_meta_path(output_prefix), json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(chunks.parts_dir)
+    shutil.rmtree(parts.directory)
     return stats
 
 

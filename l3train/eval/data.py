@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from l3train.data.corpus import iter_documents
+from l3train.data.sources import iter_documents
 from l3train.data.dataset import check_tokenizer_matches, parse_split
 from l3train.data.indexed import IndexedDocuments
 from l3train.data.tokenizer import Tokenizer

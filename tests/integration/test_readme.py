@@ -229,6 +229,25 @@ def serve_tensorboard(ws: "Workspace", command: str) -> Result:
     return Result(0, f"runs: {runs}\n", log.read_text())
 
 
+def write_corpus_shards(ws: "Workspace") -> None:
+    """The README's many-shard command: the default corpus as two gzipped JSONL shards and a
+    Parquet file (what a downloaded web corpus looks like)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = (ws.root / "data/corpus/stdlib_docstrings.jsonl").read_bytes().splitlines(keepends=True)
+    shards = ws.root / "data/shards"
+    shards.mkdir(parents=True)
+    third = len(lines) // 3
+    for index in range(2):
+        shard = b"".join(lines[index * third:(index + 1) * third])
+        (shards / f"part-{index}.jsonl.gz").write_bytes(gzip.compress(shard))
+    pq.write_table(pa.table({"text": [json.loads(line)["text"] for line in lines[2 * third:]]}),
+                   shards / "extra.parquet")
+
+
 def shorten_sweep_runs(ws: "Workspace") -> None:
     """The sweep file has no command-line overrides: add the short-run ones to its copy here."""
     sweep = ws.root / "configs/sweeps/tiny_lr.yaml"
@@ -266,6 +285,10 @@ REGISTRY: dict[str, Step] = {
     "--workers 8": Step(
         creates=("data/indexed/stdlib_docstrings_text_document.bin", "data/indexed/stdlib_docstrings_text_document.idx"),
         prints=("4455 documents",)),
+    ".venv/bin/python tools/preprocess_data.py --input 'data/shards/*.jsonl.gz' data/shards/extra.parquet "
+    "--tokenizer data/tokenizer/spm_bpe_2048.model --output-prefix data/indexed/shards --workers 2": Step(
+        before=write_corpus_shards, creates=("data/indexed/shards.bin", "data/indexed/shards.idx"),
+        prints=("wrote data/indexed/shards.bin/.idx: 4455 documents",)),
     ".venv/bin/python tools/lzw_allocate.py --data-prefix data/indexed/stdlib_docstrings_text_document "
     "-v 32768 -k 128 --output data/allocation/lzw_v32768_k128.npz": Step(
         creates=("data/allocation/lzw_v32768_k128.npz",), prints=("rows v = 32,768, cap k = 128",)),

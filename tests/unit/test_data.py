@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from l3train.data import indexed
-from l3train.data.corpus import build_corpus, iter_documents, meta_path
+from l3train.data.corpus import build_corpus, meta_path
+from l3train.data.sources import iter_documents
 from l3train.data.dataset import batch_for_step, build_datasets, dataset_cache_root, sample_index
 from l3train.data.indexed import IndexedDocuments, check_indexed_dataset, preprocess, read_meta
 from l3train.data.tokenizer import Tokenizer, iter_training_sentences, train_tokenizer
@@ -223,19 +224,22 @@ def test_preprocess_resumes_after_interruption(tiny_corpus, tmp_path, monkeypatc
         preprocess(*args, chunk_lines=200, progress=False, log=quiet)
     monkeypatch.undo()
     n_chunks = -(-len(tiny_corpus.documents) // 200)
-    assert len(list(parts.glob("*.done"))) == n_chunks
+    assert len(list(parts.glob("input_00000_chunk_*.done"))) == n_chunks
+    assert (parts / "input_00000.done").is_file()  # the file's chunks are all done
     assert not Path(f"{prefix}.bin").exists() and not Path(f"{prefix}.idx").exists()
 
-    # Pretend chunks 1 and 4 never finished, chunk 4 having left a half-written file.
+    # Pretend chunks 1 and 4 never finished (so neither did the file), chunk 4 having left a
+    # half-written file.
     for k in (1, 4):
-        (parts / f"chunk_{k:06d}.done").unlink()
-    (parts / "chunk_000004.bin").write_bytes(b"\x01\x02\x03")
+        (parts / f"input_00000_chunk_{k:06d}.done").unlink()
+    (parts / "input_00000.done").unlink()
+    (parts / "input_00000_chunk_000004.bin").write_bytes(b"\x01\x02\x03")
 
     encoded = []
     original_call = indexed._Encoder.__call__
 
     def counting_call(self, item):
-        encoded.append(item[0])
+        encoded.append(item[2])  # (format, file, record number, payload)
         return original_call(self, item)
 
     monkeypatch.setattr(indexed._Encoder, "__call__", counting_call)
@@ -282,6 +286,104 @@ def test_preprocess_input_errors(tiny_corpus, tmp_path):
         preprocess(tiny_corpus.jsonl_path, out + ".bin", tok, progress=False, log=quiet)
     assert not Path(f"{out}.bin").exists()
 
+
+
+def write_shard(path: Path, documents: list[str]) -> Path:
+    """`documents` in the format and compression `path` names (.jsonl, .txt, .parquet; .gz, .zst)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    if path.name.endswith(".parquet"):
+        # Several row groups and an extra column: the reader must stream one column batch by batch.
+        table = pa.table({"id": list(range(len(documents))), "text": documents})
+        pq.write_table(table, path, row_group_size=max(1, len(documents) // 3))
+        return path
+    as_jsonl = ".jsonl" in path.name
+    data = "".join((json.dumps({"text": doc}) if as_jsonl else doc) + "\n" for doc in documents).encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+FORMAT_FILES = ["c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.txt", "c.txt.gz", "c.txt.zst", "c.parquet"]
+
+
+def test_every_input_format_gives_the_same_dataset(tiny_corpus, tmp_path):
+    documents = [doc.replace("\n", " ") for doc in tiny_corpus.documents[:200]]  # text holds one per line
+    prefixes = {}
+    for name in FORMAT_FILES:
+        prefixes[name] = str(tmp_path / f"out_{name}")
+        stats = preprocess(write_shard(tmp_path / name, documents), prefixes[name], tiny_corpus.tokenizer_path,
+                           chunk_lines=64, progress=False, log=quiet)
+        assert stats.documents == len(documents)
+    assert all(same_files(prefixes[name], prefixes["c.jsonl"]) for name in FORMAT_FILES), \
+        [name for name in FORMAT_FILES if not same_files(prefixes[name], prefixes["c.jsonl"])]
+    meta = read_meta(prefixes["c.parquet"])
+    assert meta["format"] == "parquet" and meta["inputs"] == [str((tmp_path / "c.parquet").resolve())]
+
+
+def test_many_shards_are_one_dataset_whatever_the_workers_and_how_they_are_named(tiny_corpus, tmp_path):
+    """The same files give the same bytes: one worker or two, any chunk size, and named as a
+    directory, a glob or a list; and the dataset equals the whole corpus tokenized as one file."""
+    documents = list(tiny_corpus.documents[:400])
+    whole = str(tmp_path / "whole")
+    preprocess(write_shard(tmp_path / "whole.jsonl", documents), whole, tiny_corpus.tokenizer_path, progress=False,
+               log=quiet)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    names = ["s0.jsonl.gz", "s1.parquet", "s2.jsonl.zst", "s3.jsonl", "s4.parquet"]
+    files = [write_shard(shards / name, documents[80 * i:80 * (i + 1)]) for i, name in enumerate(names)]
+    runs = {"directory, 1 worker": ([shards], 1, 37), "glob, 2 workers": ([f"{shards}/s*"], 2, 1000),
+            "list, 2 workers": (files, 2, 50)}
+    for label, (inputs, workers, chunk_lines) in runs.items():
+        prefix = str(tmp_path / label.replace(", ", "_").replace(" ", "_"))
+        stats = preprocess(inputs, prefix, tiny_corpus.tokenizer_path, workers=workers, chunk_lines=chunk_lines,
+                           progress=False, log=quiet)
+        assert stats.documents == len(documents), label
+        assert same_files(prefix, whole), label
+    assert read_meta(prefix)["inputs"] == [str(path.resolve()) for path in files]
+
+
+def test_bad_shards_are_one_line_naming_the_file_and_write_no_dataset(tiny_corpus, tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok, out = tiny_corpus.tokenizer_path, str(tmp_path / "out")
+    good = write_shard(tmp_path / "good.jsonl", list(tiny_corpus.documents[:20]))
+    corrupt_gz = tmp_path / "corrupt.jsonl.gz"
+    data = bytearray(gzip.compress(good.read_bytes()))
+    data[len(data) // 2:len(data) // 2 + 8] = b"\xff" * 8
+    corrupt_gz.write_bytes(bytes(data))
+    truncated_zst = write_shard(tmp_path / "truncated.jsonl.zst", list(tiny_corpus.documents[:20]))
+    truncated_zst.write_bytes(truncated_zst.read_bytes()[:-20])
+    corrupt_parquet = tmp_path / "corrupt.parquet"
+    corrupt_parquet.write_bytes(b"PAR1" + b"not parquet" * 10 + b"PAR1")
+    no_column = tmp_path / "body.parquet"
+    pq.write_table(pa.table({"body": ["a document"]}), no_column)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    cases = {corrupt_gz: rf"{corrupt_gz}: corrupt \.gz stream after line \d+",
+             truncated_zst: rf"{truncated_zst}: corrupt \.zst stream after line \d+",
+             corrupt_parquet: rf"{corrupt_parquet}: not a readable Parquet file after row 0",
+             no_column: rf"{no_column}: no 'text' column \(found \['body'\]\); see --json-key",
+             empty: rf"{empty} holds no non-empty document; remove it from the inputs"}
+    for bad, message in cases.items():
+        with pytest.raises(L3TrainError, match=message):
+            preprocess([good, bad], out, tok, progress=False, log=quiet)
+        assert "\n" not in message and not Path(f"{out}.bin").exists() and not Path(f"{out}.idx").exists()
+    with pytest.raises(L3TrainError, match=rf"input glob '{tmp_path}/shards/\*\.parquet' matches no file"):
+        preprocess(f"{tmp_path}/shards/*.parquet", out, tok, progress=False, log=quiet)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(L3TrainError, match=rf"input directory {tmp_path / 'nothing'} holds no corpus file"):
+        preprocess(tmp_path / "nothing", out, tok, progress=False, log=quiet)
 
 # --- datasets and batches -----------------------------------------------------------
 
