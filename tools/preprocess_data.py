@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from l3train.data.indexed import DEFAULT_CHUNK_LINES, preprocess
+from l3train.data.indexed import DEFAULT_CHUNK_LINES, Task, preprocess
 from l3train.errors import CliArgumentParser, run_cli
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
@@ -49,9 +49,21 @@ def parse_args() -> argparse.Namespace:
         default=DEFAULT_CHUNK_LINES,
         help=f"documents per resumable chunk (default {DEFAULT_CHUNK_LINES})",
     )
+    parser.add_argument("--task", metavar="I/N", help="tokenize only group I of N of the input files, into "
+                        "<prefix>.parts/ (one SLURM array task: launch/slurm/preprocess.sh); merge with --merge-only")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="merge the parts every --task wrote into <prefix>.bin/.idx")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite_argument(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.task is not None:
+        index, _, count = args.task.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)) or args.merge_only:
+            parser.error(f"--task takes I/N with 0 <= I < N (e.g. 3/16), without --merge-only; got {args.task}")
+        args.task = Task(int(index), int(count), tokenize=True, merge=False)
+    else:
+        args.task = Task(tokenize=not args.merge_only)
+    return args
 
 
 def main() -> None:
@@ -68,7 +80,13 @@ def main() -> None:
         workers=args.workers,
         chunk_lines=args.chunk_size,
         progress=not args.quiet,
+        task=args.task,
     )
+    if not args.task.merge:
+        print(f"task {args.task.index} of {args.task.count}: {stats.documents} documents, {stats.tokens} tokens in "
+              f"{args.output_prefix}.parts/ ({stats.chunks_reused} of {stats.chunks} chunk(s) done before) in "
+              f"{stats.seconds:.1f} s; merge with --merge-only once every task is done")
+        return
     print(
         f"wrote {args.output_prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} "
         f"tokens ({stats.tokens / stats.documents:.1f}/doc, {stats.dtype}) in {stats.seconds:.1f} s"

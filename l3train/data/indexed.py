@@ -272,21 +272,26 @@ def _write_part(
     return documents, tokens
 
 
-def _prepare_parts_dir(
-    parts_dir: Path, manifest: dict[str, Any], log: Callable[[str], None]
-) -> None:
-    """Keep finished parts only if they were made from the same input and settings."""
+def _prepare_parts_dir(parts_dir: Path, manifest: dict[str, Any], log: Callable[[str], None], shared: bool) -> None:
+    """Keep finished parts only if they were made from the same inputs and settings. `shared`:
+    other processes of the same split job may be writing parts here, so a different manifest
+    is refused instead of discarded."""
     manifest_path = parts_dir / "manifest.json"
     if parts_dir.exists():
         try:
             previous = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = None
-        if previous == manifest:
+        if previous == manifest or (shared and previous is None):
+            if previous is None:
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
             return
+        if shared:
+            raise L3TrainError(f"{parts_dir} holds parts made from other inputs or settings; run every task (and the "
+                               f"merge) with the same arguments, or remove {parts_dir}")
         log(f"discarding partial results in {parts_dir}: made from other input or settings")
         shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True)
+    parts_dir.mkdir(parents=True, exist_ok=shared)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -405,6 +410,35 @@ def _meta_record(stats: PreprocessStats, paths: list[Path], formats: list[str], 
     }
 
 
+@dataclass(frozen=True)
+class Task:
+    """One process's share of preprocessing split over several (a SLURM array: one task per group
+    of input files, then one merge). Task `index` of `count` tokenizes input files
+    [index·n/count, (index+1)·n/count) of the n in order; `merge` joins every file's parts into
+    the dataset once all are tokenized. The default is the whole job in one process."""
+
+    index: int = 0
+    count: int = 1
+    tokenize: bool = True
+    merge: bool = True
+
+    def owns(self, file_index: int, files: int) -> bool:
+        return self.tokenize and file_index * self.count // files == self.index
+
+    @property
+    def shared(self) -> bool:
+        return self.count > 1 or not self.tokenize
+
+
+def _file_chunks(parts: _Parts, paths: list[Path]) -> list[int]:
+    """Every input file's chunk count, from its done marker; refused while any file is not done."""
+    missing = [path for index, path in enumerate(paths) if not parts.input_done(index).exists()]
+    if missing:
+        raise L3TrainError(f"{len(missing)} of {len(paths)} input file(s) are not tokenized yet (the first: "
+                           f"{missing[0]}); run their tasks (a rerun skips finished files), then merge")
+    return [json.loads(parts.input_done(index).read_text())["chunks"] for index in range(len(paths))]
+
+
 def preprocess(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     output_prefix: str | os.PathLike,
@@ -415,9 +449,12 @@ def preprocess(
     chunk_lines: int = DEFAULT_CHUNK_LINES,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    task: Task = Task(),
 ) -> PreprocessStats:
     """Tokenize the files `inputs` names (files, directories, globs: l3train.data.sources), in
-    order, into `<output_prefix>.bin/.idx` (+ `.meta.json`), resumably."""
+    order, into `<output_prefix>.bin/.idx` (+ `.meta.json`), resumably; or `task`'s share of
+    that (its files' parts, or the merge). The stats are the dataset's, or without a merge this
+    task's parts'."""
     start = time.monotonic()
     output_prefix = str(output_prefix)
     _check_preprocess_args(output_prefix, workers, chunk_lines)
@@ -428,17 +465,31 @@ def preprocess(
     builder_cls = _megatron_builder()
 
     parts = _Parts(Path(f"{output_prefix}.parts"))
-    _prepare_parts_dir(parts.directory, _manifest(paths, formats, json_key, tokenizer, dtype, chunk_lines), log)
-    reused = len(list(parts.directory.glob("input_*_chunk_*.done")))
-    log(f"preprocessing {paths[0] if len(paths) == 1 else f'{len(paths)} files'} ({', '.join(sorted(set(formats)))}) "
-        f"-> {output_prefix}.bin/.idx: chunks of {chunk_lines} documents, {workers} worker(s), "
-        f"{np.dtype(dtype).name} tokens" + (f"; resuming, {reused} chunk(s) already done" if reused else ""))
-    with _record_encoder(workers, (str(tokenizer_path), json_key)) as encode, tqdm(
-        unit="doc", desc="tokenize", disable=not progress
+    _prepare_parts_dir(parts.directory, _manifest(paths, formats, json_key, tokenizer, dtype, chunk_lines), log,
+                       task.shared)
+    mine = [index for index in range(len(paths)) if task.owns(index, len(paths))]
+    reused = sum(len(list(parts.directory.glob(f"input_{index:05d}_chunk_*.done"))) for index in mine)
+    if mine:
+        share = "" if len(mine) == len(paths) else f" (files {mine[0] + 1}-{mine[-1] + 1} of {len(paths)}: task " \
+                                                      f"{task.index} of {task.count})"
+        log(f"preprocessing {paths[0] if len(paths) == 1 else f'{len(paths)} files'}{share} "
+            f"({', '.join(sorted(set(formats)))}) -> {output_prefix}.bin/.idx: chunks of {chunk_lines} documents, "
+            f"{workers} worker(s), {np.dtype(dtype).name} tokens"
+            + (f"; resuming, {reused} chunk(s) already done" if reused else ""))
+    with _record_encoder(workers if mine else 1, (str(tokenizer_path), json_key)) as encode, tqdm(
+        unit="doc", desc="tokenize", disable=not progress or not mine
     ) as bar:
-        chunks = [_tokenize_input(index, path, fmt, json_key, parts, chunk_lines, encode, bar, builder_cls, dtype)
-                  for index, (path, fmt) in enumerate(zip(paths, formats))]
+        for index in mine:
+            _tokenize_input(index, paths[index], formats[index], json_key, parts, chunk_lines, encode, bar,
+                            builder_cls, dtype)
+    if not task.merge:
+        written = [json.loads(marker.read_text()) for index in mine
+                   for marker in sorted(parts.directory.glob(f"input_{index:05d}_chunk_*.done"))]
+        return PreprocessStats(documents=sum(m["documents"] for m in written), tokens=sum(m["tokens"] for m in written),
+                               chunks=len(written), chunks_reused=reused, dtype=np.dtype(dtype).name,
+                               seconds=round(time.monotonic() - start, 2))
 
+    chunks = _file_chunks(parts, paths)
     ordered = [parts.part(index, k) for index, count in enumerate(chunks) for k in range(count)]
     documents, tokens = _merge_parts(builder_cls, ordered, output_prefix, dtype)
     stats = PreprocessStats(

@@ -188,3 +188,51 @@ def test_cancelled_job_saves_and_stays_cancelled(cluster, tiny_config, tmp_path)
     assert "received SIGTERM" in text and "not requeueing" in text and "requeued" not in text, tail(log)
     stopped_at = int(re.search(r"stop signal \(SIGTERM\) at step (\d+)", text).group(1))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+
+def test_preprocess_array_job_and_merge_give_the_one_process_dataset(cluster, tiny_corpus, tmp_path):
+    """launch/slurm/preprocess.sbatch as an array of 2 tasks over 5 shards, resubmitted (the
+    finished files are skipped), then merged; and launch/slurm/preprocess.sh submitting both."""
+    import gzip
+
+    from l3train.data.indexed import preprocess
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    documents = tiny_corpus.documents[:500]
+    for index in range(5):
+        lines = "".join(json.dumps({"text": doc}) + "\n" for doc in documents[100 * index:100 * (index + 1)])
+        (shards / f"part-{index}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    one = tmp_path / "one"
+    preprocess(shards, one, tiny_corpus.tokenizer_path, progress=False, log=lambda _line: None)
+    args = ["--input", f"{shards}/part-*.jsonl.gz", "--tokenizer", str(tiny_corpus.tokenizer_path),
+            "--output-prefix", str(tmp_path / "many")]
+    env = {"L3TRAIN_PYTHON": sys.executable}
+
+    def run_array(name: str) -> list[str]:
+        job = cluster.sbatch("--array=0-1", f"--output={tmp_path}/{name}-%a.out", "launch/slurm/preprocess.sbatch",
+                             *args, **env)
+        for task in (0, 1):
+            record = cluster.wait(f"{job}_{task}", tmp_path / f"{name}-{task}.out")
+            assert record["JobState"] == "COMPLETED", tail(tmp_path / f"{name}-{task}.out")
+        return [(tmp_path / f"{name}-{task}.out").read_text() for task in (0, 1)]
+
+    first = run_array("first")
+    assert "array task 0 of 2" in first[0] and "task 0 of 2: " in first[0] and "task 1 of 2: " in first[1]
+    assert not (tmp_path / "many.bin").exists()
+    again = run_array("again")  # every file of both tasks is done: nothing is tokenized again
+    assert all(re.search(r"task \d of 2: .* \((\d+) of \1 chunk\(s\) done before\)", text) for text in again), again
+    merge = cluster.sbatch(f"--output={tmp_path}/merge.out", "launch/slurm/preprocess.sbatch", "--merge-only", *args,
+                           **env)
+    assert cluster.wait(merge, tmp_path / "merge.out")["JobState"] == "COMPLETED", tail(tmp_path / "merge.out")
+    assert "wrote " in (tmp_path / "merge.out").read_text()
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{tmp_path}/many{suffix}").read_bytes() == Path(f"{one}{suffix}").read_bytes()
+
+    # The submission script: the array, and the merge that waits for it.
+    args[-1] = str(tmp_path / "submitted")
+    printed = cluster.run("bash", "launch/slurm/preprocess.sh", "2", *args, L3TRAIN_PYTHON=sys.executable,
+                          L3TRAIN_SBATCH_ARGS=f"--output={tmp_path}/submitted-%A_%a.out")
+    merge_job = re.search(r"MERGE_JOB=(\d+)", printed).group(1)
+    assert cluster.wait(merge_job, tmp_path / "x", timeout=240)["JobState"] == "COMPLETED", printed
+    assert Path(f"{tmp_path}/submitted.bin").read_bytes() == Path(f"{one}.bin").read_bytes()
