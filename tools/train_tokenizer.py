@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from l3train.data.sources import check_input, detect_format, iter_documents
+from l3train.data.sources import expand_inputs, iter_documents, sample_documents
 from l3train.data.tokenizer import iter_training_sentences, train_tokenizer
-from l3train.errors import CliArgumentParser, run_cli
+from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
 
@@ -30,18 +30,26 @@ def parse_args() -> argparse.Namespace:
         "--input",
         required=True,
         nargs="+",
-        help="corpus file(s): text (one document per line) or JSONL (.jsonl/.json)",
+        help="corpus files, directories or globs: text (one document per line), JSONL, Parquet; .gz/.zst",
     )
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model/.vocab")
     parser.add_argument("--vocab-size", type=int, default=8000, help="default: 8000")
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument(
         "--format",
-        choices=["auto", "text", "jsonl"],
+        choices=["auto", "text", "jsonl", "parquet"],
         default="auto",
         help="input format (default: by extension)",
     )
-    parser.add_argument("--json-key", default="text", help="JSONL field with the text")
+    parser.add_argument("--json-key", "--text-key", dest="json_key", default="text",
+                        help="the JSONL field or Parquet column with the text")
+    parser.add_argument(
+        "--sample-documents",
+        type=int,
+        default=0,
+        help="train on a seeded sample of about this many documents spread over the input files by "
+             "size (default 0: every document)",
+    )
     parser.add_argument(
         "--max-sentences",
         type=int,
@@ -64,20 +72,25 @@ def main() -> None:
     args = parse_args()
     refuse_existing([f"{args.output_prefix}{suffix}" for suffix in (".model", ".vocab")],
                     "a sentencepiece tokenizer: <prefix>.model/.vocab", args.overwrite)
-    for path in args.input:
-        check_input(path)
+    paths = expand_inputs(args.input)
+    if args.sample_documents < 0:
+        raise L3TrainError(f"--sample-documents must be >= 0, got {args.sample_documents}")
     start = time.monotonic()
     counts = {"docs": 0}
 
     def documents():
-        for path in args.input:
-            for doc in iter_documents(path, detect_format(path, args.format), args.json_key):
-                counts["docs"] += 1
-                yield doc
+        if args.sample_documents:
+            chosen = sample_documents(paths, args.sample_documents, args.seed, args.format, args.json_key)
+        else:
+            chosen = (doc for path in paths for doc in iter_documents(path, args.format, args.json_key))
+        for doc in chosen:
+            counts["docs"] += 1
+            yield doc
 
     print(
         f"training {args.model_type} tokenizer, vocab {args.vocab_size}, "
-        f"on {', '.join(args.input)}",
+        f"on {paths[0] if len(paths) == 1 else f'{len(paths)} files'}"
+        + (f" (a sample of about {args.sample_documents} documents, seed {args.seed})" if args.sample_documents else ""),
         flush=True,
     )
     tokenizer = train_tokenizer(

@@ -214,3 +214,27 @@ def iter_documents(path: str | os.PathLike, fmt: str = "auto", json_key: str = "
         text = document_text(payload, fmt, json_key, f"{path}:{number}")
         if text.strip():
             yield text
+
+
+def sample_documents(paths: list[Path], count: int, seed: int, fmt: str = "auto", json_key: str = "text",
+                     ) -> list[str]:
+    """A seeded sample of about `count` non-empty documents spread over `paths` in proportion to
+    their sizes (at least one from each): every file is streamed once through a reservoir of its
+    quota, drawn with its own generator (`seed`, its position), so the sample is the same for
+    the same files and seed however the machine schedules the reads; in file order."""
+    import random
+
+    sizes = [path.stat().st_size for path in paths]
+    total = max(sum(sizes), 1)
+    sample: list[str] = []
+    for index, (path, size) in enumerate(zip(paths, sizes)):
+        quota = max(1, round(count * size / total))
+        rng = random.Random(f"{seed}/{index}")
+        reservoir: list[str] = []
+        for seen, text in enumerate(iter_documents(path, fmt, json_key)):
+            if seen < quota:
+                reservoir.append(text)
+            elif (slot := rng.randrange(seen + 1)) < quota:
+                reservoir[slot] = text
+        sample += reservoir
+    return sample

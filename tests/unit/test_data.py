@@ -385,6 +385,34 @@ def test_bad_shards_are_one_line_naming_the_file_and_write_no_dataset(tiny_corpu
     with pytest.raises(L3TrainError, match=rf"input directory {tmp_path / 'nothing'} holds no corpus file"):
         preprocess(tmp_path / "nothing", out, tok, progress=False, log=quiet)
 
+
+def test_a_tokenizer_sample_spans_every_shard_by_size_and_is_reproducible(tiny_corpus, tmp_path):
+    from l3train.data.sources import expand_inputs, sample_documents
+
+    documents = [doc.replace("\n", " ") for doc in tiny_corpus.documents[:500]]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    bounds = [0, 50, 150, 300, 500]
+    for index, name in enumerate(["a.jsonl.gz", "b.parquet", "c.txt.zst", "d.jsonl"]):
+        write_shard(shards / name, documents[bounds[index]:bounds[index + 1]])
+    paths = expand_inputs(shards)
+    sample = sample_documents(paths, 100, seed=3)
+    assert sample == sample_documents(expand_inputs(f"{shards}/*"), 100, seed=3)  # however the files are named
+    assert sample != sample_documents(paths, 100, seed=4)
+    assert 96 <= len(sample) <= 104 and len(set(sample)) == len(sample)
+    per_shard = [sum(doc in documents[bounds[i]:bounds[i + 1]] for doc in sample) for i in range(4)]
+    assert all(count >= 1 for count in per_shard) and per_shard[3] > per_shard[0]  # more from the larger files
+
+    def train(name: str, *inputs: str) -> bytes:
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", *inputs,
+                                 "--output-prefix", str(tmp_path / name), "--vocab-size", "600",
+                                 "--sample-documents", "200", "--seed", "1"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "4 files (a sample of about 200 documents, seed 1)" in result.stdout
+        return (tmp_path / f"{name}.model").read_bytes()
+
+    assert train("from_dir", str(shards)) == train("from_glob", f"{shards}/*")
+
 # --- datasets and batches -----------------------------------------------------------
 
 
