@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from l3train.allocation import MODES, TextFile
-from l3train.allocation.build import CorpusOptions, open_corpus, scan_and_allocate, summary_lines
+from l3train.allocation.build import CorpusOptions, check_scan_memory, open_corpus, scan_and_allocate, summary_lines
+from l3train.utils.units import default_max_memory, parse_size
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
 
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --data-prefix: drop this token when it ends a document (the paper's "
         "documents have no EOD); default: eod_id from <PREFIX>.meta.json if present",
     )
+    parser.add_argument("--max-memory", type=parse_size, default=default_max_memory(), metavar="SIZE",
+                        help="refuse an LZW scan whose dictionary is predicted to need more (e.g. 64G; default: "
+                             "80%% of this machine's memory)")
     parser.add_argument("--corpus", metavar="TEXT", help="free-text corpus description to record (default: derived)")
     parser.add_argument("--output", required=True, metavar="FILE.npz", help="allocation file to write")
     add_overwrite_argument(parser)
@@ -102,6 +106,8 @@ def main() -> None:
     options = CorpusOptions(tokenizer=args.tokenizer, tokenizer_id=args.tokenizer_id, vocab_size=args.vocab_size,
                             eod_id=args.eod_id, max_tokens=args.max_tokens, description=args.corpus)
     corpus = open_corpus(source, args.budget, args.cap, options)
+    if args.mode == "lzw":
+        check_scan_memory(corpus, args.max_memory)
     allocation, result = scan_and_allocate(corpus, args.mode, args.budget, args.cap, progress=not args.quiet)
     try:
         allocation.save(args.output)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from l3train.allocation.allocation import MODES, Allocation, check_budget
 from l3train.allocation.allocation import frequency_allocation, lzw_allocation, uniform_allocation
-from l3train.allocation.lzw import LZWCodewords, LZWScanner, reference_lzw
+from l3train.allocation.lzw import NODES_PER_TOKEN, LZWCodewords, LZWScanner, predicted_scan_bytes, reference_lzw
 from l3train.data.indexed import IndexedDocuments, data_meta_path, read_meta
 from l3train.data.tokenizer import Tokenizer
 from l3train.errors import L3TrainError
@@ -78,6 +78,7 @@ class Corpus:
     batches: Iterator[Batch] | None  # None: no corpus (uniform mode)
     total_tokens: int | None  # for the progress bar, when known up front
     tokenizer: Tokenizer | None  # for printing pieces, when available
+    tokens_at_most: int | None = None  # a bound when the count is not known (a text file's bytes)
 
 
 def _resolve_identity(options: CorpusOptions, meta: dict, meta_source: str) -> tuple[Tokenizer | None, str, int]:
@@ -236,7 +237,26 @@ def open_corpus(source: CorpusSource, budget_v: int, cap_k: int, options: Corpus
         batches = limit_tokens(batches, max_tokens)
         total = min(total, max_tokens) if total is not None else max_tokens
         derived += f", first {max_tokens} tokens"
-    return Corpus(vocab_size, tokenizer_id, options.description or derived, batches, total, tokenizer)
+    bound = total if total is not None or not isinstance(source, TextFile) else os.path.getsize(source.path)
+    if bound is not None and max_tokens is not None:
+        bound = min(bound, max_tokens)
+    return Corpus(vocab_size, tokenizer_id, options.description or derived, batches, total, tokenizer, bound)
+
+
+def check_scan_memory(corpus: Corpus, max_memory: int) -> None:
+    """Refuse, before reading anything, an LZW scan whose dictionary would outgrow `max_memory`
+    bytes (l3train.allocation.lzw.predicted_scan_bytes; a bound when the token count is not known)."""
+    tokens = corpus.tokens_at_most
+    if tokens is None or predicted_scan_bytes(tokens, corpus.vocab_size) <= max_memory:
+        return
+    fits = tokens
+    while fits > 1 and predicted_scan_bytes(fits, corpus.vocab_size) > max_memory:
+        fits //= 2
+    raise L3TrainError(f"an LZW scan of {tokens:,} tokens would need about "
+                       f"{predicted_scan_bytes(tokens, corpus.vocab_size) / 1e9:.1f} GB for its dictionary (up to "
+                       f"{NODES_PER_TOKEN} trie nodes per token), more than --max-memory {max_memory / 1e9:.1f} GB; "
+                       f"scan a sample with --max-tokens (about {fits:,} fit; tools/lzw_convergence.py shows how "
+                       f"large a sample the allocation needs) or raise --max-memory")
 
 
 def _check_token_ids(tokens: np.ndarray, vocab_size: int) -> None:

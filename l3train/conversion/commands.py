@@ -17,15 +17,7 @@ from l3train.checkpoint.consolidated import DEFAULT_MAX_SHARD_BYTES, Consolidate
 from l3train.checkpoint.manifest import read_manifest
 from l3train.errors import CliArgumentParser, L3TrainError, parse_command
 from l3train.utils.outputs import add_overwrite_argument, refuse_existing
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B")
-    try:
-        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2G, 500M, 1000000)") from None
+from l3train.utils.units import parse_size
 
 
 def _command_parsers() -> dict[str, CliArgumentParser]:
@@ -39,7 +31,7 @@ def _command_parsers() -> dict[str, CliArgumentParser]:
     consolidate.add_argument("--output", required=True, help="consolidated checkpoint directory to write")
     consolidate.add_argument("--with-optimizer", action="store_true",
                              help="also write AdamW's moments and step (optimizer.safetensors), for reshard")
-    consolidate.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+    consolidate.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                              help="split model.safetensors past this size (default 2G)")
     consolidate.add_argument("overrides", nargs="*", metavar="key.sub=value",
                              help="fix paths of the saved config, e.g. l3.allocation=... data.tokenizer=...")

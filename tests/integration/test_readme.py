@@ -306,6 +306,8 @@ REGISTRY: dict[str, Step] = {
     ".venv/bin/python tools/lzw_allocate.py --data-prefix data/indexed/stdlib_docstrings_text_document "
     "-v 32768 -k 128 --output data/allocation/lzw_v32768_k128.npz": Step(
         creates=("data/allocation/lzw_v32768_k128.npz",), prints=("rows v = 32,768, cap k = 128",)),
+    ".venv/bin/python tools/lzw_convergence.py --data-prefix data/indexed/stdlib_docstrings_text_document "
+    "-v 32768 -k 128": Step(prints=("rows moved vs previous", "0.00%")),
     ".venv/bin/python tools/model_stats.py --config configs/tiny_l3.yaml": Step(
         prints=("9.948M", "1.576M", "2.790M")),  # the figures configs/tiny_l3.yaml's header states
     ".venv/bin/python tools/shard_plan.py --allocation data/allocation/lzw_v32768_k128.npz --shards 4": Step(

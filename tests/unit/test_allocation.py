@@ -375,6 +375,8 @@ def test_cli_max_tokens_and_uniform_without_a_corpus(tiny_corpus, tmp_path):
         (["--data-prefix", "missing/prefix", "--tokenizer-id", "abc", "--vocab-size", "600"], "missing/prefix"),
         (["--text", "{text}", "--tokenizer", "{tokenizer}", "--vocab-size", "7"], "conflicting vocab sizes: "),
         (["--data-prefix", "{prefix}", "--tokenizer-id", "abc"], "conflicting tokenizer ids: abc from --tokenizer-id"),
+        (["--data-prefix", "{prefix}", "--max-memory", "1M"], "would need about 0.0 GB for its dictionary"),
+        (["--text", "{text}", "--tokenizer", "{tokenizer}", "--max-memory", "2M"], "more than --max-memory 0.0 GB"),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_no_output(tiny_corpus, tmp_path, args, message):
@@ -391,3 +393,41 @@ def test_cli_errors_are_one_line_and_leave_no_output(tiny_corpus, tmp_path, args
     assert message in result.stderr
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_the_scan_memory_prediction_bounds_the_dictionary_and_refuses_in_one_line(tiny_corpus):
+    from l3train.allocation.build import check_scan_memory, open_corpus
+    from l3train.allocation.lzw import LZWScanner, predicted_scan_bytes
+
+    batches, total = dataset_batches(tiny_corpus.data_prefix, eod_id=2)
+    with LZWScanner(tiny_corpus.vocab_size) as scanner:
+        for tokens, offsets in batches:
+            scanner.add_documents(tokens, offsets)
+        nodes = scanner.num_codewords
+    # The C trie's own arrays for these nodes (20 bytes a node, 17 a slot at 3/4 load) are below the prediction.
+    assert 20 * nodes + 17 * nodes * 4 // 3 < predicted_scan_bytes(total, tiny_corpus.vocab_size)
+    corpus = open_corpus(tiny_corpus.data_prefix, 6000, 64)
+    check_scan_memory(corpus, predicted_scan_bytes(total, tiny_corpus.vocab_size))  # just enough: no error
+    with pytest.raises(L3TrainError, match=rf"an LZW scan of {total:,} tokens would need about .* GB for its "
+                                           rf"dictionary .*; scan a sample with --max-tokens \(about [\d,]+ fit"):
+        check_scan_memory(corpus, predicted_scan_bytes(total, tiny_corpus.vocab_size) - 1)
+
+
+def test_convergence_snapshots_are_the_allocations_of_those_samples(tiny_corpus):
+    """Each snapshot is exactly what --max-tokens would build; the last is the whole corpus's."""
+    from l3train.allocation.build import CorpusOptions, open_corpus
+    from l3train.allocation.convergence import convergence_table, snapshots
+
+    taken = list(snapshots(open_corpus(tiny_corpus.data_prefix, 6000, 64), 6000, 64, start_tokens=5000))
+    total = next(dataset_batches(tiny_corpus.data_prefix, eod_id=2)[0])[0].size
+    # At the first document boundary from 5000, 10000, 20000, ... tokens; the last is the whole corpus.
+    assert all(5000 * 2 ** i <= snap.tokens < 5000 * 2 ** (i + 1) for i, snap in enumerate(taken[:-1]))
+    assert taken[-1].tokens == total
+    for snap in (taken[0], taken[2], taken[-1]):
+        built = build_allocation(tiny_corpus.data_prefix, "lzw", 6000, 64, CorpusOptions(max_tokens=snap.tokens))
+        np.testing.assert_array_equal(snap.rows_per_token, built.rows_per_token)
+    lines = []
+    rows = convergence_table(open_corpus(tiny_corpus.data_prefix, 6000, 64), 6000, 64, 5000, log=lines.append)
+    assert rows[-1]["share_vs_largest"] == 0.0 and rows[0]["rows_moved"] is None
+    moved = np.abs(taken[1].rows_per_token - taken[0].rows_per_token).sum() // 2
+    assert rows[1]["rows_moved"] == moved and len(lines) == len(rows) + 1
