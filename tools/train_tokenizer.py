@@ -87,12 +87,9 @@ def main() -> None:
             counts["docs"] += 1
             yield doc
 
-    print(
-        f"training {args.model_type} tokenizer, vocab {args.vocab_size}, "
-        f"on {paths[0] if len(paths) == 1 else f'{len(paths)} files'}"
-        + (f" (a sample of about {args.sample_documents} documents, seed {args.seed})" if args.sample_documents else ""),
-        flush=True,
-    )
+    sampled = f" (a sample of about {args.sample_documents} documents, seed {args.seed})" if args.sample_documents else ""
+    print(f"training {args.model_type} tokenizer, vocab {args.vocab_size}, "
+          f"on {paths[0] if len(paths) == 1 else f'{len(paths)} files'}{sampled}", flush=True)
     tokenizer = train_tokenizer(
         iter_training_sentences(documents()),
         args.output_prefix,
