@@ -60,7 +60,7 @@ from l3train.run_lock import RunDirLock
 from l3train.eval.data import split_range
 from l3train.utils.atomic import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODELS = {"dense": "iso-FLOP dense", "l3_lzw": "L³-LZW", "l3_uniform": "L³-uniform", "moe": "iso-sparse MoE"}
 L3_MODELS = ("l3_lzw", "l3_uniform")
 PLAN_VERSION = 1
