@@ -248,17 +248,6 @@ def write_corpus_shards(ws: "Workspace") -> None:
                    shards / "extra.parquet")
 
 
-def slurm_preprocessed(ws: "Workspace", result: Result) -> None:
-    """The array job's merge finished, into the dataset the one-process command made."""
-    merge = re.search(r"MERGE_JOB=(\d+)", result.stdout).group(1)
-    log = ws.root / f"slurm-l3train-preprocess-{merge}_4294967294.out"  # %a of a job without an array index
-    record = ws.notes["cluster"].wait(merge, log, timeout=300)
-    assert record["JobState"] == "COMPLETED", log.read_text()[-4000:] if log.exists() else record
-    for suffix in (".bin", ".idx"):
-        assert (ws.root / f"data/indexed/shards_slurm{suffix}").read_bytes() == \
-            (ws.root / f"data/indexed/shards{suffix}").read_bytes()
-
-
 def shorten_sweep_runs(ws: "Workspace") -> None:
     """The sweep file has no command-line overrides: add the short-run ones to its copy here."""
     sweep = ws.root / "configs/sweeps/tiny_lr.yaml"
@@ -302,7 +291,8 @@ REGISTRY: dict[str, Step] = {
         prints=("wrote data/indexed/shards.bin/.idx: 4455 documents",)),
     "bash launch/slurm/preprocess.sh 2 --input 'data/shards/*.jsonl.gz' data/shards/extra.parquet "
     "--tokenizer data/tokenizer/spm_bpe_2048.model --output-prefix data/indexed/shards_slurm": Step(
-        slurm=True, prints=("submitted array job",), check=slurm_preprocessed),
+        run_by=f"{SLURM_TESTS}::test_preprocess_array_job_and_merge_give_the_one_process_dataset",
+        run_by_words=("bash", "launch/slurm/preprocess.sh", "2", "--input", "--tokenizer", "--output-prefix")),
     ".venv/bin/python tools/lzw_allocate.py --data-prefix data/indexed/stdlib_docstrings_text_document "
     "-v 32768 -k 128 --output data/allocation/lzw_v32768_k128.npz": Step(
         creates=("data/allocation/lzw_v32768_k128.npz",), prints=("rows v = 32,768, cap k = 128",)),
