@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -104,6 +105,39 @@ def kill_tree(process: subprocess.Popen) -> None:
             victim.send_signal(signal.SIGKILL)
     process.wait()
 
+
+
+@dataclass
+class RankOneStopped:
+    """What a two-rank run did after rank 1 was stopped (`stop_rank_one`)."""
+
+    returncode: int
+    seconds: float  # from the stop to the launcher's end
+    survivors: list  # processes of the run still alive (never zombies) when the launcher ended
+    output: str  # the launcher's and the ranks' stdout and stderr
+
+
+def stop_rank_one(config: Path, tmp_path: Path, stop: str, *overrides: str, wait: float = 150) -> RankOneStopped:
+    """Train `config` on two ranks to step 3, then `stop` rank 1 ("kill": SIGKILL, a rank that
+    dies; "suspend": SIGSTOP, a rank that hangs) and wait for the launcher to end."""
+    run_dir = tmp_path / "run"
+    cmd = trainer_command(config, f"run_dir={run_dir}", "training.steps=100000", "checkpoint.save_interval=100000",
+                          "training.eval_interval=100000", "training.log_interval=1", *overrides, nproc=2)
+    log = (tmp_path / "out.log").open("w+")
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "RANK" in p.environ()}
+        stopped_at = time.time()
+        getattr(ranks[1], stop)()
+        launcher.wait(timeout=wait)
+        seconds = time.time() - stopped_at
+        survivors = [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        kill_tree(launcher)
+    log.seek(0)
+    return RankOneStopped(launcher.returncode, seconds, survivors, log.read())
 
 def assert_crash_resume_is_exact(config: Path, whole_run: Path, run_dir: Path, overrides: list[str]) -> None:
     """With checkpoints every 5 of 20 steps: SIGKILL every process after a random step past the

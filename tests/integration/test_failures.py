@@ -9,13 +9,10 @@ import random
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-from training_harness import (REPO, kill_tree, run_trainer, tiny_l3_config, trainer_command, trainer_env,
-                              wait_for_step, write_config)
+from training_harness import REPO, run_trainer, stop_rank_one, tiny_l3_config, trainer_env, write_config
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -45,26 +42,10 @@ def test_twenty_sigkills_while_saving_never_break_latest(config, tmp_path):
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_every_process_within_a_minute(config, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = trainer_command(config, f"run_dir={run_dir}", "training.steps=100000", "checkpoint.save_interval=100000",
-                          "training.eval_interval=100000", "training.log_interval=1", nproc=2)
-    log = (tmp_path / "out.log").open("w+")
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_step(run_dir, 3, launcher)
-        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "RANK" in p.environ()}
-        killed_at = time.time()
-        ranks[1].kill()
-        launcher.wait(timeout=120)
-        elapsed = time.time() - killed_at
-        survivors = [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        kill_tree(launcher)
-    log.seek(0)
-    output = log.read()
+    ran = stop_rank_one(config, tmp_path, "kill", wait=120)
+    output, elapsed = ran.output, ran.seconds
     print(f"rank death: every process gone {elapsed:.1f} s after SIGKILL of rank 1")
-    assert launcher.returncode != 0 and not survivors
+    assert ran.returncode != 0 and not ran.survivors
     assert elapsed < 60, output[-3000:]
     # The survivor names the rank that is gone (torchrun's report may call the survivor's own
     # exit the first failure: it can come first).
