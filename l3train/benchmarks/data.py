@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l3train.data.indexed import _megatron_builder, preprocess, token_dtype
+from l3train.data.indexed import megatron_builder, preprocess, token_dtype
 from l3train.data.sources import detect_format, document_text, iter_records
 from l3train.data.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ def phases(paths: list[Path], tokenizer_path: Path) -> dict[str, float]:
     tokenize = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
         start = time.perf_counter()
-        builder = _megatron_builder()(f"{scratch}/out.bin", dtype=dtype)
+        builder = megatron_builder()(f"{scratch}/out.bin", dtype=dtype)
         for array in arrays:
             builder.add_document(array, [array.size])
         builder.finalize(f"{scratch}/out.idx")
@@ -76,7 +76,7 @@ def phases(paths: list[Path], tokenizer_path: Path) -> dict[str, float]:
 def bench_preprocess_workers(corpus: Path, tokenizer_path: Path, shards: int, repeat: int, repeats: int,
                              log: Callable[[str], None] = print) -> dict[str, float]:
     """Median tokens/s of tools/preprocess_data.py's library call at 1 and 2 workers, interleaved."""
-    _megatron_builder()  # imported once before timing (seconds), as a long run pays it once
+    megatron_builder()  # imported once before timing (seconds), as a long run pays it once
     with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
         directory = Path(scratch) / "shards"
         directory.mkdir()

@@ -101,10 +101,6 @@ class PartResult:
     figures: list[dict[str, Any]]
     reason: str = ""
 
-    @property
-    def failed_checks(self) -> int:
-        return sum(figure.get("ok") is False for figure in self.figures)
-
 
 def read_figures(path: Path) -> list[dict[str, Any]]:
     """The figures a part recorded (gpu_parts.Figures); a part stopped mid-write leaves the previous file."""

@@ -158,7 +158,7 @@ def _megatron_indexed_module() -> Any:
     return indexed_dataset
 
 
-def _megatron_builder() -> Any:
+def megatron_builder() -> Any:
     return _megatron_indexed_module().IndexedDatasetBuilder
 
 
@@ -462,7 +462,7 @@ def preprocess(
     formats = [detect_format(path, fmt) for path in paths]
     tokenizer = Tokenizer.load(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
-    builder_cls = _megatron_builder()
+    builder_cls = megatron_builder()
 
     parts = _Parts(Path(f"{output_prefix}.parts"))
     _prepare_parts_dir(parts.directory, _manifest(paths, formats, json_key, tokenizer, dtype, chunk_lines), log,
