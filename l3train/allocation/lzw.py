@@ -12,20 +12,12 @@ Two implementations of the same scan:
   allocation sort break identically.
 
 The C helper is compiled on first use with the system C compiler into a cache directory
-(`$L3TRAIN_CACHE`, default `~/.cache/l3train`), under a name keyed by a hash of its source
-and flags; it is built to a temporary file and renamed, so concurrent ranks or test
-workers never load a half-written library.
+(`$L3TRAIN_CACHE`, default `~/.cache/l3train`; l3train.utils.c_library).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shlex
-import shutil
-import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,12 +25,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from l3train.errors import L3TrainError
-from l3train.utils.atomic import atomic_path
+from l3train.utils.c_library import load_c_library
 
 _SOURCE = Path(__file__).with_name("_lzw.c")
 _COMPILE_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99")
-_library: ctypes.CDLL | None = None
-_library_lock = threading.Lock()
 
 
 # An LZW dictionary grows sublinearly with the text scanned; on real text a scan makes about
@@ -131,69 +121,25 @@ class LZWCodewords:
         )
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("L3TRAIN_CACHE") or Path.home() / ".cache" / "l3train")
-
-
-def _find_compiler() -> list[str]:
-    configured = os.environ.get("CC")
-    candidates = [shlex.split(configured)] if configured else [["cc"], ["gcc"]]
-    for command in candidates:
-        if command and shutil.which(command[0]):
-            return command
-    looked_for = f"$CC={configured!r}" if configured else "cc, gcc"
-    raise L3TrainError(
-        f"no C compiler found (looked for {looked_for}); the fast LZW scanner compiles a "
-        "small C helper on first use: install gcc (e.g. `apt-get install gcc`), or use "
-        "--mode lzw-reference (pure Python, very slow)"
-    )
-
-
 def _load_library() -> ctypes.CDLL:
-    """Compile `_lzw.c` once per source version and load it."""
-    global _library
-    with _library_lock:
-        if _library is not None:
-            return _library
-        compiler = _find_compiler()
-        source = _SOURCE.read_bytes()
-        digest = hashlib.sha256(source + repr((compiler, _COMPILE_FLAGS)).encode()).hexdigest()
-        library_path = _cache_dir() / f"lzw-{digest[:16]}.so"
-        if not library_path.exists():
-            try:
-                with atomic_path(library_path) as tmp:
-                    result = subprocess.run(
-                        [*compiler, *_COMPILE_FLAGS, "-o", str(tmp), str(_SOURCE)],
-                        capture_output=True,
-                        text=True,
-                    )
-                    if result.returncode != 0:
-                        raise L3TrainError(
-                            f"compiling the LZW helper with `{shlex.join(compiler)}` failed: "
-                            f"{result.stderr.strip()[-500:]}"
-                        )
-            except OSError as err:
-                raise L3TrainError(
-                    f"cannot build the LZW helper in {library_path.parent} ({err}); "
-                    "set L3TRAIN_CACHE to a writable directory"
-                ) from err
-        library = ctypes.CDLL(str(library_path))
-        int64_array = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
-        int32_array = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
-        library.lzw_create.restype = ctypes.c_void_p
-        library.lzw_create.argtypes = [ctypes.c_int64]
-        library.lzw_free.restype = None
-        library.lzw_free.argtypes = [ctypes.c_void_p]
-        library.lzw_scan.restype = ctypes.c_int
-        library.lzw_scan.argtypes = [ctypes.c_void_p, int32_array, int64_array, ctypes.c_int64]
-        library.lzw_count_tokens.restype = ctypes.c_int64
-        library.lzw_count_tokens.argtypes = [int32_array, ctypes.c_int64, ctypes.c_int64, int64_array]
-        library.lzw_num_nodes.restype = ctypes.c_int64
-        library.lzw_num_nodes.argtypes = [ctypes.c_void_p]
-        library.lzw_export.restype = None
-        library.lzw_export.argtypes = [ctypes.c_void_p, int64_array, int64_array, int64_array]
-        _library = library
-        return library
+    """`_lzw.c` compiled once per source version, loaded, and its functions typed."""
+    library = load_c_library(_SOURCE, _COMPILE_FLAGS, "the fast LZW scanner",
+                             ", or use --mode lzw-reference (pure Python, very slow)")
+    int64_array = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
+    int32_array = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+    library.lzw_create.restype = ctypes.c_void_p
+    library.lzw_create.argtypes = [ctypes.c_int64]
+    library.lzw_free.restype = None
+    library.lzw_free.argtypes = [ctypes.c_void_p]
+    library.lzw_scan.restype = ctypes.c_int
+    library.lzw_scan.argtypes = [ctypes.c_void_p, int32_array, int64_array, ctypes.c_int64]
+    library.lzw_count_tokens.restype = ctypes.c_int64
+    library.lzw_count_tokens.argtypes = [int32_array, ctypes.c_int64, ctypes.c_int64, int64_array]
+    library.lzw_num_nodes.restype = ctypes.c_int64
+    library.lzw_num_nodes.argtypes = [ctypes.c_void_p]
+    library.lzw_export.restype = None
+    library.lzw_export.argtypes = [ctypes.c_void_p, int64_array, int64_array, int64_array]
+    return library
 
 
 class LZWScanner:

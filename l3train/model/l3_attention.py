@@ -10,7 +10,9 @@ Implementations, all with the same signature `(x, token_ids, bounds, keys, value
 - `row_attention_padded`: gather every position's rows padded to the batch's largest
   d_t. This is the memory-hungry approach the sorted kernel avoids (N·k scores and
   N·k·d gathered rows at k = 512); kept as the benchmark baseline.
-- `row_attention`: the training implementation. Positions are sorted by token id so
+- `row_attention`: the training implementation, and the reference and fallback of the
+  CPU kernel (`l3_cpu.py`), which `plan_lookup` chooses for fp32 tables on the CPU: the
+  same grouping by token id in one C call per pass. Positions are sorted by token id so
   equal ids become contiguous; each unique token's positions attend only to that
   token's rows (the score matrix is block diagonal). Blocks are grouped into buckets of
   similar (rows, positions) shape so each bucket is one batched matmul; padding inside
@@ -34,6 +36,8 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
+
+from l3train.model.l3_cpu import CpuPlan, cpu_attend, cpu_kernel_available, plan_cpu
 
 if TYPE_CHECKING:
     from l3train.model.l3_triton import TritonPlan
@@ -247,18 +251,28 @@ class _SortedRowAttention(torch.autograd.Function):
         return grad_x, grad_keys.to(keys.dtype), None if tied else grad_values.to(values.dtype), None
 
 
-RowPlan = Union[BlockPlan, "TritonPlan"]  # what `plan_lookup` returns: the torch or the Triton path's plan
+RowPlan = Union[BlockPlan, CpuPlan, "TritonPlan"]  # what `plan_lookup` returns: one per implementation
+
+IMPLEMENTATIONS = ("auto", "torch", "cpu")
 
 
 def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
-                max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> RowPlan:
+                max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK,
+                table_dtype: torch.dtype = torch.float32, implementation: str = "auto") -> RowPlan:
     """Everything the row attention of `token_ids` needs that depends on the ids alone: the
-    sort, the blocks and their chunks (torch path) or the kernels' work lists (Triton path,
-    for CUDA ids when Triton is available). Building it reads data-dependent sizes on the
-    host (synchronising a GPU), so it is built once per micro-batch and shared by every L³
-    layer and by backward (l3train.model.l3_layer.LookupRoutes); `attend` then needs none.
-    `feature_width` = d_in + d_emb sizes the torch path's chunks (see `plan_blocks`)."""
-    if token_ids.is_cuda:
+    groups of the CPU kernel (CPU ids, fp32 tables of `table_dtype`), the kernels' work lists
+    (Triton path, for CUDA ids when Triton is available), else the sort, the blocks and their
+    chunks of the torch path (`implementation="torch"` asks for it anywhere, "cpu" for the
+    CPU kernel). Building it reads data-dependent sizes on the host (synchronising a GPU), so
+    it is built once per micro-batch and shared by every L³ layer and by backward
+    (l3train.model.l3_layer.LookupRoutes); `attend` then needs none. `feature_width` = d_in +
+    d_emb sizes the torch path's chunks (see `plan_blocks`)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "cpu" or (implementation == "auto" and not token_ids.is_cuda
+                                   and table_dtype == torch.float32 and cpu_kernel_available()):
+        return plan_cpu(token_ids, bounds)
+    if token_ids.is_cuda and implementation == "auto":
         # Imported only here so CPU users never load Triton or compile its kernels.
         from l3train.model.l3_triton import plan_triton, triton_available
         if triton_available():
@@ -271,12 +285,15 @@ def attend(x: Tensor, keys: Tensor, values: Tensor, plan: RowPlan) -> tuple[Tens
     and (N,) softmax entropies (no gradient). No host synchronisation."""
     if isinstance(plan, BlockPlan):
         return _SortedRowAttention.apply(x, keys, values, plan)
+    if isinstance(plan, CpuPlan):
+        return cpu_attend(x, keys, values, plan)
     from l3train.model.l3_triton import triton_attend
     return triton_attend(x, keys, values, plan)
 
 
 def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
-                               max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> tuple[Tensor, Tensor]:
+                               max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK,
+                               implementation: str = "auto") -> tuple[Tensor, Tensor]:
     """Sorted block-diagonal row attention; also returns each position's softmax entropy.
 
     x: (N, d_in), token_ids: (N,), bounds: (vocab+1,), keys: (v, d_in), values: (v, d_emb).
@@ -284,10 +301,10 @@ def row_attention_with_entropy(x: Tensor, token_ids: Tensor, bounds: Tensor, key
     call; a model plans once per micro-batch instead (`plan_lookup`, `attend`).
     """
     return attend(x, keys, values, plan_lookup(token_ids.reshape(-1), bounds, x.shape[1] + values.shape[1],
-                                               max_elements_per_chunk))
+                                               max_elements_per_chunk, keys.dtype, implementation))
 
 
 def row_attention(x: Tensor, token_ids: Tensor, bounds: Tensor, keys: Tensor, values: Tensor,
-                  max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK) -> Tensor:
+                  max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK, implementation: str = "auto") -> Tensor:
     """Sorted block-diagonal row attention (see the module docstring)."""
-    return row_attention_with_entropy(x, token_ids, bounds, keys, values, max_elements_per_chunk)[0]
+    return row_attention_with_entropy(x, token_ids, bounds, keys, values, max_elements_per_chunk, implementation)[0]

@@ -111,7 +111,7 @@ class LocalRowTable(nn.Module):
         return self.key_table, self.key_table if self.value_table is None else self.value_table
 
     def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
-        return plan_lookup(token_ids, bounds, self.routing_key[1])
+        return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.key_table.dtype)
 
     def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
         keys, values = self.tables()

@@ -153,7 +153,8 @@ class ShardedRowTable(nn.Module):
         send, recv = counts[:route.dp_size], counts[route.dp_size:]
         positions = order[:sum(send)]
         remote_ids = exchange(token_ids[positions], send, recv, route.dp_group)
-        return ShardedRoute(positions, send, recv, plan_lookup(remote_ids, self.local_bounds, self.feature_width))
+        return ShardedRoute(positions, send, recv, plan_lookup(remote_ids, self.local_bounds, self.feature_width,
+                                                                    table_dtype=self.local.keys.dtype))
 
     def forward(self, x: Tensor, route: ShardedRoute) -> tuple[Tensor, Tensor]:
         """Same contract as `LocalRowTable`, on this rank's own tables (`local_bounds`)."""

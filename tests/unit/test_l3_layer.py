@@ -31,7 +31,8 @@ def outputs_and_grads(fn, x, ids, bounds, keys, values, tied):
     keys = keys.clone().requires_grad_()
     values = keys if tied else values.clone().requires_grad_()
     out = fn(x, ids, bounds, keys, values)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    # Drawn in fp64 whatever the dtype, so runs in different dtypes get the same gradient.
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
     inputs = [x, keys] if tied else [x, keys, values]
     return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
 
@@ -48,7 +49,7 @@ def test_sorted_matches_reference_loop(dtype, tied, max_scores):
     d_emb = 12 if tied else 8
     case = make_case(seed=3, dtype=dtype, tied=tied, d_emb=d_emb)
     expected = outputs_and_grads(row_attention_loop, *case, tied)
-    sorted_fn = lambda *a: row_attention(*a, max_elements_per_chunk=max_scores)  # noqa: E731
+    sorted_fn = lambda *a: row_attention(*a, max_elements_per_chunk=max_scores, implementation="torch")  # noqa: E731
     actual = outputs_and_grads(sorted_fn, *case, tied)
     for got, want in zip(actual, expected):
         assert_close_relative(got, want, 1e-5)
@@ -61,19 +62,22 @@ def test_padded_baseline_matches_reference_loop():
         assert_close_relative(got, want, 1e-10)
 
 
-def test_all_unique_and_all_repeated_ids():
+@pytest.mark.parametrize("implementation,dtype,tol", [("torch", torch.float64, 1e-10), ("cpu", torch.float32, 1e-5)])
+def test_all_unique_and_all_repeated_ids(implementation, dtype, tol):
     x, _, bounds, keys, values = make_case(seed=5, dtype=torch.float64, tied=False, n=40)
+    attention = lambda *a: row_attention(*a, implementation=implementation)  # noqa: E731
     for ids in (torch.arange(40), torch.full((40,), 1)):
-        for got, want in zip(outputs_and_grads(row_attention, x, ids, bounds, keys, values, False),
-                             outputs_and_grads(row_attention_loop, x, ids, bounds, keys, values, False)):
-            assert_close_relative(got, want, 1e-10)
+        actual = outputs_and_grads(attention, x.to(dtype), ids, bounds, keys.to(dtype), values.to(dtype), False)
+        for got, want in zip(actual, outputs_and_grads(row_attention_loop, x, ids, bounds, keys, values, False)):
+            assert_close_relative(got.double(), want, tol)
 
 
 def test_gradcheck_fp64():
     x, ids, bounds, keys, values = make_case(seed=6, dtype=torch.float64, tied=False, vocab=6, d_in=3,
                                              d_emb=2, n=9, max_rows=5)
     inputs = (x.requires_grad_(), keys.requires_grad_(), values.requires_grad_())
-    fn = lambda x_, k_, v_: row_attention(x_, ids, bounds, k_, v_, max_elements_per_chunk=8)  # noqa: E731
+    fn = lambda x_, k_, v_: row_attention(x_, ids, bounds, k_, v_, max_elements_per_chunk=8,  # noqa: E731
+                                          implementation="torch")
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -102,8 +106,10 @@ def saved_bytes(fn, *args):
     return total
 
 
-def test_memory_scales_with_positions_not_cap():
-    """Sorted L³ saves O(N·d) for backward, independent of k; the padded baseline saves N·k·d."""
+@pytest.mark.parametrize("implementation", ["torch", "cpu"])
+def test_memory_scales_with_positions_not_cap(implementation):
+    """Sorted L³ (torch path and CPU kernel) saves O(N·d) for backward, independent of k; the
+    padded baseline saves N·k·d."""
     n, d = 256, 16
     ids = torch.arange(n) % 32
     x = torch.randn(n, d, requires_grad=True)
@@ -112,7 +118,8 @@ def test_memory_scales_with_positions_not_cap():
         rows = torch.full((32,), cap)
         bounds = bounds_from_rows(rows)
         keys = torch.randn(int(bounds[-1]), d, requires_grad=True)
-        usage[cap] = (saved_bytes(row_attention, x, ids, bounds, keys, keys),
+        usage[cap] = (saved_bytes(lambda *a: row_attention(*a, implementation=implementation), x, ids, bounds, keys,
+                                  keys),
                       saved_bytes(row_attention_padded, x, ids, bounds, keys, keys))
     sorted_small, padded_small = usage[8]
     sorted_large, padded_large = usage[512]
@@ -200,7 +207,7 @@ def test_bf16_inputs_get_fp32_scores_softmax_and_gradients():
     x, keys, values = (t.to(torch.bfloat16) for t in (x, keys, values))
     grad_out = torch.randn(300, values.shape[1], generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     results = []
-    for fn, dtype in ((row_attention, torch.bfloat16), (row_attention_loop, torch.float64)):
+    for fn, dtype in ((row_attention, torch.bfloat16), (row_attention_loop, torch.float64)):  # bf16: torch path
         inputs = [t.to(dtype).requires_grad_() for t in (x, keys, values)]
         out = fn(inputs[0], ids, bounds, inputs[1], inputs[2])
         results.append([out.detach(), *torch.autograd.grad(out, inputs, grad_out.to(dtype))])

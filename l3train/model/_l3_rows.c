@@ -1,0 +1,239 @@
+/* The row attention a_p = V_tᵀ softmax(K_t x_p) on the CPU, forward and backward, for
+ * l3train.model.l3_cpu (see that module for the why and for how it is called).
+ *
+ * Work is organised by *group*: the positions of one token id, which all read the same
+ * contiguous rows K[start:start+count] (and V's). Groups own disjoint rows, so OpenMP
+ * runs groups in parallel with no atomics, and each group's arithmetic happens in one
+ * fixed order whichever thread runs it: results are deterministic and independent of
+ * the thread count. Nothing is padded: a group computes exactly count × positions scores.
+ *
+ * Inside a group, positions go TILE at a time: every row loaded from memory is used for
+ * TILE positions (a register-blocked matrix product in all but name), which is what
+ * turns the per-position matrix-vector products into cache-friendly work. Scores,
+ * softmax, outputs and gradients are fp32 (the tables are fp32).
+ *
+ * Backward recomputes the scores (FlashAttention-style) from x and the saved log-sum-exp.
+ * Each group accumulates its rows' gradients in place in the table-shaped gradient, and
+ * zeroes the rows between its token's rows and the next group's (no token of the batch
+ * owns them), so every row of the gradient is written exactly once per step: there is
+ * no separate zero-filled buffer and no scatter-add pass.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 4
+
+/* s[t * rows + r] = <table[r], vec[t]> for the tile's positions t and every row r. */
+static void dot_rows(const float *table, int64_t rows, int64_t width, const float *const *vec, int tile,
+                     float *s) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = table + r * width;
+        if (tile == TILE) {
+            const float *v0 = vec[0], *v1 = vec[1], *v2 = vec[2], *v3 = vec[3];
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t j = 0; j < width; j++) {
+                float w = row[j];
+                a0 += w * v0[j];
+                a1 += w * v1[j];
+                a2 += w * v2[j];
+                a3 += w * v3[j];
+            }
+            s[r] = a0;
+            s[rows + r] = a1;
+            s[2 * rows + r] = a2;
+            s[3 * rows + r] = a3;
+        } else {
+            for (int t = 0; t < tile; t++) {
+                const float *v = vec[t];
+                float a = 0.f;
+#pragma omp simd reduction(+ : a)
+                for (int64_t j = 0; j < width; j++) a += row[j] * v[j];
+                s[t * rows + r] = a;
+            }
+        }
+    }
+}
+
+/* acc[t] (+)= Σ_r w[t * rows + r] · table[r], for the tile's positions t. */
+static void weighted_rows(const float *table, int64_t rows, int64_t width, const float *w, int tile,
+                          float *const *acc) {
+    for (int t = 0; t < tile; t++) memset(acc[t], 0, (size_t)width * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = table + r * width;
+        for (int t = 0; t < tile; t++) {
+            float weight = w[t * rows + r];
+            float *out = acc[t];
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) out[j] += weight * row[j];
+        }
+    }
+}
+
+/* grad[r] += Σ_t w[t * rows + r] · vec[t] for every row r (one read-modify-write per row and tile). */
+static void add_outer(float *grad, int64_t rows, int64_t width, const float *w, const float *const *vec, int tile) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *g = grad + r * width;
+        for (int t = 0; t < tile; t++) {
+            float weight = w[t * rows + r];
+            const float *v = vec[t];
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) g[j] += weight * v[j];
+        }
+    }
+}
+
+/* Max-subtracted softmax of each score row in place (into probabilities); the log-sum-exp
+ * and the entropy H = lse - Σ p·s of each position. */
+static void softmax_rows(float *s, int64_t rows, int tile, float *lse, float *entropy) {
+    for (int t = 0; t < tile; t++) {
+        float *row = s + t * rows;
+        float max = -INFINITY;
+        for (int64_t r = 0; r < rows; r++) max = row[r] > max ? row[r] : max;
+        float sum = 0.f, weighted = 0.f;
+        for (int64_t r = 0; r < rows; r++) {
+            float e = expf(row[r] - max);
+            weighted += e * row[r];
+            row[r] = e;
+            sum += e;
+        }
+        float inv = 1.f / sum;
+        for (int64_t r = 0; r < rows; r++) row[r] *= inv;
+        lse[t] = max + logf(sum);
+        entropy[t] = lse[t] - weighted * inv;
+    }
+}
+
+typedef struct {
+    int64_t groups;
+    const int64_t *position_start; /* (groups + 1,) offsets into `order` */
+    const int64_t *order;          /* positions sorted by token id */
+    const int64_t *row_start;      /* (groups,) first row of each group's token */
+    const int64_t *row_count;      /* (groups,) its number of rows, >= 1 */
+    const int64_t *schedule;       /* (groups,) the order groups are handed to threads (largest first) */
+    int64_t max_rows;
+    int64_t d_in, d_emb;
+} Groups;
+
+static int tile_of(const Groups *g, int64_t first, int64_t end, const float *base, int64_t width,
+                   const float **vec) {
+    int tile = (int)(end - first < TILE ? end - first : TILE);
+    for (int t = 0; t < tile; t++) vec[t] = base + g->order[first + t] * width;
+    return tile;
+}
+
+int l3_rows_forward(int64_t groups, const int64_t *position_start, const int64_t *order, const int64_t *row_start,
+                    const int64_t *row_count, const int64_t *schedule, int64_t max_rows, const float *x, int64_t d_in,
+                    const float *keys, const float *values, int64_t d_emb, float *out, float *log_norm,
+                    float *entropy, int threads) {
+    Groups g = {groups, position_start, order, row_start, row_count, schedule, max_rows, d_in, d_emb};
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc((size_t)TILE * (size_t)g.max_rows * sizeof(float));
+        if (s == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < g.groups; i++) {
+            if (s == NULL) continue;
+            int64_t group = g.schedule[i];
+            int64_t rows = g.row_count[group];
+            const float *k = keys + g.row_start[group] * g.d_in;
+            const float *v = values + g.row_start[group] * g.d_emb;
+            for (int64_t p = g.position_start[group]; p < g.position_start[group + 1]; p += TILE) {
+                const float *xs[TILE];
+                float *outs[TILE];
+                float lse[TILE], ent[TILE];
+                int tile = tile_of(&g, p, g.position_start[group + 1], x, g.d_in, xs);
+                for (int t = 0; t < tile; t++) outs[t] = out + g.order[p + t] * g.d_emb;
+                dot_rows(k, rows, g.d_in, xs, tile, s);
+                softmax_rows(s, rows, tile, lse, ent);
+                weighted_rows(v, rows, g.d_emb, s, tile, outs);
+                for (int t = 0; t < tile; t++) {
+                    log_norm[g.order[p + t]] = lse[t];
+                    entropy[g.order[p + t]] = ent[t];
+                }
+            }
+        }
+        free(s);
+    }
+    return failed;
+}
+
+/* The rows no group owns from `first` up to the next group's first row (or the table's end). */
+static void zero_gap(const Groups *g, int64_t next_group, int64_t first, int64_t table_rows, float *grad_keys,
+                     float *grad_values, int tied) {
+    int64_t end = next_group < g->groups ? g->row_start[next_group] : table_rows;
+    if (end <= first) return;
+    memset(grad_keys + first * g->d_in, 0, (size_t)((end - first) * g->d_in) * sizeof(float));
+    if (!tied) memset(grad_values + first * g->d_emb, 0, (size_t)((end - first) * g->d_emb) * sizeof(float));
+}
+
+/* grad_keys / grad_values: table-shaped (table_rows × width) gradients, written whole; the same
+ * buffer for tied tables (keys == values), where both gradients add up. Groups must be in
+ * token order (increasing row_start) for the gaps between them to be found. */
+int l3_rows_backward(int64_t groups, const int64_t *position_start, const int64_t *order, const int64_t *row_start,
+                     const int64_t *row_count, const int64_t *schedule, int64_t max_rows, const float *x, int64_t d_in,
+                     const float *keys, const float *values, int64_t d_emb, const float *out, const float *log_norm,
+                     const float *grad_out, int64_t table_rows, float *grad_x, float *grad_keys,
+                     float *grad_values, int threads) {
+    Groups g = {groups, position_start, order, row_start, row_count, schedule, max_rows, d_in, d_emb};
+    int tied = grad_keys == grad_values;
+    int failed = 0;
+    zero_gap(&g, 0, 0, table_rows, grad_keys, grad_values, tied); /* the rows before the first group's */
+#pragma omp parallel num_threads(threads)
+    {
+        float *probs = malloc((size_t)TILE * (size_t)g.max_rows * sizeof(float));
+        float *grad_scores = malloc((size_t)TILE * (size_t)g.max_rows * sizeof(float));
+        if (probs == NULL || grad_scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < g.groups; i++) {
+            if (probs == NULL || grad_scores == NULL) continue;
+            int64_t group = g.schedule[i];
+            int64_t rows = g.row_count[group];
+            const float *k = keys + g.row_start[group] * g.d_in;
+            const float *v = values + g.row_start[group] * g.d_emb;
+            float *gk = grad_keys + g.row_start[group] * g.d_in;
+            float *gv = grad_values + g.row_start[group] * g.d_emb;
+            memset(gk, 0, (size_t)(rows * g.d_in) * sizeof(float));
+            if (!tied) memset(gv, 0, (size_t)(rows * g.d_emb) * sizeof(float));
+            zero_gap(&g, group + 1, g.row_start[group] + rows, table_rows, grad_keys, grad_values, tied);
+            for (int64_t p = g.position_start[group]; p < g.position_start[group + 1]; p += TILE) {
+                const float *xs[TILE], *douts[TILE];
+                float *dxs[TILE];
+                int tile = tile_of(&g, p, g.position_start[group + 1], x, g.d_in, xs);
+                tile_of(&g, p, g.position_start[group + 1], grad_out, g.d_emb, douts);
+                for (int t = 0; t < tile; t++) dxs[t] = grad_x + g.order[p + t] * g.d_in;
+                /* P = exp(S - lse); dP = dA·Vᵀ; dS = P ⊙ (dP - dA·A) (softmax backward, Σ_r P·dP = dA·A). */
+                dot_rows(k, rows, g.d_in, xs, tile, probs);
+                dot_rows(v, rows, g.d_emb, douts, tile, grad_scores);
+                for (int t = 0; t < tile; t++) {
+                    int64_t position = g.order[p + t];
+                    const float *a = out + position * g.d_emb, *da = douts[t];
+                    float row_dot = 0.f;
+                    for (int64_t j = 0; j < g.d_emb; j++) row_dot += da[j] * a[j];
+                    float lse = log_norm[position];
+                    float *pt = probs + t * rows, *dst = grad_scores + t * rows;
+                    for (int64_t r = 0; r < rows; r++) {
+                        pt[r] = expf(pt[r] - lse);
+                        dst[r] = pt[r] * (dst[r] - row_dot);
+                    }
+                }
+                /* dX = dS·K; dK += dSᵀ·X; dV += Pᵀ·dA (into the same rows when tied). */
+                weighted_rows(k, rows, g.d_in, grad_scores, tile, dxs);
+                add_outer(gk, rows, g.d_in, grad_scores, xs, tile);
+                add_outer(gv, rows, g.d_emb, probs, douts, tile);
+            }
+        }
+        free(probs);
+        free(grad_scores);
+    }
+    return failed;
+}
