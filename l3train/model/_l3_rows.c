@@ -24,65 +24,124 @@
 #include <string.h>
 
 #define TILE 4
+#define LANES 16
 
-/* s[t * rows + r] = <table[r], vec[t]> for the tile's positions t and every row r. */
-static void dot_rows(const float *table, int64_t rows, int64_t width, const float *const *vec, int tile,
-                     float *s) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = table + r * width;
-        if (tile == TILE) {
-            const float *v0 = vec[0], *v1 = vec[1], *v2 = vec[2], *v3 = vec[3];
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t j = 0; j < width; j++) {
-                float w = row[j];
-                a0 += w * v0[j];
-                a1 += w * v1[j];
-                a2 += w * v2[j];
-                a3 += w * v3[j];
-            }
-            s[r] = a0;
-            s[rows + r] = a1;
-            s[2 * rows + r] = a2;
-            s[3 * rows + r] = a3;
-        } else {
-            for (int t = 0; t < tile; t++) {
-                const float *v = vec[t];
-                float a = 0.f;
-#pragma omp simd reduction(+ : a)
-                for (int64_t j = 0; j < width; j++) a += row[j] * v[j];
-                s[t * rows + r] = a;
-            }
-        }
-    }
+/* 16 floats: one AVX-512 register (two AVX2 ones where -march=native has no AVX-512).
+ * Explicit vectors keep each tile's accumulators in registers across a whole loop over
+ * rows, which the compiler does not do for loops over a runtime width. */
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* acc[t] (+)= Σ_r w[t * rows + r] · table[r], for the tile's positions t. */
-static void weighted_rows(const float *table, int64_t rows, int64_t width, const float *w, int tile,
-                          float *const *acc) {
-    for (int t = 0; t < tile; t++) memset(acc[t], 0, (size_t)width * sizeof(float));
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* The lane sums of a0..a3: in one vector's lanes 0, 4, 8 and 12 (a transpose-and-add tree,
+ * 6 shuffles for 4 sums instead of 4 separate reductions). */
+static inline void sum4(vec a0, vec a1, vec a2, vec a3, float *out) {
+    vec x01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+              __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vec x23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+              __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vec y = __builtin_shufflevector(x01, x23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(x01, x23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    y += __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    y += __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = y[0];
+    out[1] = y[4];
+    out[2] = y[8];
+    out[3] = y[12];
+}
+
+/* The three products of the row attention, for a tile of `tile` (1..TILE) positions over a
+ * group's `rows` rows of `width` features. Each is specialised per tile size (always_inline
+ * with a constant `tile`), so no work is spent on absent positions. */
+
+/* s[t * rows + r] = <table[r], v[t]>. */
+static inline __attribute__((always_inline)) void dot_rows_n(const float *table, int64_t rows, int64_t width,
+                                                            const float *const *v, const int tile, float *s) {
+    int64_t body = width - width % LANES;
     for (int64_t r = 0; r < rows; r++) {
         const float *row = table + r * width;
+        vec acc[TILE] = {0};
+        for (int64_t j = 0; j < body; j += LANES) {
+            vec k = load(row + j);
+            for (int t = 0; t < tile; t++) acc[t] += k * load(v[t] + j);
+        }
+        float sums[TILE];
+        sum4(acc[0], acc[1], acc[2], acc[3], sums);
         for (int t = 0; t < tile; t++) {
-            float weight = w[t * rows + r];
-            float *out = acc[t];
-#pragma omp simd
-            for (int64_t j = 0; j < width; j++) out[j] += weight * row[j];
+            for (int64_t j = body; j < width; j++) sums[t] += row[j] * v[t][j];
+            s[t * rows + r] = sums[t];
         }
     }
 }
 
-/* grad[r] += Σ_t w[t * rows + r] · vec[t] for every row r (one read-modify-write per row and tile). */
-static void add_outer(float *grad, int64_t rows, int64_t width, const float *w, const float *const *vec, int tile) {
+/* out[t] = Σ_r w[t * rows + r] · table[r]. */
+static inline __attribute__((always_inline)) void weighted_rows_n(const float *table, int64_t rows, int64_t width,
+                                                                 const float *w, const int tile, float *const *out) {
+    int64_t body = width - width % LANES;
+    for (int64_t j = 0; j < body; j += LANES) {
+        vec acc[TILE] = {0};
+        for (int64_t r = 0; r < rows; r++) {
+            vec k = load(table + r * width + j);
+            for (int t = 0; t < tile; t++) acc[t] += w[t * rows + r] * k;
+        }
+        for (int t = 0; t < tile; t++) store(out[t] + j, acc[t]);
+    }
+    for (int64_t j = body; j < width; j++) {
+        for (int t = 0; t < tile; t++) {
+            float acc = 0.f;
+            for (int64_t r = 0; r < rows; r++) acc += w[t * rows + r] * table[r * width + j];
+            out[t][j] = acc;
+        }
+    }
+}
+
+/* grad[r] += Σ_t w[t * rows + r] · v[t] (one read-modify-write of each row per tile). */
+static inline __attribute__((always_inline)) void add_outer_n(float *grad, int64_t rows, int64_t width,
+                                                             const float *w, const float *const *v, const int tile) {
+    int64_t body = width - width % LANES;
     for (int64_t r = 0; r < rows; r++) {
         float *g = grad + r * width;
-        for (int t = 0; t < tile; t++) {
-            float weight = w[t * rows + r];
-            const float *v = vec[t];
-#pragma omp simd
-            for (int64_t j = 0; j < width; j++) g[j] += weight * v[j];
+        for (int64_t j = 0; j < body; j += LANES) {
+            vec acc = load(g + j);
+            for (int t = 0; t < tile; t++) acc += w[t * rows + r] * load(v[t] + j);
+            store(g + j, acc);
         }
+        for (int64_t j = body; j < width; j++)
+            for (int t = 0; t < tile; t++) g[j] += w[t * rows + r] * v[t][j];
     }
+}
+
+#define BY_TILE(call, tile)   \
+    switch (tile) {           \
+    case 1: call(1); break;   \
+    case 2: call(2); break;   \
+    case 3: call(3); break;   \
+    default: call(TILE); break; \
+    }
+
+static void dot_rows(const float *table, int64_t rows, int64_t width, const float *const *v, int tile, float *s) {
+#define DOT(n) dot_rows_n(table, rows, width, v, n, s)
+    BY_TILE(DOT, tile)
+#undef DOT
+}
+
+static void weighted_rows(const float *table, int64_t rows, int64_t width, const float *w, int tile,
+                          float *const *out) {
+#define WEIGHTED(n) weighted_rows_n(table, rows, width, w, n, out)
+    BY_TILE(WEIGHTED, tile)
+#undef WEIGHTED
+}
+
+static void add_outer(float *grad, int64_t rows, int64_t width, const float *w, const float *const *v, int tile) {
+#define OUTER(n) add_outer_n(grad, rows, width, w, v, n)
+    BY_TILE(OUTER, tile)
+#undef OUTER
 }
 
 /* Max-subtracted softmax of each score row in place (into probabilities); the log-sum-exp

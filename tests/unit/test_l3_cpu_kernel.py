@@ -19,10 +19,11 @@ def fp32(case):
     return x.float(), ids, bounds, keys.float(), values.float()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_kernel_matches_reference_loop(tied):
-    """Values and all gradients; the case has a 512-row token at 30 positions and unique tokens."""
-    case = make_case(seed=3, dtype=torch.float64, tied=tied, d_emb=12 if tied else 8)
+@pytest.mark.parametrize("tied,d_in,d_emb", [(True, 12, 12), (False, 12, 8), (True, 48, 48), (False, 40, 35)])
+def test_kernel_matches_reference_loop(tied, d_in, d_emb):
+    """Values and all gradients; the case has a 512-row token at 30 positions and unique tokens.
+    Widths below, at and between multiples of the kernel's 16-float vectors."""
+    case = make_case(seed=3, dtype=torch.float64, tied=tied, d_in=d_in, d_emb=d_emb)
     expected = outputs_and_grads(row_attention_loop, *case, tied)
     for got, want in zip(outputs_and_grads(kernel, *fp32(case), tied), expected):
         assert got.dtype == torch.float32
