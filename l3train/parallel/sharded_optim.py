@@ -89,7 +89,7 @@ class RankLocalParameters(ABC):
         if not skip:
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()  # to None: the next backward hands its fresh gradients over, no add into zeros
 
     @abstractmethod
     def layout(self) -> dict:
