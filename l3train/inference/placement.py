@@ -11,6 +11,11 @@ not staged yet (a stall); a prefetch the worker has not even started by then (th
 may be waiting for a core) is cancelled and done by the layer itself. Without prefetch the
 layer stages its rows itself.
 
+On a CPU model, host tables need no staging: the row attention reads a token's rows in
+place wherever they lie (the CPU kernel, l3train.model.l3_cpu), so each layer computes on
+its host tables directly (`HostRowTable`), exactly as with resident tables; staging and
+prefetch exist to feed a GPU, or to read a disk table's rows.
+
 The staged rows belong to one step: `start_step` returns the ids tensor to give the model,
 and a layer uses the prefetched rows only when it is called with that very tensor (same
 memory and length; the ticket keeps it alive, so its memory cannot be reused for other
@@ -29,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from l3train.errors import L3TrainError
-from l3train.inference.row_sources import RowSource
+from l3train.inference.row_sources import HostRows, RowSource
 from l3train.inference.staging import RequestChunk, RowStager, StagedChunk
-from l3train.model.l3_attention import row_attention_with_entropy
+from l3train.model.l3_attention import RowPlan, attend, plan_lookup, row_attention_with_entropy
 from l3train.model.l3_layer import LargeLookupLayer
 
 
@@ -174,6 +179,23 @@ class StagedRowTable(nn.Module):
         return out, entropy
 
 
+class HostRowTable(nn.Module):
+    """A CPU model's row backend over host tables, computed on in place (no staging): the
+    key table, and the value table when untied."""
+
+    def __init__(self, sources: list[HostRows]) -> None:
+        super().__init__()
+        self.keys, self.values = sources[0].table, sources[-1].table  # the same tensor when tied
+        self.routing_key = ("host rows", self.keys.shape[1] + self.values.shape[1])
+
+    def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
+        return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.keys.dtype)
+
+    def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
+        out, entropy = attend(x.to(self.keys.dtype), self.keys, self.values, route)
+        return out.to(x.dtype), entropy
+
+
 def stage_in_order(step: StepIds, jobs: list[tuple[StagedRowTable, Future[StagedChunk]]]) -> None:
     """The prefetch thread's work for one step: stage each layer's rows, in the order the
     model runs the layers, and fulfil its future (the executor protocol of `Future`). One job
@@ -204,11 +226,16 @@ class TablePlacement:
     def install(cls, layers: list[LargeLookupLayer], tables: list[list[RowSource]], bounds: np.ndarray,
                 staging_rows: int, prefetch: bool, device: torch.device) -> TablePlacement:
         """Swap each layer's row backend for a `StagedRowTable` over its tables (the key table,
-        and the value table when untied); `bounds` are the allocation's (every layer's)."""
+        and the value table when untied), or for a `HostRowTable` (host tables of a CPU model);
+        `bounds` are the allocation's (every layer's)."""
         largest = int(np.diff(bounds).max())
-        if staging_rows < largest:
+        if staging_rows < largest:  # checked where nothing is staged too: a config means the same everywhere
             raise L3TrainError(f"staging rows {staging_rows} cannot hold the {largest} rows of the largest token; "
                                f"use at least {largest}")
+        if device.type == "cpu" and all(isinstance(source, HostRows) for sources in tables for source in sources):
+            for layer, layer_tables in zip(layers, tables):
+                layer.rows = HostRowTable(layer_tables)
+            return cls(device)
         counters = PrefetchCounters()
         backends = []
         for layer, layer_tables in zip(layers, tables):

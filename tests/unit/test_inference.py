@@ -21,6 +21,7 @@ from l3train.errors import L3TrainError
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
 from l3train.inference.loading import load_for_generation
+from l3train.inference.placement import HostRowTable
 from l3train.inference.sampling import filter_logits
 from l3train.model.build import build_model
 from training_harness import REPO, tiny_l3_config
@@ -87,9 +88,13 @@ def test_logits_are_bit_identical_across_placements_and_prefetch(variant, reques
         generator = generator_for(checkpoint, table_dir=str(tmp_path), **placement)
         assert torch.equal(step_logits(generator, sampling), expected), placement
         counters = generator.placement.counters
-        assert (counters.lookups, counters.unannounced, counters.extra_chunks) == (12, 0, 0)
-        if not placement["prefetch"]:
-            assert counters.stalls == 12  # the layer stages its rows itself every step
+        if placement["placement"] == "host":  # a CPU model computes on its host tables in place
+            assert all(isinstance(layer.rows, HostRowTable) for layer in generator.model.l3_layers())
+            assert (counters.lookups, counters.bytes_moved) == (0, 0)
+        else:
+            assert (counters.lookups, counters.unannounced, counters.extra_chunks) == (12, 0, 0)
+            if not placement["prefetch"]:
+                assert counters.stalls == 12  # the layer stages its rows itself every step
         generator.placement.close()
     # The resident model loaded for generation is the model load_model builds.
     tokens = torch.tensor(PROMPTS[:1])
@@ -120,12 +125,12 @@ def test_a_step_larger_than_the_staging_buffer_runs_in_chunks(checkpoint, tmp_pa
     prompts = [np.argsort(rows)[-6:].tolist(), [1, 2]]  # the tokens with the most rows
     expected = step_logits(generator_for(checkpoint), sampling, prompts)
     largest = int(rows.max())
-    chunked = generator_for(checkpoint, placement="host", staging_rows=largest)
+    chunked = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), staging_rows=largest)
     # Equal up to rounding: the row attention batches the tokens' blocks differently per chunk.
     torch.testing.assert_close(step_logits(chunked, sampling, prompts), expected, atol=1e-6, rtol=1e-6)
     assert chunked.placement.counters.extra_chunks > 0
     with pytest.raises(L3TrainError, match="staging rows"):
-        generator_for(checkpoint, placement="host", staging_rows=largest - 1)
+        generator_for(checkpoint, placement="host", staging_rows=largest - 1)  # checked for every placement
 
 
 def test_kv_cache_decoding_equals_a_full_forward_at_every_step(checkpoint):
@@ -176,16 +181,16 @@ def test_stop_tokens_and_max_new_tokens(checkpoint):
         generator.generate([[1] * 60], InferenceConfig(max_new_tokens=10))
 
 
-def test_a_forward_nobody_announced_never_reads_staged_rows(checkpoint):
+def test_a_forward_nobody_announced_never_reads_staged_rows(checkpoint, tmp_path):
     resident = generator_for(checkpoint)
-    host = generator_for(checkpoint, placement="host", prefetch=True)
-    announced = host.placement.start_step(torch.tensor([PROMPTS[0]]))  # rows of other ids are being staged
+    staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
+    announced = staged.placement.start_step(torch.tensor([PROMPTS[0]]))  # rows of other ids are being staged
     other = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
-        assert torch.equal(host.model(other).logits, resident.model(other).logits)
-        assert host.placement.counters.unannounced == 1
-        assert torch.equal(host.model(announced).logits, resident.model(announced).logits)  # ticket was dropped
-    assert host.placement.counters.unannounced == 2
+        assert torch.equal(staged.model(other).logits, resident.model(other).logits)
+        assert staged.placement.counters.unannounced == 1
+        assert torch.equal(staged.model(announced).logits, resident.model(announced).logits)  # ticket was dropped
+    assert staged.placement.counters.unannounced == 2
 
 
 class GatedRows:
@@ -199,35 +204,35 @@ class GatedRows:
         self.rows.read(starts, counts, out)
 
 
-def test_a_late_prefetch_is_waited_for_or_done_by_the_layer(checkpoint):
+def test_a_late_prefetch_is_waited_for_or_done_by_the_layer(checkpoint, tmp_path):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         expected = generator_for(checkpoint).model(ids).logits
-        host = generator_for(checkpoint, placement="host", prefetch=True)
-        (backend,) = host.placement.backends
+        staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
+        (backend,) = staged.placement.backends
         # Running late: the rows arrive half a second after the L³ block starts; the layer waits.
         gate = threading.Event()
         backend.stager.tables = [GatedRows(table, gate) for table in backend.stager.tables]
-        hook = host.model.lookups["0"].register_forward_pre_hook(lambda *_: threading.Timer(0.5, gate.set).start())
-        announced = host.placement.start_step(ids)
+        hook = staged.model.lookups["0"].register_forward_pre_hook(lambda *_: threading.Timer(0.5, gate.set).start())
+        announced = staged.placement.start_step(ids)
         while not backend.ticket.prefetched.running():
             time.sleep(0.001)
-        assert torch.equal(host.model(announced).logits, expected)
-        assert host.placement.counters.stalls == 1 and host.placement.counters.wait_s > 0
+        assert torch.equal(staged.model(announced).logits, expected)
+        assert staged.placement.counters.stalls == 1 and staged.placement.counters.wait_s > 0
         hook.remove()
         # Not started yet (the worker is busy): the layer cancels it and stages the rows itself.
         busy = threading.Event()
-        host.placement.prefetcher.submit(busy.wait)
-        announced = host.placement.start_step(ids)
+        staged.placement.prefetcher.submit(busy.wait)
+        announced = staged.placement.start_step(ids)
         prefetch = backend.ticket.prefetched
-        assert torch.equal(host.model(announced).logits, expected)
-        assert prefetch.cancelled() and host.placement.counters.stalls == 2
+        assert torch.equal(staged.model(announced).logits, expected)
+        assert prefetch.cancelled() and staged.placement.counters.stalls == 2
         busy.set()
-    assert host.placement.counters.unannounced == 0
+    assert staged.placement.counters.unannounced == 0
 
 
-def test_prefetch_counts_the_bytes_of_each_steps_unique_tokens(checkpoint):
-    generator = generator_for(checkpoint, placement="host", prefetch=True)
+def test_prefetch_counts_the_bytes_of_each_steps_unique_tokens(checkpoint, tmp_path):
+    generator = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
     result = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=3, temperature=0))
     rows = np.diff(open_checkpoint(checkpoint).tensor("lookups.0.lookup.bounds").numpy())
     fed = [sum(PROMPTS, [0])] + [step.tokens for step in result.steps[:-1]]  # the prefill has padding: id 0
