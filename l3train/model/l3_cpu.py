@@ -66,6 +66,10 @@ def cpu_kernel_available() -> bool:
     return _library() is not None
 
 
+# Multiply-adds of a forward pass below which one thread runs it (~50 µs of work).
+SERIAL_WORK = 1 << 20
+
+
 @dataclass
 class CpuPlan:
     """One micro-batch's groups: the positions of each distinct token id (in token order)."""
@@ -77,6 +81,15 @@ class CpuPlan:
     row_count: Tensor  # (groups,) its rows
     schedule: Tensor  # (groups,) groups by decreasing work, the order threads take them (load balance)
     max_rows: int
+    scores: int  # Σ over groups of positions × rows: the work, in score entries
+
+    def threads(self, feature_width: int) -> int:
+        """Threads worth starting: one for small work (a decode step), where waking a thread team
+        costs more than it saves (and on a busy machine a team waits for its slowest thread's
+        core), else torch's intra-op thread count, at most one per group."""
+        if self.scores * feature_width < SERIAL_WORK:
+            return 1
+        return max(1, min(torch.get_num_threads(), self.groups))
 
     @property
     def groups(self) -> int:
@@ -93,11 +106,12 @@ def plan_cpu(token_ids: Tensor, bounds: Tensor) -> CpuPlan:
     if len(row_count) and int(row_count.min()) < 1:
         raise L3TrainError(f"token {int(unique_ids[row_count.argmin()])} owns no rows in the L³ allocation; "
                            f"every token needs at least one")
-    schedule = torch.argsort(counts * row_count, descending=True, stable=True)
+    work = counts * row_count
+    schedule = torch.argsort(work, descending=True, stable=True)
     return CpuPlan(num_positions=token_ids.numel(), order=order.contiguous(),
                    position_start=torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
                    row_start=row_start.contiguous(), row_count=row_count.contiguous(), schedule=schedule,
-                   max_rows=int(row_count.max()) if len(row_count) else 0)
+                   max_rows=int(row_count.max()) if len(row_count) else 0, scores=int(work.sum()))
 
 
 def _groups(plan: CpuPlan) -> list:
@@ -121,7 +135,7 @@ class _CpuRowAttention(torch.autograd.Function):
         entropy = x.new_empty(plan.num_positions)
         _check(_library().l3_rows_forward(*_groups(plan), x.data_ptr(), x.shape[1], keys.data_ptr(),
                                           values.data_ptr(), values.shape[1], out.data_ptr(), log_norm.data_ptr(),
-                                          entropy.data_ptr(), torch.get_num_threads()))
+                                          entropy.data_ptr(), plan.threads(x.shape[1] + values.shape[1])))
         ctx.save_for_backward(x, keys, values, out, log_norm)
         ctx.plan, ctx.tied = plan, values is keys
         ctx.mark_non_differentiable(entropy)
@@ -138,7 +152,8 @@ class _CpuRowAttention(torch.autograd.Function):
         _check(_library().l3_rows_backward(*_groups(plan), x.data_ptr(), x.shape[1], keys.data_ptr(),
                                            values.data_ptr(), values.shape[1], out.data_ptr(), log_norm.data_ptr(),
                                            grad_out.data_ptr(), keys.shape[0], grad_x.data_ptr(),
-                                           grad_keys.data_ptr(), grad_values.data_ptr(), torch.get_num_threads()))
+                                           grad_keys.data_ptr(), grad_values.data_ptr(),
+                                           plan.threads(x.shape[1] + values.shape[1])))
         return grad_x, grad_keys, None if tied else grad_values, None
 
 
