@@ -129,6 +129,23 @@ class TrainingConfig:
     # [first, last): profile these steps (torch.profiler): a Chrome trace per rank and the
     # time per phase (data, forward, backward, optimizer, all_to_all) under run_dir/profile/.
     profile_steps: list[int] = field(default_factory=list)
+    # The device's peak TFLOP/s, the denominator of the logged MFU (train/mfu). null: from
+    # the table of known GPUs in l3train/trainer/throughput.py for training.precision; on
+    # a CPU or an unknown GPU no MFU is logged unless this is set.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class LoggingConfig:
+    """Optional loggers beside the console, TensorBoard and metrics.jsonl (rank 0 only)."""
+
+    # Weights & Biases: the same scalars as TensorBoard (needs `pip install wandb`).
+    wandb: bool = False
+    wandb_project: str = "l3train"
+    wandb_entity: str = ""  # "" : the account's default entity
+    wandb_name: str = ""  # "" : the name of run_dir
+    # offline writes the run under <run_dir>/wandb (or $WANDB_DIR) for `wandb sync` later.
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
 
 
 @dataclass
@@ -163,6 +180,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,6 +309,10 @@ def _validate(cfg: Config) -> None:
          f"must be > 0, got {cfg.parallel.collective_timeout_minutes}"),
         (opt.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables clipping), got {opt.grad_clip}"),
         (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {cfg.checkpoint.keep_last}"),
+        (tr.peak_tflops is None or tr.peak_tflops > 0, "training.peak_tflops",
+         f"must be > 0, or null for the table of known GPUs, got {tr.peak_tflops}"),
+        (not cfg.logging.wandb or cfg.logging.wandb_project, "logging.wandb_project",
+         "must name a project when logging.wandb is true"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         raise L3TrainError(f"--exit-after-steps must be >= 0, got {args.exit_after_steps}")
     if args.allow_config_change and not args.resume:
         raise L3TrainError("--allow-config-change only applies with --resume")
+    if cfg.logging.wandb:  # an optional package: its absence is one line now, not after the start-up
+        from l3train.trainer.wandb_logger import import_wandb
+
+        import_wandb()
     # torch, DeepSpeed and megatron-core load only now (seconds): a mistyped key or flag above
     # is reported at once.
     import torch

@@ -3,7 +3,10 @@
 
 1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE
    (the real trainer, same batch, precision and threads; interleaved repetitions), on 1
-   rank and on 2 ranks (sharded L³ rows, experts replicated).
+   rank and on 2 ranks (sharded L³ rows, experts replicated); and each model in peers'
+   units, from its metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless
+   the device's peak is known: a GPU in l3train/trainer/throughput.py's table, or a
+   `training.peak_tflops=...` override; never on CPU without one) and peak memory.
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
    2 ranks, from `training.profile_steps`: the next optimisation target.
 3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from l3train.benchmarks.core import machine
-from l3train.benchmarks.training import measure_throughput, profile_phases
+from l3train.benchmarks.training import UNITS_HEADER, measure_throughput, profile_phases, units_rows
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
 
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "training": {}}
     table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]
+    units = list(UNITS_HEADER)
     for nproc in args.ranks:
         print(f"training throughput on {nproc} rank(s), {args.repeats} interleaved repetitions")
         l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.repeats,
@@ -83,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios = {"l3_over_dense": [a / b for a, b in zip(l3.tokens_per_s, dense.tokens_per_s)],
                   "l3_over_moe": [a / b for a, b in zip(l3.tokens_per_s, moe.tokens_per_s)]}
         figures["training"][nproc] = {"l3": l3.tokens_per_s, "dense": dense.tokens_per_s, "moe": moe.tokens_per_s,
-                                      **ratios}
+                                      **ratios, "runs": {"l3": l3.runs, "dense": dense.runs, "moe": moe.runs}}
         dense_ratio, moe_ratio = (float(np.median(ratios[key])) for key in ("l3_over_dense", "l3_over_moe"))
         table.append(f"| {nproc} | {l3.median:,.0f} | {dense.median:,.0f} | {moe.median:,.0f} | "
                      f"{dense_ratio:.2f}× | {moe_ratio:.2f}× |")
         print(table[-1])
+        units += units_rows(nproc, {"L³": l3, "dense": dense, "MoE": moe})
+        print("\n".join(units[-3:]))
     nproc = max(args.ranks)
     phases = profile_phases(args.l3, nproc, args.steps, args.overrides)
     figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
@@ -106,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         f"models {args.l3}, {args.dense}, {args.moe}"
         + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",
         "## Training throughput", "", *table, "",
+        "In peers' units (per device = per rank; model FLOPs as torchtitan and Megatron-LM count them,",
+        "l3train.sizing.accounting.TrainingFlops; MFU n/a without a known device peak; peak memory the",
+        "largest rank's: CUDA allocator peak on a GPU, the process's peak resident set on CPU):", "",
+        *units, "",
         f"## L³ step time per phase ({nproc} rank(s), rank 0, host ms per step, profiled)", "",
         "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
         "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",

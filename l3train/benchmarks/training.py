@@ -1,8 +1,11 @@
 """Training throughput of whole models side by side: the real trainer, interleaved repetitions.
 
 Each measurement is one run of `python -m l3train.train` (torchrun for several ranks) for a
-few steps in a scratch run directory, with one log line per step; its figure is the median
-tokens/s over the steps after a warm-up. Models are run in turn, repetition after
+few steps in a scratch run directory, with one log line per step; its figures are the medians
+over the steps after a warm-up of what metrics.jsonl logs: tokens/s (in all and per device),
+model TFLOP/s per device and MFU (where the run knows the device's peak: a GPU in
+l3train/trainer/throughput.py's table, or a `training.peak_tflops=` override), and the
+run's peak memory. Models are run in turn, repetition after
 repetition (A B C A B C ...), so a slow phase of a shared machine hits every model alike,
 and each model's figure is the median over repetitions. A separate profiled run of the
 first model gives its step time per phase (`training.profile_steps`).
@@ -44,9 +47,23 @@ def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) ->
 
 def tokens_per_second(run_dir: Path) -> float:
     """Median tokens/s of a run's logged steps after the warm-up."""
+    return run_figures(run_dir)["tokens_per_s"]
+
+
+# run_figures' keys: metrics.jsonl's train/<key>; medians after the warm-up, peak memory the largest.
+FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_memory_gib")
+
+
+def run_figures(run_dir: Path) -> dict[str, float | None]:
+    """A run's `FIGURES` from its metrics.jsonl (None for one it did not log: mfu without a
+    peak, the other figures in runs of an older l3train)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [row["train/tokens_per_s"] for row in rows if "train/tokens_per_s" in row and row["step"] > WARMUP_STEPS]
-    return statistics.median(rates)
+    figures: dict[str, float | None] = {}
+    for key in FIGURES:
+        values = [row[f"train/{key}"] for row in rows if f"train/{key}" in row and row["step"] > WARMUP_STEPS]
+        summary = max if key == "peak_memory_gib" else statistics.median
+        figures[key] = summary(values) if values else None
+    return figures
 
 
 @dataclass
@@ -54,15 +71,22 @@ class Throughput:
     config: str
     nproc: int
     tokens_per_s: list[float] = field(default_factory=list)  # one median per repetition
+    runs: list[dict[str, float | None]] = field(default_factory=list)  # run_figures of each repetition
 
     @property
     def median(self) -> float:
         return statistics.median(self.tokens_per_s)
 
+    def figure(self, key: str) -> float | None:
+        """The median over repetitions of one of `FIGURES` (None where a run did not log it)."""
+        values = [run[key] for run in self.runs]
+        return None if not values or None in values else statistics.median(values)
+
 
 def measure_throughput(configs: list[str], nproc: int, steps: int, repeats: int, overrides: list[str],
                        log: Callable[[str], None] = print) -> list[Throughput]:
-    """Tokens/s of each config on `nproc` ranks, interleaved over `repeats` repetitions."""
+    """Tokens/s (and the other `FIGURES`) of each config on `nproc` ranks, interleaved over
+    `repeats` repetitions."""
     results = [Throughput(config, nproc) for config in configs]
     common = [f"training.steps={steps}", "training.log_interval=1", f"training.eval_interval={steps + 1}",
               f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1", *overrides]
@@ -71,7 +95,8 @@ def measure_throughput(configs: list[str], nproc: int, steps: int, repeats: int,
             for index, result in enumerate(results):
                 run_dir = Path(scratch) / f"r{repeat}_m{index}"
                 run_trainer(result.config, nproc, run_dir, common)
-                result.tokens_per_s.append(tokens_per_second(run_dir))
+                result.runs.append(run_figures(run_dir))
+                result.tokens_per_s.append(result.runs[-1]["tokens_per_s"])
                 log(f"  {nproc} rank(s), repetition {repeat + 1}/{repeats}: {result.config} "
                     f"{result.tokens_per_s[-1]:,.0f} tok/s")
     return results
@@ -87,3 +112,19 @@ def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) ->
                                         f"training.profile_steps=[{first},{steps}]", *overrides])
         phases = json.loads((run_dir / "profile" / "phases_rank00000.json").read_text())["ms_per_step"]
     return {name: times["host"] for name, times in phases.items()}
+
+
+UNITS_HEADER = ["| ranks | model | tok/s/device | TFLOP/s/device | MFU | peak memory (GiB) |",
+                "|---|---|---|---|---|---|"]
+
+
+def units_rows(nproc: int, models: dict[str, Throughput]) -> list[str]:
+    """Markdown rows (under `UNITS_HEADER`) of each model's figures in peers' units: medians over
+    the repetitions; "n/a" for a figure the runs did not log (MFU without a known peak)."""
+
+    def cell(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    return [f"| {nproc} | {name} | {cell(result.figure('tokens_per_s_per_device'), ',.0f')} | "
+            f"{cell(result.figure('tflops_per_device'), '.3g')} | {cell(result.figure('mfu'), '.1%')} | "
+            f"{cell(result.figure('peak_memory_gib'), '.2f')} |" for name, result in models.items()]

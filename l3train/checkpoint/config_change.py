@@ -25,7 +25,9 @@ _NOT_FIXED = {"l3.allocation", "l3.lr", "l3.weight_decay", "moe.aux_loss_weight"
 _FIXED_KEYS = {"parallel.tensor_parallel", "parallel.zero_stage", "parallel.shard_l3_rows"}
 FREE_KEYS = {"run_dir", "l3.allocation", "training.eval_interval", "training.eval_batches",
              "training.log_interval", "training.max_skipped_steps", "training.profile_steps", "training.recompute",
-             "checkpoint.save_interval", "checkpoint.keep_last", "parallel.collective_timeout_minutes"}
+             "checkpoint.save_interval", "checkpoint.keep_last", "parallel.collective_timeout_minutes",
+             "training.peak_tflops", "logging.wandb", "logging.wandb_project", "logging.wandb_entity",
+             "logging.wandb_name", "logging.wandb_mode"}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,6 +20,9 @@ Conventions (stated once, used by the sizing searches, tools/model_stats.py and 
   FLOPs per token are 2·E·d for the router logits plus top_k·2·3·d·h for the experts,
   assuming dropless dispatch (with a capacity factor, dropped assignments cost less; the
   routing bookkeeping — top-k, softmax, sort, gather — is ignored like the norms).
+- Training FLOPs (the TFLOP/s and MFU a run logs): `TrainingFlops`, in torchtitan's and
+  Megatron-LM's convention (6·N plus full-matrix attention), which differs from the forward
+  count above in its attention term and its norms; its docstring says how.
 """
 
 from __future__ import annotations
@@ -101,6 +104,57 @@ def model_stats(m: ModelConfig, l3: L3Config, seq_length: int, l3_rows: int = 0,
     flops = (m.n_layers * (2 * block_matmuls + attention_scores) + moe_flops + num_l3 * 2 * l3_matmuls
              + 2 * m.vocab_size * m.d_model)
     return ModelStats(total_params=total, active_params=active, l3_table_params=l3_tables, flops_per_token=flops)
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """Model FLOPs of one training step per token (forward + backward), in the convention of
+    torchtitan (`get_nparams_and_flops`, formerly `get_num_flop_per_token`) and Megatron-LM,
+    so that TFLOP/s and MFU compare with theirs:
+
+        per_token = 6·N + 12·L·H·q·S + 6·n_L3·d_t·(d_in + d_emb)
+
+    - 6·N: N = `dense_params`, the active parameters of `model_stats` (dense matrices, the
+      router and top_k experts of MoE blocks, L³ W_up/W_mix, all norm weights) without the
+      input embedding (a lookup, no matmul: torchtitan subtracts it) and without the L³
+      key/value rows (a table lookup: their cost is the row-attention term). The output
+      projection counts, also when tied to the embedding (it is a real matmul; torchtitan
+      would drop it with the tied embedding). 2 FLOPs per multiply-accumulate in forward, 4
+      in backward.
+    - 12·L·H·q·S (`attention`): QKᵀ and AV over the full S×S score matrix (no discount for
+      the causal mask, as torchtitan and Megatron count it), L layers, H·q = n_heads ·
+      head_dim = d_model, S = data.seq_length; forward 4·L·H·q·S, backward twice that.
+    - 6·n_L3·d_t·(d_in + d_emb) (`l3_rows`): each L³ layer's row attention, forward
+      2·d_t·(d_in + d_emb) (scores against d_t keys of width d_in = d_model, weighted sum of
+      d_t values of width d_emb; counted so also when keys and values are tied), with d_t
+      the allocation's corpus mean rows per token occurrence; times 3 for forward + backward.
+
+    Activation recomputation is not counted (these are model FLOPs, not hardware FLOPs). The
+    norm weights are in N, as torchtitan counts every parameter but the embedding; the
+    elementwise work of norms, softmax, RoPE and activation functions is not counted (as in
+    `model_stats`).
+    """
+
+    dense_params: float  # N
+    attention: float  # 12·L·H·q·S
+    l3_rows: float  # 6·n_L3·d_t·(d_in + d_emb)
+
+    @property
+    def per_token(self) -> float:
+        return 6 * self.dense_params + self.attention + self.l3_rows
+
+
+def training_flops(m: ModelConfig, l3: L3Config, seq_length: int, mean_rows_per_token: float = 0.0,
+                   moe: MoEConfig | None = None) -> TrainingFlops:
+    """`TrainingFlops` of a DecoderLM (arguments as `model_stats`'s), from its active parameters."""
+    stats = model_stats(m, l3, seq_length, mean_rows_per_token=mean_rows_per_token, moe=moe)
+    token_rows = len(l3.after_blocks) * mean_rows_per_token * _l3_row_width(m, l3)
+    # Tied: the one table is the output projection (counted); untied: drop the input table.
+    input_embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
+    head_dim = m.d_model // m.n_heads
+    return TrainingFlops(dense_params=stats.active_params - token_rows - input_embedding,
+                         attention=12 * m.n_layers * m.n_heads * head_dim * seq_length,
+                         l3_rows=6 * len(l3.after_blocks) * mean_rows_per_token * (m.d_model + l3.d_emb))
 
 
 def add_l3_figure_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,12 @@
-"""What a run reports: one console line per log interval, TensorBoard events and metrics.jsonl.
+"""What a run reports: one console line per log interval, TensorBoard events and metrics.jsonl
+(and a Weights & Biases run with `logging.wandb`).
 
 The trainer hands every step's `StepStats` to the `Monitor`; the step's figures stay on the
 device (no host sync per step for monitoring) and are reduced over the ranks only on the
 steps that are logged. Only rank 0 writes. `metrics.jsonl` holds the same scalars as
 TensorBoard, one JSON object per logged step, for scripts (the report tool, tests) that
-should not parse event files.
+should not parse event files. Throughput is logged in the units peers report: tokens/s per
+device, model TFLOP/s per device, MFU and peak memory (l3train/trainer/throughput.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from l3train.config import Config
 from l3train.model.moe import RouterStats
+from l3train.sizing.accounting import training_flops
+from l3train.trainer.throughput import device_peak_tflops, peak_memory_gib, throughput_scalars
 from l3train.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # megatron-core is slow to import: the trainer imports this before its checks
@@ -58,6 +62,12 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
     if "train/grad_norm" in scalars:
         parts.append(f"grad_norm {scalars['train/grad_norm']:.3f}")
     parts.append(f"{scalars['train/tokens_per_s']:,.0f} tok/s")
+    if "train/tflops_per_device" in scalars:
+        parts.append(f"{scalars['train/tokens_per_s_per_device']:,.0f} tok/s/device "
+                     f"{scalars['train/tflops_per_device']:.3g} TFLOP/s/device"
+                     + (f" MFU {scalars['train/mfu']:.1%}" if "train/mfu" in scalars else ""))
+    if "train/peak_memory_gib" in scalars:
+        parts.append(f"peak_mem {scalars['train/peak_memory_gib']:.2f} GiB")
     entropies = [v for k, v in scalars.items() if k.startswith("l3/entropy")]
     if entropies:
         parts.append("l3_entropy " + "/".join(f"{e:.2f}" for e in entropies))
@@ -72,14 +82,33 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
 class Monitor:
     """Accumulates `StepStats` between log steps; reduces and writes them on log steps."""
 
-    def __init__(self, cfg: Config, parallel: ParallelState, is_main: bool, start_step: int) -> None:
+    def __init__(self, cfg: Config, parallel: ParallelState, is_main: bool, start_step: int,
+                 mean_rows_per_token: float | None = None) -> None:
+        """`mean_rows_per_token`: the allocation's corpus mean d_t, for the model FLOPs (None:
+        read from `l3.allocation` when the model has L³ layers)."""
         self.cfg, self.parallel, self.is_main = cfg, parallel, is_main
         self.pending: list[StepStats] = []
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+        self.wandb = None
+        self.peak_tflops: float | None = None
+        self.device: torch.device | None = None  # the steps' device, known at the first one
         if is_main:
+            self.flops = training_flops(cfg.model, cfg.l3, cfg.data.seq_length,
+                                        self._mean_rows(mean_rows_per_token), cfg.moe)
             # A start from scratch drops everything an earlier attempt logged (one that crashed
             # before its first checkpoint); a resume drops what was logged past its checkpoint.
             self._open(Path(cfg.run_dir), purge_step=start_step + 1 if start_step else 0)
+            if cfg.logging.wandb:
+                from l3train.trainer.wandb_logger import WandbLogger
+
+                self.wandb = WandbLogger(cfg)
+
+    def _mean_rows(self, given: float | None) -> float:
+        if given is not None or not self.cfg.l3.after_blocks:
+            return given or 0.0
+        from l3train.allocation.allocation import Allocation
+
+        return Allocation.load(self.cfg.l3.allocation).mean_rows_per_token_occurrence()
 
     def _open(self, run_dir: Path, purge_step: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,11 +126,26 @@ class Monitor:
     def record(self, stats: StepStats, elapsed: float) -> None:
         """Keep `stats`; on a log step (every `training.log_interval` and the last) reduce
         the interval over the ranks and write it."""
+        if self.device is None:
+            self._first_step(stats.loss.device)
         self.pending.append(stats)
         if stats.step % self.cfg.training.log_interval == 0 or stats.step == self.cfg.training.steps:
             scalars = self._reduce(self.pending)
             self.pending = []
             self.write(stats.step, scalars, format_line(stats.step, self.cfg, scalars, elapsed))
+
+    def _first_step(self, device: torch.device) -> None:
+        """The device's peak, and one line saying how throughput is counted."""
+        self.device = device
+        if not self.is_main:
+            return
+        self.peak_tflops, source = device_peak_tflops(self.cfg.training.peak_tflops, self.cfg.training.precision,
+                                                      device)
+        flops = self.flops
+        peak = f"MFU against {self.peak_tflops:g} TFLOP/s per device ({source})" if self.peak_tflops else source
+        self.info(f"model FLOPs per token (forward + backward): {flops.per_token / 1e6:.4g}M = 6 × "
+                  f"{flops.dense_params / 1e6:.4g}M parameters + {flops.attention / 1e6:.4g}M attention + "
+                  f"{flops.l3_rows / 1e6:.4g}M L³ rows (l3train.sizing.accounting.TrainingFlops); {peak}")
 
     def _reduce(self, steps: list[StepStats]) -> dict[str, float]:
         parallel = self.parallel
@@ -120,7 +164,20 @@ class Monitor:
             scalars["train/grad_norm"] = steps[-1].grad_norm
         if steps[-1].skipped_steps:
             scalars["train/skipped_steps"] = steps[-1].skipped_steps
+        if self.is_main:
+            scalars.update(throughput_scalars(scalars["train/tokens_per_s"], dist.get_world_size(),
+                                              self.flops.per_token, self.peak_tflops))
+        memory = self._peak_memory()
+        if memory is not None:
+            scalars["train/peak_memory_gib"] = memory
         return scalars
+
+    def _peak_memory(self) -> float | None:
+        """The largest peak memory of the ranks, in GiB (None where none can tell)."""
+        own = peak_memory_gib(self.device)
+        peak = torch.tensor(-1.0 if own is None else own, dtype=torch.float64, device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return None if peak.item() < 0 else peak.item()
 
     def _entropies(self, steps: list[StepStats]) -> dict[str, float]:
         """Mean softmax entropy of each L³ layer over the interval's micro-batches and all ranks
@@ -162,6 +219,8 @@ class Monitor:
             self.writer.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
         if console:
             print(console, flush=True)
 
@@ -169,6 +228,8 @@ class Monitor:
         if self.is_main:
             self.writer.close()
             self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.close()
 
 
 def _step_of(line: str) -> float:

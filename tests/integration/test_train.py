@@ -29,12 +29,15 @@ def test_single_process_trains_and_writes_everything(reference_run):
     assert sorted(val) == [0, 6, 12]
     assert val[12] < val[0] - 0.5, val  # learns, on real text
     assert "step     12/12 | loss" in stdout and "val_loss" in stdout
+    assert "tok/s/device" in stdout and "TFLOP/s/device" in stdout and "no MFU on cpu" in stdout
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+            "train/tokens_per_s_per_device", "train/tflops_per_device", "train/peak_memory_gib",
             "l3/entropy_after_block_0"} <= tags
+    assert "train/mfu" not in tags  # CPU without training.peak_tflops
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
     assert events.Scalars("train/loss")[-1].value == pytest.approx(losses[12])
 
