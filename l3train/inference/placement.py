@@ -2,7 +2,7 @@
 
 With the `host` or `disk` placement every L³ layer's `rows` backend is a `StagedRowTable`
 (swapped in from outside, like the sharded backend in l3train.parallel): it computes the
-row attention with the same `row_attention_with_entropy`, on the rows of the step's tokens
+row attention with the same `plan_lookup` and `attend`, on the rows of the step's tokens
 staged by a `RowStager` (l3train.inference.staging). Routing is static, so the rows a step
 needs are known as soon as its token ids are: the engine calls `TablePlacement.start_step`
 right after sampling, and with prefetch on, a worker thread stages every layer's rows while
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from l3train.errors import L3TrainError
 from l3train.inference.row_sources import HostRows, RowSource
 from l3train.inference.staging import RequestChunk, RowStager, StagedChunk
-from l3train.model.l3_attention import RowPlan, attend, plan_lookup, row_attention_with_entropy
+from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer
 
 
@@ -151,7 +151,10 @@ class StagedRowTable(nn.Module):
         self.stager.wait(staged)
         self.counters.bytes_moved += chunk.rows * self.stager.row_bytes
         keys, values = staged.tables[0].to(x.dtype), staged.tables[-1].to(x.dtype)  # one table when tied
-        return row_attention_with_entropy(x, staged.token_ids, staged.bounds, keys, values)
+        if chunk.row_plan is None:  # one plan per step and chunk, for every layer
+            chunk.row_plan = plan_lookup(staged.token_ids, staged.bounds, keys.shape[1] + values.shape[1],
+                                         table_dtype=keys.dtype)
+        return attend(x, keys, values, chunk.row_plan)
 
     def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Same contract as `LocalRowTable`, with the token ids as the route (the staged rows

@@ -3,7 +3,7 @@
 For a step's token ids (known before the model runs), `plan_chunks` finds the unique
 tokens (sorted), their row ranges in the global table, and each position's index among
 them; the unique tokens' rows, back to back, form a small table with its own bounds, on
-which `row_attention_with_entropy` computes exactly what it computes on the global table
+which the row attention (`plan_lookup`, `attend`) computes exactly what it computes on the global table
 (the plan of the block-diagonal attention depends only on the tokens' order and row
 counts, which the local table preserves), so the results are bit-identical.
 
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from l3train.inference.row_sources import RowSource
+from l3train.model.l3_attention import RowPlan
 
 
 @dataclass
@@ -39,6 +40,9 @@ class RequestChunk:
     starts: np.ndarray  # first global row of each token (ascending token ids)
     counts: np.ndarray  # rows of each token
     local_bounds: np.ndarray  # (tokens + 1,) token i owns local rows local_bounds[i]:local_bounds[i+1]
+    # The row attention's plan over the local table, made by the first layer that attends and
+    # reused by the others (all share the allocation and the widths, so the plan is the same).
+    row_plan: RowPlan | None = None
 
     @property
     def rows(self) -> int:
