@@ -117,6 +117,56 @@ static inline __attribute__((always_inline)) void add_outer_n(float *grad, int64
     }
 }
 
+/* Tied tables (one table for keys and values): the two products over the same rows in one
+ * pass, so each row is read (and each gradient row written) once instead of twice.
+ * sa[t * rows + r] = <table[r], va[t]> and sb[t * rows + r] = <table[r], vb[t]>. */
+static inline __attribute__((always_inline)) void dot_rows2_n(const float *table, int64_t rows, int64_t width,
+                                                             const float *const *va, const float *const *vb,
+                                                             const int tile, float *sa, float *sb) {
+    int64_t body = width - width % LANES;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = table + r * width;
+        vec acc_a[TILE] = {0}, acc_b[TILE] = {0};
+        for (int64_t j = 0; j < body; j += LANES) {
+            vec k = load(row + j);
+            for (int t = 0; t < tile; t++) {
+                acc_a[t] += k * load(va[t] + j);
+                acc_b[t] += k * load(vb[t] + j);
+            }
+        }
+        float sums_a[TILE], sums_b[TILE];
+        sum4(acc_a[0], acc_a[1], acc_a[2], acc_a[3], sums_a);
+        sum4(acc_b[0], acc_b[1], acc_b[2], acc_b[3], sums_b);
+        for (int t = 0; t < tile; t++) {
+            for (int64_t j = body; j < width; j++) {
+                sums_a[t] += row[j] * va[t][j];
+                sums_b[t] += row[j] * vb[t][j];
+            }
+            sa[t * rows + r] = sums_a[t];
+            sb[t * rows + r] = sums_b[t];
+        }
+    }
+}
+
+/* grad[r] += Σ_t wa[t * rows + r] · va[t] + wb[t * rows + r] · vb[t]. */
+static inline __attribute__((always_inline)) void add_outer2_n(float *grad, int64_t rows, int64_t width,
+                                                              const float *wa, const float *const *va,
+                                                              const float *wb, const float *const *vb,
+                                                              const int tile) {
+    int64_t body = width - width % LANES;
+    for (int64_t r = 0; r < rows; r++) {
+        float *g = grad + r * width;
+        for (int64_t j = 0; j < body; j += LANES) {
+            vec acc = load(g + j);
+            for (int t = 0; t < tile; t++)
+                acc += wa[t * rows + r] * load(va[t] + j) + wb[t * rows + r] * load(vb[t] + j);
+            store(g + j, acc);
+        }
+        for (int64_t j = body; j < width; j++)
+            for (int t = 0; t < tile; t++) g[j] += wa[t * rows + r] * va[t][j] + wb[t * rows + r] * vb[t][j];
+    }
+}
+
 #define BY_TILE(call, tile)   \
     switch (tile) {           \
     case 1: call(1); break;   \
@@ -142,6 +192,20 @@ static void add_outer(float *grad, int64_t rows, int64_t width, const float *w, 
 #define OUTER(n) add_outer_n(grad, rows, width, w, v, n)
     BY_TILE(OUTER, tile)
 #undef OUTER
+}
+
+static void dot_rows2(const float *table, int64_t rows, int64_t width, const float *const *va,
+                      const float *const *vb, int tile, float *sa, float *sb) {
+#define DOT2(n) dot_rows2_n(table, rows, width, va, vb, n, sa, sb)
+    BY_TILE(DOT2, tile)
+#undef DOT2
+}
+
+static void add_outer2(float *grad, int64_t rows, int64_t width, const float *wa, const float *const *va,
+                       const float *wb, const float *const *vb, int tile) {
+#define OUTER2(n) add_outer2_n(grad, rows, width, wa, va, wb, vb, n)
+    BY_TILE(OUTER2, tile)
+#undef OUTER2
 }
 
 /* Max-subtracted softmax of each score row in place (into probabilities); the log-sum-exp
@@ -271,8 +335,12 @@ int l3_rows_backward(int64_t groups, const int64_t *position_start, const int64_
                 tile_of(&g, p, g.position_start[group + 1], grad_out, g.d_emb, douts);
                 for (int t = 0; t < tile; t++) dxs[t] = grad_x + g.order[p + t] * g.d_in;
                 /* P = exp(S - lse); dP = dA·Vᵀ; dS = P ⊙ (dP - dA·A) (softmax backward, Σ_r P·dP = dA·A). */
-                dot_rows(k, rows, g.d_in, xs, tile, probs);
-                dot_rows(v, rows, g.d_emb, douts, tile, grad_scores);
+                if (tied) {
+                    dot_rows2(k, rows, g.d_in, xs, douts, tile, probs, grad_scores);
+                } else {
+                    dot_rows(k, rows, g.d_in, xs, tile, probs);
+                    dot_rows(v, rows, g.d_emb, douts, tile, grad_scores);
+                }
                 for (int t = 0; t < tile; t++) {
                     int64_t position = g.order[p + t];
                     const float *a = out + position * g.d_emb, *da = douts[t];
@@ -287,8 +355,12 @@ int l3_rows_backward(int64_t groups, const int64_t *position_start, const int64_
                 }
                 /* dX = dS·K; dK += dSᵀ·X; dV += Pᵀ·dA (into the same rows when tied). */
                 weighted_rows(k, rows, g.d_in, grad_scores, tile, dxs);
-                add_outer(gk, rows, g.d_in, grad_scores, xs, tile);
-                add_outer(gv, rows, g.d_emb, probs, douts, tile);
+                if (tied) {
+                    add_outer2(gk, rows, g.d_in, grad_scores, xs, probs, douts, tile);
+                } else {
+                    add_outer(gk, rows, g.d_in, grad_scores, xs, tile);
+                    add_outer(gv, rows, g.d_emb, probs, douts, tile);
+                }
             }
         }
         free(probs);
