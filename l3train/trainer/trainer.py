@@ -39,6 +39,7 @@ from l3train.trainer import deepspeed_adapter
 from l3train.trainer.loss import lm_loss, training_loss
 from l3train.trainer.monitor import Monitor, StepStats, router_vector
 from l3train.trainer.profiler import StepProfiler
+from l3train.utils.allocator import keep_freed_memory
 from l3train.utils.atomic import atomic_write_text
 
 
@@ -80,6 +81,8 @@ class Trainer:
         if not self.resume:
             refuse_existing_checkpoints(cfg)
         self.world = init_distributed(cfg.parallel.collective_timeout_minutes)
+        if self.world.device.type == "cpu":
+            keep_freed_memory()  # each step's table-sized gradients reuse the last step's pages
         if self.world.size != self.layout.world_size:
             raise L3TrainError(f"{self.world.size} ranks joined, but the launcher announced {self.layout.world_size} "
                                f"(WORLD_SIZE or SLURM_NTASKS); start the trainers with torchrun or srun")

@@ -110,3 +110,10 @@ def test_without_a_compiler_the_torch_path_is_used(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("BlockPlan |") and "no C compiler found" in result.stdout
     assert "slower torch implementation" in result.stdout
+
+
+def test_training_keeps_freed_memory_for_the_next_step():
+    """glibc's thresholds are raised (l3train.utils.allocator): this machine's malloc is glibc's."""
+    from l3train.utils.allocator import keep_freed_memory
+
+    assert keep_freed_memory()
