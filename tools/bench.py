@@ -55,6 +55,17 @@ def core_lines(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# Everything from this line on in the report is kept when the report is rewritten: sections
+# written by hand or by other tools (tools/bench_data.py's figures, profiles).
+KEEP_MARKER = "<!-- the sections below are not written by tools/bench.py: it keeps them -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The part of an existing report from `KEEP_MARKER` on ("" if none)."""
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + text[text.index(KEEP_MARKER):] if KEEP_MARKER in text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = CliArgumentParser(prog="tools/bench.py", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if core:
         report += ["## Core library", "", "```", *core, "```", ""]
-    atomic_write_text(args.output, "\n".join(report))
+    atomic_write_text(args.output, "\n".join(report) + kept_sections(args.output))
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=1))
     print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))
