@@ -3,10 +3,11 @@
 
 1. LZW codeword counting: the fast C trie against the paper's reference loop on the same
    >= 5M tokens (identical output is asserted).
-2. L³ row attention forward+backward at an LZW allocation with cap k: the sorted
-   block-diagonal implementation against the naive baseline that gathers every
-   position's rows padded to the batch's largest d_t (the per-position loop of the
-   tests is ~1000x slower still). Peak memory is the growth of the peak resident set
+2. L³ row attention forward+backward at an LZW allocation with cap k: the CPU kernel and
+   the sorted block-diagonal torch implementation against the naive baseline that gathers
+   every position's rows padded to the batch's largest d_t (the per-position loop of the
+   tests is ~1000x slower still), and the kernel's and the torch path's useful FLOP/s
+   against a dense matmul's. Peak memory is the growth of the peak resident set
    of a fresh child process per variant over its state before the timed passes.
 
 Tokens come from a Megatron indexed dataset (`--data-prefix`, e.g. the default corpus
