@@ -19,10 +19,10 @@ tools/preprocess_data.py; default: the config's, i.e. the default corpus), the s
 Everything lives in --study-dir; a rerun skips what is done and continues interrupted
 training from its last checkpoint, so the study can be stopped (Ctrl-C) and restarted at
 any time; a larger --seeds adds seeds to a finished study. --steps is the budget: the
-default (4 models × 3 seeds × 400 steps) is estimated at 30-40 minutes on 2 idle CPU cores
+default (4 models × 3 seeds × 400 steps) took 20 minutes on 2 idle CPU cores (2026-12-07)
 (on a busy machine, --threads 1 is much faster than the default threads).
 
-    python tools/study.py                                   # the default study, ~30-40 min
+    python tools/study.py                                   # the default study, ~20 min
     python tools/study.py --steps 5 --seeds 1 --study-dir /tmp/study --output /tmp/study/results.md   # a smoke test
     python tools/study.py --data-prefix data/indexed/other_text_document --study-dir runs/study_other \\
         --output docs/results_other.md
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, metavar="K", help="rows per token at most (default: the config's "
                                                              "allocation's)")
     parser.add_argument("--steps", type=int, default=400,
-                        help="optimizer steps of every run: the time budget (default 400, ~30-40 min in all on 2 "
+                        help="optimizer steps of every run: the time budget (default 400, ~20 min in all on 2 "
                              "idle cores)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
     parser.add_argument("--mc-examples", type=int, default=200, help="questions of the multiple-choice task "
