@@ -27,8 +27,24 @@ def module_grad_norm(model: nn.Module, parallel: ParallelState) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def scale_module_gradients(model: nn.Module, coefficient: float) -> None:
+    """Multiply every gradient of `model` by `coefficient` (one fused pass per dtype and device)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coefficient)
+
+
+def clip_module_norm(model: nn.Module, parallel: ParallelState, max_norm: float) -> float:
+    """Where l3train clips the engine's gradients (`deepspeed_adapter.clipped_by_l3train`) and
+    there are no rank-local tensors: clip by `module_grad_norm`; returns the norm before."""
+    norm = module_grad_norm(model, parallel)
+    if max_norm > 0 and max_norm / (norm + _CLIP_EPS) < 1.0:
+        scale_module_gradients(model, max_norm / (norm + _CLIP_EPS))
+    return norm
+
+
 def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_local: list[RankLocalParameters],
-                     max_norm: float) -> float:
+                     max_norm: float, clip_dense: bool = False) -> float:
     """Make this step's clipping that of one process; returns the global norm before clipping.
 
     Call at the accumulation boundary between the last `engine.backward` and `engine.step()`.
@@ -36,7 +52,8 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     each distinct gradient once). DeepSpeed multiplies the dense gradients by
     threshold / (dense + 1e-6) when that is < 1; with threshold = max_norm·(dense + 1e-6)/(total + 1e-6)
     this is the single-process coefficient max_norm / (total + 1e-6), which the rank-local
-    tensors get too.
+    tensors get too. With `clip_dense` (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's
+    clipping is off) the dense gradients are multiplied by that coefficient here instead.
     """
     for part in rank_local:
         part.prepare_gradients()
@@ -47,8 +64,11 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     dist.all_reduce(local_squared)
     total = (dense ** 2 + local_squared.item()) ** 0.5
     if max_norm > 0:
-        deepspeed_adapter.set_clip_threshold(engine, max_norm * (dense + _CLIP_EPS) / (total + _CLIP_EPS))
         coefficient = max_norm / (total + _CLIP_EPS)
+        if not clip_dense:
+            deepspeed_adapter.set_clip_threshold(engine, max_norm * (dense + _CLIP_EPS) / (total + _CLIP_EPS))
+        elif coefficient < 1.0:
+            scale_module_gradients(model, coefficient)
         if coefficient < 1.0:
             for part in rank_local:
                 part.scale_gradients(coefficient)

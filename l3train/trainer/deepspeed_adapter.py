@@ -45,8 +45,9 @@ def engine_config(cfg: Config, layout: WorldLayout) -> dict:
         "train_batch_size": cfg.training.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
-        # Explicit: DeepSpeed's default would silently clip at 1.0.
-        "gradient_clipping": cfg.optimizer.grad_clip,
+        # Explicit: DeepSpeed's default would silently clip at 1.0. Off where l3train clips.
+        "gradient_clipping": 0.0 if clipped_by_l3train(layout.zero_stage, cfg.training.precision)
+        else cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": layout.zero_stage, "reduce_bucket_size": GRADIENT_BUCKET_ELEMENTS},
         "bf16": {"enabled": bf16},
         **(gradient_data_types(layout.zero_stage) if bf16 else {}),
@@ -54,6 +55,15 @@ def engine_config(cfg: Config, layout: WorldLayout) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def clipped_by_l3train(zero_stage: int, precision: str) -> bool:
+    """Whether l3train clips the engine's gradients itself (DeepSpeed's clipping off): at
+    ZeRO-0 in fp32, where the engine steps the client optimizer on the module's own
+    gradients. l3train computes their norm before the step anyway (the skip check, and the
+    global norm with rank-local tensors); DeepSpeed would compute it a second time inside
+    its step, a pass over every gradient, the L³ tables' included."""
+    return zero_stage == 0 and precision == "fp32"
 
 
 def gradient_data_types(zero_stage: int) -> dict:

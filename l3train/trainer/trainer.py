@@ -202,12 +202,18 @@ class Trainer:
 
     def _grad_norm_and_clip(self) -> float | None:
         """At the accumulation boundary, before `engine.step()`: with rank-local tensors, clip
-        everything by the single-process global norm; the norm before clipping where known."""
-        from l3train.trainer.clipping import clip_global_norm, module_grad_norm
+        everything by the single-process global norm; at ZeRO-0 in fp32 clip the engine's
+        gradients here (`deepspeed_adapter.clipped_by_l3train`); the norm before clipping
+        where known."""
+        from l3train.trainer.clipping import clip_global_norm, clip_module_norm, module_grad_norm
 
+        max_norm = self.cfg.optimizer.grad_clip
+        clip_here = deepspeed_adapter.clipped_by_l3train(self.layout.zero_stage, self.cfg.training.precision)
         if self.parts.rank_local:
-            return clip_global_norm(self.engine, self.parts.model, self.parallel, self.parts.rank_local,
-                                    self.cfg.optimizer.grad_clip)
+            return clip_global_norm(self.engine, self.parts.model, self.parallel, self.parts.rank_local, max_norm,
+                                    clip_dense=clip_here)
+        if clip_here:
+            return clip_module_norm(self.parts.model, self.parallel, max_norm)
         if not deepspeed_adapter.exposes_grad_norm(self.engine):
             return None
         return deepspeed_adapter.dense_grad_norm(self.engine, lambda: module_grad_norm(self.parts.model, self.parallel))
