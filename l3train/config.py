@@ -247,8 +247,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    m, l3, moe, data, opt, tr = cfg.model, cfg.l3, cfg.moe, cfg.data, cfg.optimizer, cfg.training
+def _check_positive(cfg: Config) -> None:
+    """Every count and size of the config is >= 1."""
+    m, l3, moe, data, tr = cfg.model, cfg.l3, cfg.moe, cfg.data, cfg.training
     positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
                 "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
                 "model.ffn_hidden_size": m.ffn_hidden_size, "model.max_seq_len": m.max_seq_len,
@@ -264,6 +265,11 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise L3TrainError(f"{key}: must be >= 1, got {value}")
+
+
+def _validate(cfg: Config) -> None:
+    m, l3, moe, data, opt, tr = cfg.model, cfg.l3, cfg.moe, cfg.data, cfg.optimizer, cfg.training
+    _check_positive(cfg)
     checks = [
         (m.d_model % m.n_heads == 0, "model.d_model", f"must be divisible by model.n_heads ({m.n_heads}), got {m.d_model}"),
         ((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "head size d_model/n_heads must be even for RoPE"),

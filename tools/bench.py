@@ -10,8 +10,9 @@
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
    2 ranks, from `training.profile_steps`: the next optimisation target.
 3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
-   paper's loop on ≥ 5M tokens; sorted ÷ padded L³ forward+backward, time and peak memory,
-   and the sorted path's useful FLOP/s ÷ a dense matmul's; preprocessing tokens/s.
+   paper's loop on ≥ 5M tokens; the CPU kernel, the sorted torch path and the padded
+   baseline, L³ forward+backward time, peak memory and useful FLOP/s ÷ a dense matmul's;
+   preprocessing tokens/s.
 
 Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
 default docs/benchmarks.md). The defaults use the quick start's data and configs:
@@ -30,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from l3train.benchmarks.core import machine
-from l3train.benchmarks.training import UNITS_HEADER, measure_throughput, profile_phases, units_rows
+from l3train.benchmarks.training import (UNITS_HEADER, measure_throughput, profile_phases, report_text, units_rows,
+                                          write_report)
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
 
@@ -53,17 +55,6 @@ def core_lines(args: argparse.Namespace) -> list[str]:
     bench_attention(uniform, tokens[:4096].copy(), 128, 3, log=lines.append)
     bench_preprocessing(CORPUS, TOKENIZER, log=lines.append)
     return lines
-
-
-# Everything from this line on in the report is kept when the report is rewritten: sections
-# written by hand or by other tools (tools/bench_data.py's figures, profiles).
-KEEP_MARKER = "<!-- the sections below are not written by tools/bench.py: it keeps them -->"
-
-
-def kept_sections(path: Path) -> str:
-    """The part of an existing report from `KEEP_MARKER` on ("" if none)."""
-    text = path.read_text() if path.is_file() else ""
-    return "\n" + text[text.index(KEEP_MARKER):] if KEEP_MARKER in text else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,27 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["core"] = core
     print("\n".join(core))
 
-    report = [
-        "# Benchmarks", "",
-        "Written by `tools/bench.py`; every figure of one table was measured in the same run, models",
-        "interleaved (A B C A B C ...), each figure the median over repetitions of the median tokens/s",
-        "after 3 warm-up steps. Ratios are medians of the per-repetition ratios.", "",
-        f"Machine: {figures['machine']}.", f"Settings: {args.steps} steps per run, {args.repeats} repetitions; "
-        f"models {args.l3}, {args.dense}, {args.moe}"
-        + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",
-        "## Training throughput", "", *table, "",
-        "In peers' units (per device = per rank; model FLOPs as torchtitan and Megatron-LM count them,",
-        "l3train.sizing.accounting.TrainingFlops; MFU n/a without a known device peak; peak memory the",
-        "largest rank's: CUDA allocator peak on a GPU, the process's peak resident set on CPU):", "",
-        *units, "",
-        f"## L³ step time per phase ({nproc} rank(s), rank 0, host ms per step, profiled)", "",
-        "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
-        "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",
-        "`all_to_all` is part of forward and backward.", "",
-    ]
-    if core:
-        report += ["## Core library", "", "```", *core, "```", ""]
-    atomic_write_text(args.output, "\n".join(report) + kept_sections(args.output))
+    write_report(args.output, report_text(figures["machine"], args, table, units, nproc, phases, core))
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=1))
     print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))

@@ -128,3 +128,42 @@ def units_rows(nproc: int, models: dict[str, Throughput]) -> list[str]:
     return [f"| {nproc} | {name} | {cell(result.figure('tokens_per_s_per_device'), ',.0f')} | "
             f"{cell(result.figure('tflops_per_device'), '.3g')} | {cell(result.figure('mfu'), '.1%')} | "
             f"{cell(result.figure('peak_memory_gib'), '.2f')} |" for name, result in models.items()]
+
+
+# Everything from this line on in the report is kept when tools/bench.py rewrites it: sections
+# written by hand or by other tools (tools/bench_data.py's figures, profiles).
+KEEP_MARKER = "<!-- the sections below are not written by tools/bench.py: it keeps them -->"
+
+
+def report_text(machine_line: str, args, table: list[str], units: list[str], nproc: int,
+                phases: dict[str, float], core: list[str]) -> str:
+    """tools/bench.py's markdown report (`args`: its parsed arguments)."""
+    report = [
+        "# Benchmarks", "",
+        "Written by `tools/bench.py`; every figure of one table was measured in the same run, models",
+        "interleaved (A B C A B C ...), each figure the median over repetitions of the median tokens/s",
+        "after 3 warm-up steps. Ratios are medians of the per-repetition ratios.", "",
+        f"Machine: {machine_line}.", f"Settings: {args.steps} steps per run, {args.repeats} repetitions; "
+        f"models {args.l3}, {args.dense}, {args.moe}"
+        + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",
+        "## Training throughput", "", *table, "",
+        "In peers' units (per device = per rank; model FLOPs as torchtitan and Megatron-LM count them,",
+        "l3train.sizing.accounting.TrainingFlops; MFU n/a without a known device peak; peak memory the",
+        "largest rank's: CUDA allocator peak on a GPU, the process's peak resident set on CPU):", "",
+        *units, "",
+        f"## L³ step time per phase ({nproc} rank(s), rank 0, host ms per step, profiled)", "",
+        "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
+        "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",
+        "`all_to_all` is part of forward and backward.", "",
+    ]
+    if core:
+        report += ["## Core library", "", "```", *core, "```", ""]
+    return "\n".join(report)
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write `text` to `path`, keeping the existing report's part from `KEEP_MARKER` on."""
+    from l3train.utils.atomic import atomic_write_text
+
+    old = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, text + ("\n" + old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else ""))

@@ -15,7 +15,8 @@ A rank holds, in bytes:
   `deepspeed_adapter.engine_config`: fp32 accumulation at ZeRO 2/3 in bf16), plus DeepSpeed's
   gradient bucket of `GRADIENT_BUCKET_ELEMENTS`: in the model's dtype during backward at
   ZeRO 1/2, fp32 and kept at ZeRO-3, at ZeRO-0 a flat copy of up to that many gradients
-  while they are all-reduced. ZeRO-3's gathered parameters in forward and backward are not
+  while they are all-reduced (none on a single rank, which the trainer does not let
+  DeepSpeed all-reduce with itself). ZeRO-3's gathered parameters in forward and backward are not
   counted.
 - Rank-local tensors, outside DeepSpeed (l3train.parallel.sharded_optim): the sharded L³ rows
   (the fullest shard of the allocation's shard plan; without the allocation, v/(TP·DP) rows)
@@ -128,7 +129,7 @@ def plan_memory(cfg: Config, name: str, nodes: int, gpus_per_node: int, rows: in
                       cfg.data.seq_length, device,
                       deepspeed_holding(elements.deepspeed, stage, precision, layout.data_parallel),
                       _rank_local_holding(elements.rows), _rank_local_holding(elements.experts),
-                      gradient_bucket_bytes(elements.deepspeed, stage, precision),
+                      gradient_bucket_bytes(elements.deepspeed, stage, precision, layout.world_size),
                       activation_estimate(cfg, layout, device))
 
 
@@ -149,8 +150,10 @@ def deepspeed_holding(elements: int, zero_stage: int, precision: str, data_paral
     return Holding(parameters, gradients, 3 * FP32 * partition)
 
 
-def gradient_bucket_bytes(elements: int, zero_stage: int, precision: str) -> int:
+def gradient_bucket_bytes(elements: int, zero_stage: int, precision: str, world_size: int) -> int:
     """DeepSpeed's gradient bucket (module docstring)."""
+    if zero_stage == 0 and world_size == 1:
+        return 0
     if zero_stage == 3:
         return FP32 * GRADIENT_BUCKET_ELEMENTS
     bucket = GRADIENT_BUCKET_ELEMENTS if zero_stage else min(elements, GRADIENT_BUCKET_ELEMENTS)

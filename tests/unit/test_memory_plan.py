@@ -43,11 +43,12 @@ def test_deepspeed_holds_what_each_zero_stage_keeps(stage, precision, expected):
 
 
 def test_gradient_bucket_by_stage():
-    assert gradient_bucket_bytes(10**6, 2, "bf16") == 2 * GRADIENT_BUCKET_ELEMENTS
-    assert gradient_bucket_bytes(10**6, 1, "fp32") == 4 * GRADIENT_BUCKET_ELEMENTS
-    assert gradient_bucket_bytes(10**6, 3, "bf16") == 4 * GRADIENT_BUCKET_ELEMENTS  # fp32, kept
-    assert gradient_bucket_bytes(10**6, 0, "fp32") == 4 * 10**6  # all-reduced in one flat copy
-    assert gradient_bucket_bytes(10**10, 0, "bf16") == 2 * GRADIENT_BUCKET_ELEMENTS
+    assert gradient_bucket_bytes(10**6, 2, "bf16", 8) == 2 * GRADIENT_BUCKET_ELEMENTS
+    assert gradient_bucket_bytes(10**6, 1, "fp32", 8) == 4 * GRADIENT_BUCKET_ELEMENTS
+    assert gradient_bucket_bytes(10**6, 3, "bf16", 8) == 4 * GRADIENT_BUCKET_ELEMENTS  # fp32, kept
+    assert gradient_bucket_bytes(10**6, 0, "fp32", 8) == 4 * 10**6  # all-reduced in one flat copy
+    assert gradient_bucket_bytes(10**10, 0, "bf16", 8) == 2 * GRADIENT_BUCKET_ELEMENTS
+    assert gradient_bucket_bytes(10**6, 0, "fp32", 1) == 0  # alone: no all-reduce, no copy
 
 
 def test_rank_elements_add_up_to_the_accounted_model():

@@ -229,3 +229,14 @@ def test_benchmark_units_table_says_n_a_without_a_figure():
                                              "mfu": None, "peak_memory_gib": None}])
     assert units_rows(2, {"L³": known, "dense": unknown}) == [
         "| 2 | L³ | 2,000 | 0.0124 | 30.0% | 2.00 |", "| 2 | dense | 1,234 | 0.5 | n/a | n/a |"]
+
+
+def test_benchmark_report_keeps_the_sections_below_its_marker(tmp_path):
+    from l3train.benchmarks.training import KEEP_MARKER, write_report
+
+    path = tmp_path / "benchmarks.md"
+    write_report(path, "# first\n")
+    assert path.read_text() == "# first\n"
+    path.write_text(path.read_text() + "\n" + KEEP_MARKER + "\n\n## by hand\nkept\n")
+    write_report(path, "# second\n")
+    assert path.read_text() == "# second\n\n" + KEEP_MARKER + "\n\n## by hand\nkept\n"
