@@ -18,6 +18,7 @@ The C helper is compiled on first use with the system C compiler into a cache di
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -121,8 +122,9 @@ class LZWCodewords:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def _load_library() -> ctypes.CDLL:
-    """`_lzw.c` compiled once per source version, loaded, and its functions typed."""
+    """`_lzw.c` compiled once per source version, loaded, and its functions typed (once)."""
     library = load_c_library(_SOURCE, _COMPILE_FLAGS, "the fast LZW scanner",
                              ", or use --mode lzw-reference (pure Python, very slow)")
     int64_array = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from torch import Tensor
 
+from l3train.errors import L3TrainError
 from l3train.model.l3_cpu import CpuPlan, cpu_attend, cpu_kernel_available, plan_cpu
 
 if TYPE_CHECKING:
@@ -269,6 +270,9 @@ def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
     d_emb sizes the torch path's chunks (see `plan_blocks`)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "cpu" and (token_ids.is_cuda or not cpu_kernel_available()):
+        raise L3TrainError("implementation='cpu' needs CPU tensors and the CPU kernel built (a C compiler); "
+                           "use implementation='auto'")
     if implementation == "cpu" or (implementation == "auto" and not token_ids.is_cuda
                                    and table_dtype == torch.float32 and cpu_kernel_available()):
         return plan_cpu(token_ids, bounds)

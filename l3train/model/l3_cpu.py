@@ -160,6 +160,8 @@ class _CpuRowAttention(torch.autograd.Function):
 def cpu_attend(x: Tensor, keys: Tensor, values: Tensor, plan: CpuPlan) -> tuple[Tensor, Tensor]:
     """Row attention of the positions `plan` was made for: (N, d_emb) outputs in x's dtype, and
     (N,) entropies (no gradient). The tables must be fp32 (`plan_lookup` chooses this path then)."""
+    if x.is_cuda or keys.is_cuda or values.is_cuda:
+        raise L3TrainError("the CPU row-attention kernel takes CPU tensors; plan with plan_lookup(implementation='auto')")
     if keys.dtype != torch.float32 or values.dtype != torch.float32:
         raise L3TrainError(f"the CPU row-attention kernel takes fp32 tables, got {keys.dtype}/{values.dtype}")
     if values is not keys and keys.shape[0] != values.shape[0]:

@@ -117,3 +117,13 @@ def test_training_keeps_freed_memory_for_the_next_step():
     from l3train.utils.allocator import keep_freed_memory
 
     assert keep_freed_memory()
+
+
+def test_asking_for_the_kernel_with_tables_it_cannot_take_is_one_error():
+    from l3train.errors import L3TrainError
+
+    bounds = bounds_from_rows(torch.tensor([2, 3]))
+    table = torch.zeros(5, 4, dtype=torch.float64)
+    with pytest.raises(L3TrainError, match="fp32 tables"):
+        row_attention(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), bounds, table, table,
+                      implementation="cpu")
