@@ -25,6 +25,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ "$("$VENV/bin/python"
     'import os, l3train; print(os.path.dirname(os.path.dirname(os.path.abspath(l3train.__file__))))' \
     2>/dev/null)" = "$(pwd -P)" ]; then
   echo "[setup] requirements.txt and pyproject.toml unchanged since the last install: nothing to install"
+  CHECK=presence
 else
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     TORCH_REQ=${L3TRAIN_TORCH:-torch==2.13.0}
@@ -36,15 +37,22 @@ else
   $PIP install --no-deps --no-build-isolation -e .
   [ -n "${PIP_DRY_RUN:-}" ] || echo "$WANT" > "$STAMP"
 fi
-"$VENV/bin/python" - <<'PY'
+# After an install, import everything (seconds: megatron-core alone takes ~3); when nothing
+# was installed, the packages the stamp vouches for only need to be present.
+L3TRAIN_SETUP_CHECK=${CHECK:-imports} "$VENV/bin/python" - <<'PY'
 import os
+from importlib.metadata import version
 
 import l3train  # noqa: F401  (silences megatron-core's apex/TE import warnings)
 import torch
 
-# DeepSpeed picks its accelerator at import: the one torch can use, unless the caller chose.
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-import deepspeed, megatron.core, sentencepiece, triton  # noqa: E401,F401,E402
+if os.environ["L3TRAIN_SETUP_CHECK"] == "presence":
+    versions = {name: version(name) for name in ("deepspeed", "megatron-core", "sentencepiece", "triton")}
+else:
+    # DeepSpeed picks its accelerator at import: the one torch can use, unless the caller chose.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed, megatron.core, sentencepiece, triton  # noqa: E401,F401,E402
+    versions = {"deepspeed": deepspeed.__version__, "megatron-core": megatron.core.__version__}
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), "
-      f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}")
+      f"deepspeed {versions['deepspeed']}, megatron-core {versions['megatron-core']}")
 PY
