@@ -37,7 +37,7 @@ else
   $PIP install --no-deps --no-build-isolation -e .
   [ -n "${PIP_DRY_RUN:-}" ] || echo "$WANT" > "$STAMP"
 fi
-# After an install, import everything (seconds: megatron-core alone takes ~3); when nothing
+# After an install, import everything (seconds: torch, DeepSpeed, megatron-core); when nothing
 # was installed, the packages the stamp vouches for only need to be present.
 L3TRAIN_SETUP_CHECK=${CHECK:-imports} "$VENV/bin/python" - <<'PY'
 import os
