@@ -10,9 +10,11 @@ of a batch draws with seed + i, so it gives the same text alone with that seed).
 The L³ tables can stay off the compute device (docs/inference.md): --placement host keeps
 them in host memory (a step's rows go to a CUDA device through a pinned staging buffer),
 --placement disk in .npy files written once into
---table-dir (reused when they match the checkpoint); the rows of each step's tokens are
-prefetched into a staging buffer of --staging-rows rows while the blocks before the L³
-layer run (--no-prefetch: fetched by the layer itself).
+--table-dir (reused when they match the checkpoint). On a CUDA device the rows of each
+step's tokens are prefetched into a staging buffer of --staging-rows rows while the blocks
+before the L³ layer run (--no-prefetch: fetched by the layer itself). A CPU model computes
+on host tables, and on a memory map of disk tables, in place (--staged: stage the rows
+as for a GPU, which keeps a disk table's pages out of the process's resident set).
 
     python tools/generate.py exports/tiny_consolidated --prompt "Return the"
     python tools/generate.py runs/tiny_l3 --prompt "Return the" --temperature 0.8 --top-p 0.95 --seed 1
@@ -57,6 +59,8 @@ def parse_args() -> argparse.Namespace:
                         help="token id that ends a sequence (repeatable; default: end of document)")
     parser.add_argument("--placement", choices=PLACEMENTS, default="resident", help="where the L³ tables live")
     parser.add_argument("--no-prefetch", action="store_true", help="fetch each step's rows in the L³ layer itself")
+    parser.add_argument("--staged", action="store_true",
+                        help="CPU model: stage each step's rows instead of computing on the tables in place")
     parser.add_argument("--staging-rows", type=int, default=InferenceConfig.staging_rows,
                         help="rows per table in the staging buffer (default %(default)s)")
     parser.add_argument("--table-dir", help="disk placement: directory of the table files "
@@ -78,7 +82,8 @@ def main() -> int:
         raise L3TrainError(f"--device {args.device}: CUDA is not available on this machine")
     checkpoint = open_checkpoint(args.checkpoint, args.overrides, verify=not args.no_verify)
     tokenizer = Tokenizer.load(checkpoint.config.data.tokenizer)
-    config = InferenceConfig(placement=args.placement, prefetch=not args.no_prefetch, staging_rows=args.staging_rows,
+    config = InferenceConfig(placement=args.placement, in_place=not args.staged, prefetch=not args.no_prefetch,
+                             staging_rows=args.staging_rows,
                              table_dir=args.table_dir, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              stop_tokens=tuple(args.stop_token or [tokenizer.eod_id]))

@@ -1,7 +1,7 @@
 """Generation speed and memory of the table placements, side by side (tools/bench_inference.py).
 
-Speed: one process loads the model once per variant (resident; host with and without
-prefetch; disk with prefetch), then generates with all of them at once, one decoding step
+Speed: one process loads the model once per variant (resident; host; disk; disk staged,
+with and without prefetch), then generates with all of them at once, one decoding step
 of each in turn (in a new random order every step), so that the machine's load drifts hit
 every variant alike; this is repeated `reps` times. Every variant draws the same tokens
 (sampling from a seed; the logits are bit-identical across placements), so they do the
@@ -45,10 +45,13 @@ from l3train.inference.loading import load_for_generation
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "resident": {"placement": "resident"},
-    "host+prefetch": {"placement": "host", "prefetch": True},
+    # On a CPU model host and disk tables are computed on in place (disk: memory-mapped); on
+    # CUDA they are staged with prefetch. "staged" stages on the CPU too (InferenceConfig.in_place).
+    "host": {"placement": "host"},
     "host, no prefetch": {"placement": "host", "prefetch": False},
-    "disk+prefetch": {"placement": "disk", "prefetch": True},
-    "disk, no prefetch": {"placement": "disk", "prefetch": False},
+    "disk": {"placement": "disk"},
+    "disk, staged": {"placement": "disk", "in_place": False},
+    "disk, staged, no prefetch": {"placement": "disk", "in_place": False, "prefetch": False},
 }
 MEMORY_PLACEMENTS = ("resident", "host", "disk")
 
@@ -182,10 +185,10 @@ def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int
             # includes staging the rows, the wait), is blocked on the prefetch (the wait, with
             # prefetch), or neither although it could run: other processes hold the core, or the
             # prefetch thread holds the GIL (off-CPU).
-            blocked = row["wait_ms_per_step"] if VARIANTS[name].get("prefetch") else 0.0
+            blocked = row["wait_ms_per_step"] if VARIANTS[name].get("prefetch", True) else 0.0
             row["off_cpu_ms_per_step"] = row["wall_ms_per_step"] - row["cpu_ms_per_step"] - blocked
             results.append(row)
-            log(f"  batch {batch:>2}  {name:<18} {row['tokens_per_s']:8.1f} tok/s  {row['vs_resident']:5.2f}x resident"
+            log(f"  batch {batch:>2}  {name:<26} {row['tokens_per_s']:8.1f} tok/s  {row['vs_resident']:5.2f}x resident"
                 f"  {row['bytes_per_token'] / 1024:7.1f} KiB/token  stalls/lookup {row['stalls_per_lookup']:.2f}"
                 f"  ms/step: wall {row['wall_ms_per_step']:.2f}, CPU {row['cpu_ms_per_step']:.2f},"
                 f" wait {row['wait_ms_per_step']:.2f}, off-CPU {row['off_cpu_ms_per_step']:.2f}")
@@ -243,7 +246,7 @@ def goal_lines(model: dict[str, Any]) -> list[str]:
     speed = {(row["batch"], row["variant"]): row["vs_resident"] for row in model["speed"]}
     goals = []
     for batch in sorted({batch for batch, _ in speed}):
-        for variant in ("host+prefetch", "disk+prefetch"):
+        for variant in ("host", "disk"):
             goals.append((f"{variant} ≥ 0.95× resident tok/s at batch {batch}" +
                           (" (warm page cache)" if variant.startswith("disk") else ""),
                           f"{speed[batch, variant]:.3f}×", speed[batch, variant] >= 0.95))

@@ -21,6 +21,9 @@ class InferenceConfig:
     """
 
     placement: Placement = "resident"  # resident: on the compute device; host: host memory; disk: a file
+    # A CPU model computes on host tables, and on a memory map of disk tables, in place; False
+    # stages each step's rows as for a GPU (then a disk table's pages never enter the resident set).
+    in_place: bool = True
     prefetch: bool = True  # fetch the next step's rows while the blocks before the L³ layer run
     staging_rows: int = 1 << 16  # rows per table in the staging buffer (a larger step is done in chunks)
     table_dir: str | None = None  # disk placement: where the table files are written (None: the default)

@@ -73,7 +73,7 @@ def load_for_generation(checkpoint: CheckpointTensors, config: InferenceConfig,
                   for _, names in layers]
         placement = TablePlacement.install([layer for layer, _ in layers], tables,
                                            bounds_from_rows(allocation.rows_per_token).numpy(), config.staging_rows,
-                                           config.prefetch, device)
+                                           config.prefetch, device, config.in_place)
     model.to(device)
     source = str(checkpoint.directory)
     load_weights(model, {name: checkpoint.tensor(name) for name in plain_state_dict(model, cfg.model.tie_embeddings)},

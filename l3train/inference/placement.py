@@ -11,10 +11,13 @@ not staged yet (a stall); a prefetch the worker has not even started by then (th
 may be waiting for a core) is cancelled and done by the layer itself. Without prefetch the
 layer stages its rows itself.
 
-On a CPU model, host tables need no staging: the row attention reads a token's rows in
-place wherever they lie (the CPU kernel, l3train.model.l3_cpu), so each layer computes on
-its host tables directly (`HostRowTable`), exactly as with resident tables; staging and
-prefetch exist to feed a GPU, or to read a disk table's rows.
+On a CPU model nothing is staged: the row attention reads a token's rows in place
+wherever they lie (the CPU kernel, l3train.model.l3_cpu), so each layer computes on its
+host tables, or on a read-only memory map of its disk tables, directly (`InPlaceRowTable`),
+exactly as with resident tables; staging and prefetch exist to feed a GPU. A mapped disk
+table's pages are released from the process (`RowSource.release_pages`) whenever the bytes
+its layer may have touched since the last release pass `MAPPED_BYTES_BUDGET`, so the
+resident set stays bounded whatever the table's size.
 
 The staged rows belong to one step: `start_step` returns the ids tensor to give the model,
 and a layer uses the prefetched rows only when it is called with that very tensor (same
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from l3train.errors import L3TrainError
-from l3train.inference.row_sources import HostRows, RowSource
+from l3train.inference.row_sources import RowSource
 from l3train.inference.staging import RequestChunk, RowStager, StagedChunk
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer
@@ -182,21 +185,38 @@ class StagedRowTable(nn.Module):
         return out, entropy
 
 
-class HostRowTable(nn.Module):
-    """A CPU model's row backend over host tables, computed on in place (no staging): the
-    key table, and the value table when untied."""
+MAPPED_BYTES_BUDGET = 256 << 20  # per layer: what its mapped disk tables may add to the resident set
 
-    def __init__(self, sources: list[HostRows]) -> None:
+
+class InPlaceRowTable(nn.Module):
+    """A CPU model's row backend over host or disk tables, computed on in place (no staging):
+    the key table, and the value table when untied."""
+
+    def __init__(self, sources: list[RowSource], largest_token_rows: int) -> None:
         super().__init__()
-        self.keys, self.values = sources[0].table, sources[-1].table  # the same tensor when tied
-        self.routing_key = ("host rows", self.keys.shape[1] + self.values.shape[1])
+        self.sources = sources
+        tables = [source.in_place() for source in sources]
+        self.keys, self.values = tables[0], tables[-1]  # the same tensor when tied
+        self.routing_key = ("in-place rows", self.keys.shape[1] + self.values.shape[1])
+        # An upper bound on the bytes one position can touch, so that counting costs nothing.
+        self.bytes_per_position = largest_token_rows * sum(table[0].nbytes for table in tables)
+        self.bytes_since_release = 0
 
     def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
         return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.keys.dtype)
 
     def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
         out, entropy = attend(x.to(self.keys.dtype), self.keys, self.values, route)
+        self.bytes_since_release += x.shape[0] * self.bytes_per_position
+        if self.bytes_since_release > MAPPED_BYTES_BUDGET:
+            for source in self.sources:
+                source.release_pages()
+            self.bytes_since_release = 0
         return out.to(x.dtype), entropy
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
 
 
 def stage_in_order(step: StepIds, jobs: list[tuple[StagedRowTable, Future[StagedChunk]]]) -> None:
@@ -214,12 +234,12 @@ def stage_in_order(step: StepIds, jobs: list[tuple[StagedRowTable, Future[Staged
 
 
 class TablePlacement:
-    """The staged row backends of a model's L³ layers (none when the tables are resident),
-    the prefetch thread, and the counters."""
+    """The staged row backends of a model's L³ layers (none when the tables are resident or
+    computed on in place), the prefetch thread, the counters, and the in-place backends."""
 
     def __init__(self, device: torch.device, backends: list[StagedRowTable] = (), prefetch: bool = True,
-                 counters: PrefetchCounters | None = None) -> None:
-        self.device, self.backends = device, list(backends)
+                 counters: PrefetchCounters | None = None, in_place: list[InPlaceRowTable] = ()) -> None:
+        self.device, self.backends, self.in_place = device, list(backends), list(in_place)
         self.counters = counters or PrefetchCounters()
         # One thread, one job per step: it stages the layers' rows in the order the model needs them.
         self.prefetcher = (ThreadPoolExecutor(1, thread_name_prefix="l3-prefetch")
@@ -227,18 +247,18 @@ class TablePlacement:
 
     @classmethod
     def install(cls, layers: list[LargeLookupLayer], tables: list[list[RowSource]], bounds: np.ndarray,
-                staging_rows: int, prefetch: bool, device: torch.device) -> TablePlacement:
+                staging_rows: int, prefetch: bool, device: torch.device, in_place: bool = True) -> TablePlacement:
         """Swap each layer's row backend for a `StagedRowTable` over its tables (the key table,
-        and the value table when untied), or for a `HostRowTable` (host tables of a CPU model);
-        `bounds` are the allocation's (every layer's)."""
+        and the value table when untied), or on a CPU model with `in_place` for an
+        `InPlaceRowTable`; `bounds` are the allocation's (every layer's)."""
         largest = int(np.diff(bounds).max())
         if staging_rows < largest:  # checked where nothing is staged too: a config means the same everywhere
             raise L3TrainError(f"staging rows {staging_rows} cannot hold the {largest} rows of the largest token; "
                                f"use at least {largest}")
-        if device.type == "cpu" and all(isinstance(source, HostRows) for sources in tables for source in sources):
+        if device.type == "cpu" and in_place:
             for layer, layer_tables in zip(layers, tables):
-                layer.rows = HostRowTable(layer_tables)
-            return cls(device)
+                layer.rows = InPlaceRowTable(layer_tables, largest)
+            return cls(device, in_place=[layer.rows for layer in layers])
         counters = PrefetchCounters()
         backends = []
         for layer, layer_tables in zip(layers, tables):
@@ -258,7 +278,7 @@ class TablePlacement:
 
     def close(self) -> None:
         """Wait for staging in flight, stop the thread, close the table files."""
-        for backend in self.backends:
+        for backend in [*self.backends, *self.in_place]:
             backend.close()
         if self.prefetcher is not None:
             self.prefetcher.shutdown()

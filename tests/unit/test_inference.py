@@ -21,7 +21,8 @@ from l3train.errors import L3TrainError
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
 from l3train.inference.loading import load_for_generation
-from l3train.inference.placement import HostRowTable
+from l3train.inference.placement import InPlaceRowTable
+from l3train.inference.row_sources import DiskRows
 from l3train.inference.sampling import filter_logits
 from l3train.model.build import build_model
 from training_harness import REPO, tiny_l3_config
@@ -74,8 +75,11 @@ def step_logits(generator: Generator, config: InferenceConfig, prompts=PROMPTS) 
     return torch.stack([step.logits for step in generator.stream(prompts, config)])
 
 
-PLACEMENTS = [dict(placement="host", prefetch=True), dict(placement="host", prefetch=False),
-              dict(placement="disk", prefetch=True), dict(placement="disk", prefetch=False)]
+# A CPU model computes on host tables and mapped disk tables in place; with in_place=False it
+# stages their rows as a GPU model does (the staging path, exercised here on the CPU).
+PLACEMENTS = [dict(placement="host"), dict(placement="disk"),
+              *(dict(placement=where, prefetch=prefetch, in_place=False)
+                for where in ("host", "disk") for prefetch in (True, False))]
 
 
 @pytest.mark.parametrize("variant", ["checkpoint", "untied_checkpoint"])
@@ -88,8 +92,8 @@ def test_logits_are_bit_identical_across_placements_and_prefetch(variant, reques
         generator = generator_for(checkpoint, table_dir=str(tmp_path), **placement)
         assert torch.equal(step_logits(generator, sampling), expected), placement
         counters = generator.placement.counters
-        if placement["placement"] == "host":  # a CPU model computes on its host tables in place
-            assert all(isinstance(layer.rows, HostRowTable) for layer in generator.model.l3_layers())
+        if placement.get("in_place", True):
+            assert all(isinstance(layer.rows, InPlaceRowTable) for layer in generator.model.l3_layers())
             assert (counters.lookups, counters.bytes_moved) == (0, 0)
         else:
             assert (counters.lookups, counters.unannounced, counters.extra_chunks) == (12, 0, 0)
@@ -125,7 +129,8 @@ def test_a_step_larger_than_the_staging_buffer_runs_in_chunks(checkpoint, tmp_pa
     prompts = [np.argsort(rows)[-6:].tolist(), [1, 2]]  # the tokens with the most rows
     expected = step_logits(generator_for(checkpoint), sampling, prompts)
     largest = int(rows.max())
-    chunked = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), staging_rows=largest)
+    chunked = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), staging_rows=largest,
+                            in_place=False)
     # Equal up to rounding: the row attention batches the tokens' blocks differently per chunk.
     torch.testing.assert_close(step_logits(chunked, sampling, prompts), expected, atol=1e-6, rtol=1e-6)
     assert chunked.placement.counters.extra_chunks > 0
@@ -183,7 +188,7 @@ def test_stop_tokens_and_max_new_tokens(checkpoint):
 
 def test_a_forward_nobody_announced_never_reads_staged_rows(checkpoint, tmp_path):
     resident = generator_for(checkpoint)
-    staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
+    staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True, in_place=False)
     announced = staged.placement.start_step(torch.tensor([PROMPTS[0]]))  # rows of other ids are being staged
     other = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
@@ -208,7 +213,7 @@ def test_a_late_prefetch_is_waited_for_or_done_by_the_layer(checkpoint, tmp_path
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         expected = generator_for(checkpoint).model(ids).logits
-        staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
+        staged = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True, in_place=False)
         (backend,) = staged.placement.backends
         # Running late: the rows arrive half a second after the L³ block starts; the layer waits.
         gate = threading.Event()
@@ -232,7 +237,7 @@ def test_a_late_prefetch_is_waited_for_or_done_by_the_layer(checkpoint, tmp_path
 
 
 def test_prefetch_counts_the_bytes_of_each_steps_unique_tokens(checkpoint, tmp_path):
-    generator = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True)
+    generator = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path), prefetch=True, in_place=False)
     result = generator.generate(PROMPTS, InferenceConfig(max_new_tokens=3, temperature=0))
     rows = np.diff(open_checkpoint(checkpoint).tensor("lookups.0.lookup.bounds").numpy())
     fed = [sum(PROMPTS, [0])] + [step.tokens for step in result.steps[:-1]]  # the prefill has padding: id 0
@@ -253,6 +258,39 @@ def test_disk_tables_are_written_once_and_rewritten_when_stale(checkpoint, tmp_p
         handle.truncate(npy.stat().st_size - 4)
     generator_for(checkpoint, placement="disk", table_dir=str(tmp_path)).placement.close()
     assert np.array_equal(np.load(npy), table)
+
+
+def mapped_resident_kb(path: Path) -> int:
+    """kB of `path`'s memory maps in this process's resident set (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_mapped_disk_tables_leave_the_resident_set_past_the_budget(checkpoint, tmp_path, monkeypatch):
+    sampling = InferenceConfig(max_new_tokens=4, temperature=0)
+    generator = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path))
+    (npy,) = tmp_path.glob("*.npy")
+    step_logits(generator, sampling)
+    assert mapped_resident_kb(npy) > 0  # the rows the steps touched, mapped in from the page cache
+    monkeypatch.setattr("l3train.inference.placement.MAPPED_BYTES_BUDGET", 0)  # release after every forward
+    expected = step_logits(generator_for(checkpoint), sampling)
+    assert torch.equal(step_logits(generator, sampling), expected)
+    assert mapped_resident_kb(npy) == 0
+    generator.placement.close()
+
+
+def test_a_truncated_table_file_is_refused_before_it_is_mapped(tmp_path):
+    npy = tmp_path / "table.npy"
+    np.save(npy, np.ones((64, 8), dtype=np.float32))
+    with open(npy, "r+b") as handle:
+        handle.truncate(npy.stat().st_size - 4)
+    with pytest.raises(L3TrainError, match="truncated"):
+        DiskRows(npy).in_place()
 
 
 def test_filter_logits_keeps_the_top_k_and_the_nucleus():
