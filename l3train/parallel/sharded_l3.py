@@ -35,8 +35,11 @@ activations moved per layer per step instead of a 5.8 GB gradient all-reduce.
 
 Gradients: a shard's rows receive the gradient of every DP rank's loss (the positions
 came from all of them), i.e. Σ_r ∇L_r, whereas replicated parameters get DP's average
-(1/DP)·Σ_r ∇L_r. The tables are therefore scaled by 1/DP in backward, and they must not
-be all-reduced or partitioned over DP by ZeRO (their shapes even differ between ranks).
+(1/DP)·Σ_r ∇L_r. The tables' gradients are therefore scaled by 1/DP (`gradient_scale`),
+in place at the accumulation boundary together with the clipping coefficient
+(`ShardedRows.scale_gradients`): one pass over them per step, where scaling in backward
+cost a table-sized copy per micro-batch. They must not be all-reduced or partitioned over
+DP by ZeRO (their shapes even differ between ranks).
 So the sharded tables are not parameters of the layer at all: `shard_lookup_layer` swaps
 the layer's row backend for a `ShardedRowTable`, which keeps this rank's tables in a plain
 `RankLocalTables` holder (not a module), so no ZeRO stage, hook or checkpoint of the
@@ -59,7 +62,7 @@ from torch import Tensor, nn
 
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_rows
-from l3train.parallel.collectives import ReplicatedInput, ScaleGradient, SumOverGroup, exchange
+from l3train.parallel.collectives import ReplicatedInput, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.state import ParallelState
 
@@ -129,7 +132,7 @@ class ShardedRowTable(nn.Module):
         self.feature_width = local.keys.shape[1] + (local.keys if local.values is None else local.values).shape[1]
         # Layers of one shard plan and placement share a route.
         self.routing_key = ("rows sharded", plan.ownership_hash, routing.shard, routing.tp_size, self.feature_width)
-        # The rows' share of the replica average: 1/DP (see the module docstring).
+        # The rows' share of the replica average: 1/DP, applied by their optimizer (see the module docstring).
         self.gradient_scale = gradient_scale
 
     def tables(self) -> list[nn.Parameter]:
@@ -159,8 +162,8 @@ class ShardedRowTable(nn.Module):
     def forward(self, x: Tensor, route: ShardedRoute) -> tuple[Tensor, Tensor]:
         """Same contract as `LocalRowTable`, on this rank's own tables (`local_bounds`)."""
         group = self.routing
-        keys = ScaleGradient.apply(self.local.keys, self.gradient_scale)
-        values = keys if self.local.values is None else ScaleGradient.apply(self.local.values, self.gradient_scale)
+        keys = self.local.keys
+        values = keys if self.local.values is None else self.local.values
         if group.tp_size > 1:
             x = ReplicatedInput.apply(x, group.tp_group)
         remote_x = exchange(x[route.positions], route.send_counts, route.recv_counts, group.dp_group)

@@ -9,9 +9,11 @@ module DeepSpeed wraps; this module gives them what DeepSpeed gives the dense pa
 - their own `torch.optim.AdamW` (rows: the hyperparameters of the `l3_rows` group, l3.lr /
   l3.weight_decay; experts: those of the `dense` group) and the same warmup + cosine LambdaLR, stepped right
   after `engine.step()` at each accumulation boundary. Gradients accumulate correctly over
-  micro-batches because DeepSpeed's `engine.backward` scales the loss by 1/GAS, and the
-  lookups scale these tensors' gradients by 1/DP (the DP average); experts are then summed
-  over their expert-data-parallel copies (`prepare_gradients`);
+  micro-batches because DeepSpeed's `engine.backward` scales the loss by 1/GAS; the rows'
+  gradients are the sum over the DP ranks whose positions they served, scaled by 1/DP (the
+  DP average) at the boundary (`gradient_scale`, applied by `scale_gradients` in the same
+  pass as the clipping coefficient); experts are summed over their expert-data-parallel
+  copies (`prepare_gradients`) and scaled in their forward;
 - gradient clipping by the global norm of a single process, total² = dense² + Σ of every
   distinct rank-local gradient² (`squared_grad_norm` here; the clipping itself is the
   trainer's, l3train.trainer.clipping);
@@ -54,10 +56,13 @@ class RankLocalParameters(ABC):
 
     kind = ""
 
-    def __init__(self, params: list[nn.Parameter], group: str, cfg: Config, copies: int = 1) -> None:
-        """`group`: whose hyperparameters these tensors take (l3train.optim.group_hyperparameters)."""
+    def __init__(self, params: list[nn.Parameter], group: str, cfg: Config, copies: int = 1,
+                 gradient_scale: float = 1.0) -> None:
+        """`group`: whose hyperparameters these tensors take (l3train.optim.group_hyperparameters);
+        `gradient_scale`: what the accumulated gradients are multiplied by at the boundary."""
         self.params = params
         self.copies = copies  # ranks holding an identical copy of each gradient (counted once in the norm)
+        self.gradient_scale = gradient_scale
         # Fused like the dense optimizer (l3train.optim.build_optimizer): the same arithmetic as
         # the rows get in one process.
         self.optimizer = torch.optim.AdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}],
@@ -72,19 +77,23 @@ class RankLocalParameters(ABC):
                 param.grad = torch.zeros_like(param)
 
     def squared_grad_norm(self) -> torch.Tensor:
-        """This rank's share of the world's Σ of squared gradients (summed over all ranks, every
-        distinct gradient counts once)."""
+        """This rank's share of the world's Σ of squared gradients, with `gradient_scale` applied
+        (summed over all ranks, every distinct gradient counts once)."""
         total = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         for param in self.params:
             # Row norms, then their squares summed: one pass without a table-sized temporary,
             # as exact as square().sum() (a row's 128-odd products, then a cascade over rows).
             grad = param.grad.detach().float()
             total += torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).square().sum()
-        return total / self.copies
+        return total * self.gradient_scale ** 2 / self.copies
 
     def scale_gradients(self, coefficient: float) -> None:
-        for param in self.params:
-            param.grad.mul_(coefficient)
+        """At every accumulation boundary, after the norm: multiply the gradients by the
+        clipping coefficient (1 when not clipping) and `gradient_scale`, in place, one pass."""
+        factor = coefficient * self.gradient_scale
+        if factor != 1.0:
+            for param in self.params:
+                param.grad.mul_(factor)
 
     def step(self, skip: bool = False) -> None:
         """AdamW step (none when `skip`: the step's loss or gradient was not finite) and LR
@@ -135,7 +144,8 @@ class ShardedRows(RankLocalParameters):
 
     def __init__(self, backends: list[ShardedRowTable], plan: ShardPlan, cfg: Config) -> None:
         self.plan, self.shard = plan, backends[0].routing.shard
-        super().__init__([table for backend in backends for table in backend.tables()], "l3_rows", cfg)
+        super().__init__([table for backend in backends for table in backend.tables()], "l3_rows", cfg,
+                         gradient_scale=backends[0].gradient_scale)
 
     def layout(self) -> dict:
         return {"plan": self.plan.state_dict(), "shard": self.shard}

@@ -52,7 +52,7 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     each distinct gradient once). DeepSpeed multiplies the dense gradients by
     threshold / (dense + 1e-6) when that is < 1; with threshold = max_norm·(dense + 1e-6)/(total + 1e-6)
     this is the single-process coefficient max_norm / (total + 1e-6), which the rank-local
-    tensors get too. With `clip_dense` (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's
+    tensors get too (with their `gradient_scale`, in the same pass). With `clip_dense` (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's
     clipping is off) the dense gradients are multiplied by that coefficient here instead.
     """
     for part in rank_local:
@@ -63,13 +63,12 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
         local_squared += part.squared_grad_norm()
     dist.all_reduce(local_squared)
     total = (dense ** 2 + local_squared.item()) ** 0.5
+    coefficient = min(max_norm / (total + _CLIP_EPS), 1.0) if max_norm > 0 else 1.0
     if max_norm > 0:
-        coefficient = max_norm / (total + _CLIP_EPS)
         if not clip_dense:
             deepspeed_adapter.set_clip_threshold(engine, max_norm * (dense + _CLIP_EPS) / (total + _CLIP_EPS))
         elif coefficient < 1.0:
             scale_module_gradients(model, coefficient)
-        if coefficient < 1.0:
-            for part in rank_local:
-                part.scale_gradients(coefficient)
+    for part in rank_local:  # also without clipping: their `gradient_scale`
+        part.scale_gradients(coefficient)
     return total

@@ -170,6 +170,7 @@ def row_accumulation(tied: bool, world, parallel, log) -> dict:
     from l3train.parallel.collectives import ScaleGradient
     from l3train.parallel.shard_plan import plan_shards
     from l3train.parallel.sharded_l3 import shard_lookup_layer
+    from l3train.parallel.sharded_optim import ShardedRows
 
     layer, rows, frequencies = _lookup_layer(tied)
     full_keys, full_values = (t.detach().clone() for t in layer.rows.tables())
@@ -198,6 +199,8 @@ def row_accumulation(tied: bool, world, parallel, log) -> dict:
         old, _ = row_attention_with_entropy(flat_x.to(world.device), flat_ids.to(world.device), bounds, keys16,
                                             values16)
         old.backward(flat_grad.to(world.device))
+    # At the accumulation boundary the rows' optimizer applies their share of the DP average.
+    ShardedRows([backend], plan, _config(world.size, 0, max_norm=0.0)[0]).scale_gradients(1.0)
     tables = [(backend.local.keys, exact_keys, old_keys)]
     if not tied:
         tables.append((backend.local.values, exact_values, old_values))
