@@ -315,11 +315,13 @@ def test_generate_tool_streams_text_and_refuses_bad_input(checkpoint, tiny_corpu
     assert prompt[0] == tokenizer.eod_id and prompt[1:] == tokenizer.encode("Return the")
     expected = generator_for(checkpoint).generate([prompt], InferenceConfig(max_new_tokens=8, temperature=0,
                                                                             stop_tokens=(tokenizer.eod_id,)))
-    result = run_generate(str(checkpoint), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0",
-                          "--placement", "disk", "--table-dir", str(tmp_path), "--device", "cpu", "--stats")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == tokenizer.decode(prompt + expected.tokens[0]) + "\n"
-    assert "bytes_per_token=" in result.stderr
+    for staged in ([], ["--staged"]):  # disk tables mapped and computed on in place, or staged
+        result = run_generate(str(checkpoint), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature",
+                              "0", "--placement", "disk", "--table-dir", str(tmp_path), "--device", "cpu", "--stats",
+                              *staged)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == tokenizer.decode(prompt + expected.tokens[0]) + "\n"
+        assert ("bytes_moved=0 " in result.stderr) != bool(staged), result.stderr
     too_long = " ".join(["Return the value"] * 200)
     for args, message in [((str(tmp_path / "missing"), "--prompt", "x"), "not found"),
                           ((str(checkpoint), "--prompt", "x", "--top-p", "0"), "top-p"),
