@@ -1,7 +1,7 @@
 """Generation speed and memory of the table placements, side by side (tools/bench_inference.py).
 
-Speed: one process loads the model once per variant (resident; host; disk; disk staged,
-with and without prefetch), then generates with all of them at once, one decoding step
+Speed: one process loads the model once per variant (`variants`: on a CPU resident, host,
+disk, and disk staged with and without prefetch), then generates with all of them at once, one decoding step
 of each in turn (in a new random order every step), so that the machine's load drifts hit
 every variant alike; this is repeated `reps` times. Every variant draws the same tokens
 (sampling from a seed; the logits are bit-identical across placements), so they do the
@@ -43,16 +43,20 @@ from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
 from l3train.inference.loading import load_for_generation
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "resident": {"placement": "resident"},
-    # On a CPU model host and disk tables are computed on in place (disk: memory-mapped); on
-    # CUDA they are staged with prefetch. "staged" stages on the CPU too (InferenceConfig.in_place).
-    "host": {"placement": "host"},
-    "host, no prefetch": {"placement": "host", "prefetch": False},
-    "disk": {"placement": "disk"},
-    "disk, staged": {"placement": "disk", "in_place": False},
-    "disk, staged, no prefetch": {"placement": "disk", "in_place": False, "prefetch": False},
-}
+def variants(device: torch.device) -> dict[str, dict[str, Any]]:
+    """The placements timed on `device`, by name: InferenceConfig options. A CPU model computes
+    on host and disk tables in place (disk: memory-mapped; prefetch does not apply), and its
+    staged path, what a GPU model takes, is timed too; a CUDA model's host and disk rows are
+    always staged, with or without prefetch."""
+    if device.type == "cpu":
+        return {"resident": {"placement": "resident"}, "host": {"placement": "host"},
+                "disk": {"placement": "disk"}, "disk, staged": {"placement": "disk", "in_place": False},
+                "disk, staged, no prefetch": {"placement": "disk", "in_place": False, "prefetch": False}}
+    return {"resident": {"placement": "resident"}, "host": {"placement": "host"},
+            "host, no prefetch": {"placement": "host", "prefetch": False}, "disk": {"placement": "disk"},
+            "disk, no prefetch": {"placement": "disk", "prefetch": False}}
+
+
 MEMORY_PLACEMENTS = ("resident", "host", "disk")
 
 
@@ -150,12 +154,13 @@ def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int
     """Interleaved decode timings of every variant, per batch size, on `device` (on CUDA the
     host and disk placements stage rows through a pinned buffer)."""
     reader = open_checkpoint(checkpoint, verify=False)
+    timed = variants(device)
     generators = {}
-    for variant, options in VARIANTS.items():
+    for variant, options in timed.items():
         model, placement = load_for_generation(reader, InferenceConfig(**options, table_dir=str(table_dir)), device)
         generators[variant] = Generator(model, placement)
     _warm_page_cache(table_dir)
-    names = list(VARIANTS)
+    names = list(timed)
     results = []
     for batch in batches:
         prompts = bench_prompts(batch, reader.config.model.vocab_size)
@@ -185,7 +190,7 @@ def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int
             # includes staging the rows, the wait), is blocked on the prefetch (the wait, with
             # prefetch), or neither although it could run: other processes hold the core, or the
             # prefetch thread holds the GIL (off-CPU).
-            blocked = row["wait_ms_per_step"] if VARIANTS[name].get("prefetch", True) else 0.0
+            blocked = row["wait_ms_per_step"] if timed[name].get("prefetch", True) else 0.0
             row["off_cpu_ms_per_step"] = row["wall_ms_per_step"] - row["cpu_ms_per_step"] - blocked
             results.append(row)
             log(f"  batch {batch:>2}  {name:<26} {row['tokens_per_s']:8.1f} tok/s  {row['vs_resident']:5.2f}x resident"
