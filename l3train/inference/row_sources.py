@@ -37,7 +37,8 @@ from l3train.errors import L3TrainError
 
 
 class RowSource(Protocol):
-    """A table (rows × width) that copies ranges of rows into a host buffer."""
+    """A table (rows × width) that copies ranges of rows into a host buffer (staging), or gives
+    itself whole to compute on in place (a CPU model)."""
 
     num_rows: int
     width: int
