@@ -52,8 +52,9 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     each distinct gradient once). DeepSpeed multiplies the dense gradients by
     threshold / (dense + 1e-6) when that is < 1; with threshold = max_norm·(dense + 1e-6)/(total + 1e-6)
     this is the single-process coefficient max_norm / (total + 1e-6), which the rank-local
-    tensors get too (with their `gradient_scale`, in the same pass). With `clip_dense` (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's
-    clipping is off) the dense gradients are multiplied by that coefficient here instead.
+    tensors get too (with their `gradient_scale`, in the same pass). With `clip_dense`
+    (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's clipping is off) the dense gradients
+    are multiplied by that coefficient here instead.
     """
     for part in rank_local:
         part.prepare_gradients()
