@@ -14,10 +14,10 @@ layer stages its rows itself.
 On a CPU model nothing is staged: the row attention reads a token's rows in place
 wherever they lie (the CPU kernel, l3train.model.l3_cpu), so each layer computes on its
 host tables, or on a read-only memory map of its disk tables, directly (`InPlaceRowTable`),
-exactly as with resident tables; staging and prefetch exist to feed a GPU. A mapped disk
-table's pages are released from the process (`RowSource.release_pages`) whenever the bytes
-its layer may have touched since the last release pass `MAPPED_BYTES_BUDGET`, so the
-resident set stays bounded whatever the table's size.
+exactly as with resident tables; staging and prefetch exist to feed a GPU. The pages of
+mapped disk tables are released from the process (`RowSource.release_pages`) whenever the
+rows of the distinct tokens seen since the last release pass `MAPPED_BYTES_BUDGET`
+(`MappedPages`), so the resident set stays bounded whatever the tables' size.
 
 The staged rows belong to one step: `start_step` returns the ids tensor to give the model,
 and a layer uses the prefetched rows only when it is called with that very tensor (same
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from l3train.errors import L3TrainError
-from l3train.inference.row_sources import RowSource
+from l3train.inference.row_sources import DiskRows, RowSource
 from l3train.inference.staging import RequestChunk, RowStager, StagedChunk
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer
@@ -185,33 +185,66 @@ class StagedRowTable(nn.Module):
         return out, entropy
 
 
-MAPPED_BYTES_BUDGET = 256 << 20  # per layer: what its mapped disk tables may add to the resident set
+MAPPED_BYTES_BUDGET = 512 << 20  # what a model's memory-mapped disk tables may add to its resident set
+
+
+class MappedPages:
+    """Keeps the pages that a CPU model's memory-mapped disk tables add to its resident set
+    under `MAPPED_BYTES_BUDGET`, for all its L³ layers together (they share the allocation,
+    so a step touches the same rows of each). Each forward's token ids are recorded; an
+    upper bound (positions × the largest token's rows) costs nothing per step, and only when
+    it passes the budget are the distinct tokens since the last release counted exactly. Only
+    if those pass it too are the maps' pages released (`RowSource.release_pages`), so a hot
+    set of tokens below the budget stays mapped however long the generation."""
+
+    def __init__(self, sources: list[DiskRows], bounds: np.ndarray) -> None:
+        self.sources, self.bounds = sources, bounds
+        self.row_bytes = sum(source.row_bytes for source in sources)  # one row of every mapped table
+        self.largest = int(np.diff(bounds).max())
+        self.recorded: list[np.ndarray] = []  # token ids since the last release
+        self.upper_bound = 0  # ≥ the bytes they map
+        self.releases = 0
+
+    def record(self, token_ids: Tensor) -> None:
+        """The token ids of the forward about to run (a CPU tensor)."""
+        if not self.sources:
+            return
+        ids = token_ids.reshape(-1).numpy().copy()  # the caller may reuse the tensor
+        self.recorded.append(ids)
+        self.upper_bound += ids.size * self.largest * self.row_bytes
+        if self.upper_bound <= MAPPED_BYTES_BUDGET:
+            return
+        tokens = np.unique(np.concatenate(self.recorded))
+        if self._bytes(tokens) > MAPPED_BYTES_BUDGET:
+            for source in self.sources:
+                source.release_pages()
+            self.releases += 1
+            tokens = np.unique(ids)  # what this forward maps in again
+        self.recorded, self.upper_bound = [tokens], self._bytes(tokens)
+
+    def _bytes(self, tokens: np.ndarray) -> int:
+        return int((self.bounds[tokens + 1] - self.bounds[tokens]).sum()) * self.row_bytes
 
 
 class InPlaceRowTable(nn.Module):
     """A CPU model's row backend over host or disk tables, computed on in place (no staging):
-    the key table, and the value table when untied."""
+    the key table, and the value table when untied. `pages` bounds what mapped disk tables
+    add to the resident set (shared by the model's layers)."""
 
-    def __init__(self, sources: list[RowSource], largest_token_rows: int) -> None:
+    def __init__(self, sources: list[RowSource], pages: MappedPages) -> None:
         super().__init__()
-        self.sources = sources
+        self.sources, self.pages = sources, pages
         tables = [source.in_place() for source in sources]
         self.keys, self.values = tables[0], tables[-1]  # the same tensor when tied
         self.routing_key = ("in-place rows", self.keys.shape[1] + self.values.shape[1])
-        # An upper bound on the bytes one position can touch, so that counting costs nothing.
-        self.bytes_per_position = largest_token_rows * sum(table[0].nbytes for table in tables)
-        self.bytes_since_release = 0
 
     def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
+        """Once per forward for the layers that share it (l3train.model.l3_layer.LookupRoutes)."""
+        self.pages.record(token_ids)
         return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.keys.dtype)
 
     def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
         out, entropy = attend(x.to(self.keys.dtype), self.keys, self.values, route)
-        self.bytes_since_release += x.shape[0] * self.bytes_per_position
-        if self.bytes_since_release > MAPPED_BYTES_BUDGET:
-            for source in self.sources:
-                source.release_pages()
-            self.bytes_since_release = 0
         return out.to(x.dtype), entropy
 
     def close(self) -> None:
@@ -256,8 +289,10 @@ class TablePlacement:
             raise L3TrainError(f"staging rows {staging_rows} cannot hold the {largest} rows of the largest token; "
                                f"use at least {largest}")
         if device.type == "cpu" and in_place:
+            pages = MappedPages([source for sources in tables for source in sources if isinstance(source, DiskRows)],
+                                bounds)
             for layer, layer_tables in zip(layers, tables):
-                layer.rows = InPlaceRowTable(layer_tables, largest)
+                layer.rows = InPlaceRowTable(layer_tables, pages)
             return cls(device, in_place=[layer.rows for layer in layers])
         counters = PrefetchCounters()
         backends = []

@@ -21,7 +21,7 @@ from l3train.errors import L3TrainError
 from l3train.inference.config import InferenceConfig
 from l3train.inference.engine import Generator
 from l3train.inference.loading import load_for_generation
-from l3train.inference.placement import InPlaceRowTable
+from l3train.inference.placement import InPlaceRowTable, MappedPages
 from l3train.inference.row_sources import DiskRows
 from l3train.inference.sampling import filter_logits
 from l3train.model.build import build_model
@@ -271,16 +271,39 @@ def mapped_resident_kb(path: Path) -> int:
     return total
 
 
-def test_mapped_disk_tables_leave_the_resident_set_past_the_budget(checkpoint, tmp_path, monkeypatch):
+def test_mapped_pages_keep_a_hot_set_and_release_past_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr("l3train.inference.placement.MAPPED_BYTES_BUDGET", 2 << 20)
+    npy = tmp_path / "table.npy"  # 256 tokens × 64 rows of 1 KiB: 16 MiB
+    np.save(npy, np.random.default_rng(0).standard_normal((256 * 64, 256), dtype=np.float32))
+    rows = DiskRows(npy)
+    table, pages = rows.in_place(), MappedPages([rows], np.arange(257) * 64)
+
+    def forward(tokens: list[int]) -> None:  # what the kernel reads: every row of each token
+        pages.record(torch.tensor(tokens))
+        for token in tokens:
+            float(table[token * 64:(token + 1) * 64].sum())
+
+    for _ in range(40):  # a hot set of 8 tokens (512 KiB) stays mapped: never released
+        forward(list(range(8)))
+    assert pages.releases == 0 and mapped_resident_kb(npy) >= 512
+    for first in range(8, 256, 8):  # a sweep over all 16 MiB
+        forward(list(range(first, first + 8)))
+    # Without releases the sweep would leave all 16 MiB mapped; with them, at most the budget
+    # plus the pages the kernel's fault-around maps beside the touched ones.
+    assert pages.releases >= 6 and mapped_resident_kb(npy) <= 4 << 10
+    rows.close()
+
+
+def test_generation_records_each_forward_for_the_mapped_pages(checkpoint, tmp_path, monkeypatch):
     sampling = InferenceConfig(max_new_tokens=4, temperature=0)
     generator = generator_for(checkpoint, placement="disk", table_dir=str(tmp_path))
+    (pages,) = {id(layer.rows.pages): layer.rows.pages for layer in generator.model.l3_layers()}.values()
     (npy,) = tmp_path.glob("*.npy")
     step_logits(generator, sampling)
-    assert mapped_resident_kb(npy) > 0  # the rows the steps touched, mapped in from the page cache
-    monkeypatch.setattr("l3train.inference.placement.MAPPED_BYTES_BUDGET", 0)  # release after every forward
-    expected = step_logits(generator_for(checkpoint), sampling)
-    assert torch.equal(step_logits(generator, sampling), expected)
-    assert mapped_resident_kb(npy) == 0
+    assert pages.releases == 0 and mapped_resident_kb(npy) > 0  # the test model's tables are far below the budget
+    monkeypatch.setattr("l3train.inference.placement.MAPPED_BYTES_BUDGET", 0)  # release before every forward
+    assert torch.equal(step_logits(generator, sampling), step_logits(generator_for(checkpoint), sampling))
+    assert pages.releases == 4  # the prefill and 3 decode steps, once for both layers
     generator.placement.close()
 
 
