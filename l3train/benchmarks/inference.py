@@ -1,8 +1,8 @@
 """Generation speed and memory of the table placements, side by side (tools/bench_inference.py).
 
 Speed: one process loads the model once per variant (`variants`: on a CPU resident, host,
-disk, and disk staged with and without prefetch), then generates with all of them at once, one decoding step
-of each in turn (in a new random order every step), so that the machine's load drifts hit
+disk, and disk staged with and without prefetch), then generates with all of them at once,
+one decoding step of each in turn (in a new random order every step), so that the machine's load drifts hit
 every variant alike; this is repeated `reps` times. Every variant draws the same tokens
 (sampling from a seed; the logits are bit-identical across placements), so they do the
 same work. Reported: decode tokens/s (after the prefill), the median over repetitions,
@@ -193,7 +193,8 @@ def bench_speed(checkpoint: Path, table_dir: Path, batches: list[int], reps: int
             blocked = row["wait_ms_per_step"] if timed[name].get("prefetch", True) else 0.0
             row["off_cpu_ms_per_step"] = row["wall_ms_per_step"] - row["cpu_ms_per_step"] - blocked
             results.append(row)
-            log(f"  batch {batch:>2}  {name:<26} {row['tokens_per_s']:8.1f} tok/s  {row['vs_resident']:5.2f}x resident"
+            log(f"  batch {batch:>2}  {name:<26} {row['tokens_per_s']:8.1f} tok/s"
+                f"  {row['vs_resident']:5.2f}x resident"
                 f"  {row['bytes_per_token'] / 1024:7.1f} KiB/token  stalls/lookup {row['stalls_per_lookup']:.2f}"
                 f"  ms/step: wall {row['wall_ms_per_step']:.2f}, CPU {row['cpu_ms_per_step']:.2f},"
                 f" wait {row['wait_ms_per_step']:.2f}, off-CPU {row['off_cpu_ms_per_step']:.2f}")

@@ -15,7 +15,7 @@ On a CPU model nothing is staged: the row attention reads a token's rows in plac
 wherever they lie (the CPU kernel, l3train.model.l3_cpu), so each layer computes on its
 host tables, or on a read-only memory map of its disk tables, directly (`InPlaceRowTable`),
 exactly as with resident tables; staging and prefetch exist to feed a GPU. The pages of
-mapped disk tables are released from the process (`RowSource.release_pages`) whenever the
+mapped disk tables are released from the process (`DiskRows.release_pages`) whenever the
 rows of the distinct tokens seen since the last release pass `MAPPED_BYTES_BUDGET`
 (`MappedPages`), so the resident set stays bounded whatever the tables' size.
 
@@ -194,7 +194,7 @@ class MappedPages:
     so a step touches the same rows of each). Each forward's token ids are recorded; an
     upper bound (positions × the largest token's rows) costs nothing per step, and only when
     it passes the budget are the distinct tokens since the last release counted exactly. Only
-    if those pass it too are the maps' pages released (`RowSource.release_pages`), so a hot
+    if those pass it too are the maps' pages released (`DiskRows.release_pages`), so a hot
     set of tokens below the budget stays mapped however long the generation."""
 
     def __init__(self, sources: list[DiskRows], bounds: np.ndarray) -> None:

@@ -13,10 +13,10 @@ lie, so each source also gives its whole table as a CPU tensor to compute on in 
 file. The map's pages are the kernel's page cache (the same pages a positional read
 copies from), but a page that was touched through the map stays in the process's
 resident set until it is released, so over a long generation the map of a table larger
-than RAM would account for every token ever seen. `release_pages` drops them from the
-process (not from the page cache: the next touch maps them again without reading the
-disk), and the in-place backend calls it whenever the bytes it may have touched since the
-last release pass a budget (l3train.inference.placement), which bounds the resident set.
+than RAM would account for every token ever seen. `DiskRows.release_pages` drops them from
+the process (not from the page cache: the next touch maps them again without reading the
+disk); `MappedPages` (l3train.inference.placement) calls it when the rows of the distinct
+tokens seen since the last release pass a budget, which bounds the resident set.
 The kernel runs without the GIL (ctypes), so its page faults do not stall other threads.
 The file is a standard .npy, so `np.load(path, mmap_mode="r")` also opens it.
 """
@@ -52,10 +52,6 @@ class RowSource(Protocol):
         """The whole table as a CPU tensor that a CPU model computes on without copying rows."""
         ...
 
-    def release_pages(self) -> None:
-        """Drop from the process's resident set what `in_place` mapped in (if anything)."""
-        ...
-
     def close(self) -> None: ...
 
 
@@ -75,9 +71,6 @@ class HostRows:
 
     def in_place(self) -> torch.Tensor:
         return self.table
-
-    def release_pages(self) -> None:
-        """Nothing to release: the table is the process's own memory."""
 
     def close(self) -> None:
         """Nothing to close: the table goes with this object."""
@@ -124,6 +117,7 @@ class DiskRows:
         return flat.view(self.num_rows, self.width)
 
     def release_pages(self) -> None:
+        """Drop from the process's resident set the pages `in_place`'s map holds."""
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED)
 
