@@ -8,7 +8,9 @@
    the device's peak is known: a GPU in l3train/trainer/throughput.py's table, or a
    `training.peak_tflops=...` override; never on CPU without one) and peak memory.
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
-   2 ranks, from `training.profile_steps`: the next optimisation target.
+   2 ranks, from `training.profile_steps`: the next optimisation target; and what the
+   sharded rows' exchanges cost at the L³ config's sizes (`l3train.benchmarks.exchange`):
+   each collective with the ranks aligned, and whether an exchange overlaps computation.
 3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
    paper's loop on ≥ 5M tokens; the CPU kernel, the sorted torch path and the padded
    baseline, L³ forward+backward time, peak memory and useful FLOP/s ÷ a dense matmul's;
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from l3train.benchmarks.core import machine
+from l3train.benchmarks.exchange import measure_exchanges, report_lines
 from l3train.benchmarks.training import (UNITS_HEADER, measure_throughput, profile_phases, report_text, units_rows,
                                           write_report)
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
@@ -64,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", default=DENSE, help=f"its iso-FLOP dense config (default {DENSE})")
     parser.add_argument("--moe", default=MOE, help=f"its iso-sparse MoE config (default {MOE})")
     parser.add_argument("--steps", type=int, default=25, help="steps per run (the first 3 are warm-up)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per model")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved repetitions per model (default 5: on a shared machine one repetition "
+                             "in several can be 10-20%% off)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to measure")
     parser.add_argument("--data-prefix", default=DATA_PREFIX, help="indexed dataset for the core benchmarks")
     parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
@@ -101,11 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
     phase_line = ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())
     print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}")
+    exchanges = []
+    if nproc > 1:
+        figures["exchanges"] = measure_exchanges(args.l3, nproc)
+        exchanges = report_lines(figures["exchanges"])
+        print("\n".join(exchanges))
     core = [] if args.skip_core else core_lines(args)
     figures["core"] = core
     print("\n".join(core))
 
-    write_report(args.output, report_text(figures["machine"], args, table, units, nproc, phases, core))
+    write_report(args.output, report_text(figures["machine"], args, table, units, nproc, phases, exchanges,
+                                              core))
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=1))
     print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))

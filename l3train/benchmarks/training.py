@@ -136,8 +136,9 @@ KEEP_MARKER = "<!-- the sections below are not written by tools/bench.py: it kee
 
 
 def report_text(machine_line: str, args, table: list[str], units: list[str], nproc: int,
-                phases: dict[str, float], core: list[str]) -> str:
-    """tools/bench.py's markdown report (`args`: its parsed arguments)."""
+                phases: dict[str, float], exchanges: list[str], core: list[str]) -> str:
+    """tools/bench.py's markdown report (`args`: its parsed arguments; `exchanges`: the lines of
+    l3train.benchmarks.exchange.report_lines, empty at one rank)."""
     report = [
         "# Benchmarks", "",
         "Written by `tools/bench.py`; every figure of one table was measured in the same run, models",
@@ -156,6 +157,8 @@ def report_text(machine_line: str, args, table: list[str], units: list[str], npr
         "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",
         "`all_to_all` is part of forward and backward.", "",
     ]
+    if exchanges:
+        report += [f"## The sharded rows' exchanges ({nproc} ranks, {args.l3}'s sizes, rank 0)", "", *exchanges, ""]
     if core:
         report += ["## Core library", "", "```", *core, "```", ""]
     return "\n".join(report)

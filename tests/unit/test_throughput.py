@@ -240,3 +240,20 @@ def test_benchmark_report_keeps_the_sections_below_its_marker(tmp_path):
     path.write_text(path.read_text() + "\n" + KEEP_MARKER + "\n\n## by hand\nkept\n")
     write_report(path, "# second\n")
     assert path.read_text() == "# second\n\n" + KEEP_MARKER + "\n\n## by hand\nkept\n"
+
+
+def test_exchange_benchmark_sizes_are_the_sharded_layers_hand_count():
+    from l3train.benchmarks.exchange import exchange_sizes, floor_ms_per_micro_batch
+    from l3train.config import load_config
+
+    # tiny_l3 on 2 ranks: 16 sequences of 128 tokens per step → 8 per rank, 1,024 positions,
+    # half of them served by the other rank; d_model 128, d_emb 128 (+ the entropy column).
+    positions, sizes = exchange_sizes(load_config("configs/tiny_l3.yaml", []), 2)
+    assert positions == 1024
+    assert sizes == {"route sizes": {"rows": 1, "bytes": 8}, "route token ids": {"rows": 512, "bytes": 4096},
+                     "positions out": {"rows": 512, "bytes": 512 * 128 * 4},
+                     "outputs back": {"rows": 512, "bytes": 512 * 129 * 4}}
+    figures = {"l3_layers": 2, "collectives": {name: {"median_ms": ms} for name, ms in
+                                               zip(sizes, (0.1, 0.2, 0.5, 0.7))}}
+    # The route once; per layer positions out and outputs back, forward and backward.
+    assert floor_ms_per_micro_batch(figures) == pytest.approx(0.1 + 0.2 + 2 * 2 * (0.5 + 0.7))
