@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,22 +136,13 @@ def floor_ms_per_micro_batch(figures: dict) -> float:
 
 def measure_exchanges(config: str, nproc: int, iterations: int = 200, compute_ms: float = 1.0) -> dict:
     """Launch `nproc` local ranks (torchrun, one thread each on CPU) and return rank 0's figures."""
-    from l3train.distributed import free_port
-    from l3train.errors import L3TrainError
+    from l3train.benchmarks.training import run_local_ranks
 
     with tempfile.TemporaryDirectory(prefix="l3train-exchange-") as scratch:
         out = Path(scratch) / "figures.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), "-m", "l3train.benchmarks.exchange",
-                   "--config", config, "--iterations", str(iterations), "--compute-ms", str(compute_ms),
-                   "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                               str(max(1, (os.cpu_count() or 1) // nproc)))}
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            print(result.stderr[-4000:], file=sys.stderr)
-            raise L3TrainError(f"exchange benchmark on {nproc} ranks failed: "
-                               f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        run_local_ranks("l3train.benchmarks.exchange", ["--config", config, "--iterations", str(iterations),
+                                                        "--compute-ms", str(compute_ms), "--out", str(out)],
+                        nproc, f"exchange benchmark on {nproc} ranks")
         return json.loads(out.read_text())
 
 

@@ -29,19 +29,25 @@ from l3train.errors import L3TrainError
 WARMUP_STEPS = 3
 
 
-def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:
-    """Train `config` on `nproc` local ranks into `run_dir`; returns `run_dir`."""
+def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) -> None:
+    """`python -m module arguments` on `nproc` local ranks (torchrun when more than one), the
+    cores split between them (OMP_NUM_THREADS unless set); on failure its stderr's tail is
+    printed and one line names `what` failed."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                      "--master_port", str(free_port())]
-    command = [*launcher, "-m", "l3train.train", "--config", config, f"run_dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run([*launcher, "-m", module, *arguments], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)  # the cause, for a log
-        raise L3TrainError(f"benchmark run of {config} on {nproc} rank(s) failed: "
-                           f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise L3TrainError(f"{what} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:
+    """Train `config` on `nproc` local ranks into `run_dir`; returns `run_dir`."""
+    run_local_ranks("l3train.train", ["--config", config, f"run_dir={run_dir}", *overrides], nproc,
+                    f"benchmark run of {config} on {nproc} rank(s)")
     return run_dir
 
 
