@@ -19,7 +19,7 @@
 Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
 default docs/benchmarks.md). The defaults use the quick start's data and configs:
 
-    python tools/bench.py                                   # ~10 min on 2 cores
+    python tools/bench.py                                   # ~8 min on 2 cores
     python tools/bench.py --repeats 1 --steps 12 --skip-core  # a quick look
     python tools/bench.py --ranks 1 --skip-core parallel.zero_stage=0 --output /tmp/zero0.md
 """
