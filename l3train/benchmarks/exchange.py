@@ -11,8 +11,9 @@ does on average):
   the exchanges cost per step, before any waiting for a slower rank;
 - whether an exchange overlaps with computation: the positions' all-to-all started
   asynchronously while this rank runs `compute_ms` of matrix products, against the same
-  all-to-all followed by the same work. The overlap pays only where the transport has
-  cores of its own; ranks that share cores with their collectives' threads gain nothing.
+  all-to-all followed by the same work. The overlap pays where the transport has cores of
+  its own; ranks that share their cores with the collectives' threads gain little (on 2
+  cores, 0.1-0.3 ms of an exchange's 0.5 ms: docs/benchmarks.md).
 
     torchrun --nproc_per_node 2 -m l3train.benchmarks.exchange --config configs/tiny_l3.yaml --out figures.json
 
