@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,15 +65,13 @@ def _timed(run: Callable[[], None], iterations: int, synchronize: Callable[[], N
     return statistics.median(times) * 1e3
 
 
-def measure_on_world(config: str, iterations: int, compute_ms: float) -> dict:
-    """This rank's figures (call on every rank of an initialised process group)."""
+def measure_on_world(cfg, iterations: int, compute_ms: float) -> dict:
+    """This rank's figures for config `cfg` (call on every rank of an initialised process group)."""
     import torch
     import torch.distributed as dist
 
-    from l3train.config import load_config
     from l3train.parallel.collectives import exchange
 
-    cfg = load_config(config, [])
     world, rank = dist.get_world_size(), dist.get_rank()
     positions, sizes = exchange_sizes(cfg, world)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -166,16 +163,23 @@ def report_lines(figures: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    parser = argparse.ArgumentParser(prog="python -m l3train.benchmarks.exchange", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from l3train.config import load_config
+    from l3train.errors import CliArgumentParser, L3TrainError
+
+    parser = CliArgumentParser(prog="python -m l3train.benchmarks.exchange", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--compute-ms", type=float, default=1.0)
     parser.add_argument("--out", type=Path, required=True, help="rank 0 writes its figures here (JSON)")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, [])
+    if not cfg.l3.after_blocks or not cfg.parallel.shard_l3_rows:
+        raise L3TrainError(f"{args.config} has no sharded L³ rows (l3.after_blocks is empty or "
+                           f"parallel.shard_l3_rows=false): it makes none of these exchanges; pass an L³ config")
     dist.init_process_group("nccl" if _cuda() else "gloo")
     try:
-        figures = measure_on_world(args.config, args.iterations, args.compute_ms)
+        figures = measure_on_world(cfg, args.iterations, args.compute_ms)
         if figures["rank"] == 0:
             from l3train.utils.atomic import atomic_write_text
 
@@ -195,4 +199,6 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from l3train.errors import run_cli
+
+    run_cli(main)

@@ -41,7 +41,10 @@ def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) ->
     result = subprocess.run([*launcher, "-m", module, *arguments], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)  # the cause, for a log
-        raise L3TrainError(f"{what} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        # A rank's own one-line error, not torchrun's summary of the failed children after it.
+        cause = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
+        raise L3TrainError(f"{what} failed: {cause.removeprefix('error: ')}")
 
 
 def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:

@@ -18,3 +18,13 @@ def test_exchange_benchmark_measures_every_collective_on_two_ranks():
     lines = report_lines(figures)
     assert lines[0].startswith("| collective |") and len(lines) == 2 + len(sizes) + 2
     assert "10 collectives per micro-batch" in lines[-1]
+
+
+def test_exchange_benchmark_refuses_a_config_without_sharded_rows():
+    import pytest
+
+    from l3train.benchmarks.exchange import measure_exchanges
+    from l3train.errors import L3TrainError
+
+    with pytest.raises(L3TrainError, match="configs/tiny_dense.yaml has no sharded L³ rows.*pass an L³ config"):
+        measure_exchanges("configs/tiny_dense.yaml", 2, iterations=1)
