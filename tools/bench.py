@@ -2,8 +2,9 @@
 """The benchmark suite: every figure a ratio measured side by side in one run.
 
 1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE
-   (the real trainer, same batch, precision and threads; interleaved repetitions), on 1
-   rank and on 2 ranks (sharded L³ rows, experts replicated); and each model in peers'
+   (the real trainer, same batch, precision and threads; every model's ranks alive, the
+   models taking turns of a few steps: l3train.benchmarks.turns), on 1 rank and on 2 ranks
+   (sharded L³ rows, experts replicated); and each model in peers'
    units, from its metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless
    the device's peak is known: a GPU in l3train/trainer/throughput.py's table, or a
    `training.peak_tflops=...` override; never on CPU without one) and peak memory.
@@ -19,8 +20,8 @@
 Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
 default docs/benchmarks.md). The defaults use the quick start's data and configs:
 
-    python tools/bench.py                                   # ~8 min on 2 cores
-    python tools/bench.py --repeats 1 --steps 12 --skip-core  # a quick look
+    python tools/bench.py                                   # ~6 min on 2 cores
+    python tools/bench.py --turns 2 --skip-core             # a quick look
     python tools/bench.py --ranks 1 --skip-core parallel.zero_stage=0 --output /tmp/zero0.md
 """
 
@@ -34,8 +35,8 @@ import numpy as np
 
 from l3train.benchmarks.core import machine
 from l3train.benchmarks.exchange import measure_exchanges, report_lines
-from l3train.benchmarks.training import (UNITS_HEADER, measure_throughput, profile_phases, report_text, units_rows,
-                                          write_report)
+from l3train.benchmarks.training import (PROFILED_STEPS, UNITS_HEADER, measure_throughput, profile_phases,
+                                          report_text, units_rows, write_report)
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
 
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--l3", default=L3, help=f"L³ config (default {L3})")
     parser.add_argument("--dense", default=DENSE, help=f"its iso-FLOP dense config (default {DENSE})")
     parser.add_argument("--moe", default=MOE, help=f"its iso-sparse MoE config (default {MOE})")
-    parser.add_argument("--steps", type=int, default=25, help="steps per run (the first 3 are warm-up)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved repetitions per model (default 5: on a shared machine one repetition "
-                             "in several can be 10-20%% off)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="steps per turn (default 5; the first of each turn is not counted)")
+    parser.add_argument("--turns", type=int, default=6,
+                        help="turns per model, after 3 warm-up steps each (default 6)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to measure")
     parser.add_argument("--data-prefix", default=DATA_PREFIX, help="indexed dataset for the core benchmarks")
     parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
@@ -78,18 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for every model, e.g. parallel.zero_stage=0")
     args = parser.parse_args(argv)
-    if args.steps <= 4 or args.repeats < 1:
-        raise L3TrainError(f"--steps must be > 4 (3 are warm-up) and --repeats >= 1, got {args.steps}, {args.repeats}")
+    if args.steps < 2 or args.turns < 1:
+        raise L3TrainError(f"--steps must be >= 2 (the first of a turn is not counted) and --turns >= 1, "
+                           f"got {args.steps}, {args.turns}")
     for path in (args.l3, args.dense, args.moe):
         if not Path(path).is_file():
             raise L3TrainError(f"config {path} not found")
 
-    figures: dict = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "training": {}}
+    figures: dict = {"machine": machine(), "steps_per_turn": args.steps, "turns": args.turns, "training": {}}
     table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]
     units = list(UNITS_HEADER)
     for nproc in args.ranks:
-        print(f"training throughput on {nproc} rank(s), {args.repeats} interleaved repetitions")
-        l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.repeats,
+        print(f"training throughput on {nproc} rank(s), {args.turns} turns of {args.steps} steps per model")
+        l3, dense, moe = measure_throughput([args.l3, args.dense, args.moe], nproc, args.steps, args.turns,
                                              args.overrides)
         ratios = {"l3_over_dense": [a / b for a, b in zip(l3.tokens_per_s, dense.tokens_per_s)],
                   "l3_over_moe": [a / b for a, b in zip(l3.tokens_per_s, moe.tokens_per_s)]}
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         units += units_rows(nproc, {"L³": l3, "dense": dense, "MoE": moe})
         print("\n".join(units[-3:]))
     nproc = max(args.ranks)
-    phases = profile_phases(args.l3, nproc, args.steps, args.overrides)
+    phases = profile_phases(args.l3, nproc, PROFILED_STEPS, args.overrides)
     figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
     phase_line = ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())
     print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}")

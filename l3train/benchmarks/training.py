@@ -1,25 +1,26 @@
-"""Training throughput of whole models side by side: the real trainer, interleaved repetitions.
+"""Training throughput of whole models side by side: the real trainer, models taking turns.
 
-Each measurement is one run of `python -m l3train.train` (torchrun for several ranks) for a
-few steps in a scratch run directory, with one log line per step; its figures are the medians
-over the steps after a warm-up of what metrics.jsonl logs: tokens/s (in all and per device),
-model TFLOP/s per device and MFU (where the run knows the device's peak: a GPU in
-l3train/trainer/throughput.py's table, or a `training.peak_tflops=` override), and the
-run's peak memory. Models are run in turn, repetition after
-repetition (A B C A B C ...), so a slow phase of a shared machine hits every model alike,
-and each model's figure is the median over repetitions. A separate profiled run of the
+Every model's ranks stay alive for the whole measurement and the models take turns of a few
+steps (l3train.benchmarks.turns says why: a shared machine's speed drifts within seconds).
+Each model logs every step to its own metrics.jsonl, as training does; a turn's figures are
+the medians over its steps but the first (which finds the caches holding the other model's
+data) of what that file logs: tokens/s (in all and per device), model TFLOP/s per device and
+MFU (where the run knows the device's peak: a GPU in l3train/trainer/throughput.py's table,
+or a `training.peak_tflops=` override), and the peak memory. A model's figure is the median
+over turns, and a ratio the median of the per-turn ratios. A separate profiled run of the
 first model gives its step time per phase (`training.profile_steps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from l3train.distributed import free_port
 from l3train.errors import L3TrainError
 
 WARMUP_STEPS = 3
+PROFILED_STEPS = 25  # steps of the profiled run; those after the warm-up are profiled
 
 
 def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) -> None:
@@ -63,13 +65,15 @@ def tokens_per_second(run_dir: Path) -> float:
 FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_memory_gib")
 
 
-def run_figures(run_dir: Path) -> dict[str, float | None]:
-    """A run's `FIGURES` from its metrics.jsonl (None for one it did not log: mfu without a
-    peak, the other figures in runs of an older l3train)."""
+def run_figures(run_dir: Path, steps: Container[int] | None = None) -> dict[str, float | None]:
+    """A run's `FIGURES` from its metrics.jsonl over the logged `steps` (default: those after the
+    warm-up); None for one it did not log (mfu without a peak, the other figures in runs of an
+    older l3train)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     figures: dict[str, float | None] = {}
     for key in FIGURES:
-        values = [row[f"train/{key}"] for row in rows if f"train/{key}" in row and row["step"] > WARMUP_STEPS]
+        values = [row[f"train/{key}"] for row in rows if f"train/{key}" in row
+                  and (row["step"] in steps if steps is not None else row["step"] > WARMUP_STEPS)]
         summary = max if key == "peak_memory_gib" else statistics.median
         figures[key] = summary(values) if values else None
     return figures
@@ -79,8 +83,8 @@ def run_figures(run_dir: Path) -> dict[str, float | None]:
 class Throughput:
     config: str
     nproc: int
-    tokens_per_s: list[float] = field(default_factory=list)  # one median per repetition
-    runs: list[dict[str, float | None]] = field(default_factory=list)  # run_figures of each repetition
+    tokens_per_s: list[float] = field(default_factory=list)  # one median per turn
+    runs: list[dict[str, float | None]] = field(default_factory=list)  # run_figures of each turn
 
     @property
     def median(self) -> float:
@@ -92,22 +96,36 @@ class Throughput:
         return None if not values or None in values else statistics.median(values)
 
 
-def measure_throughput(configs: list[str], nproc: int, steps: int, repeats: int, overrides: list[str],
+def measure_throughput(configs: list[str], nproc: int, steps_per_turn: int, turns: int, overrides: list[str],
                        log: Callable[[str], None] = print) -> list[Throughput]:
-    """Tokens/s (and the other `FIGURES`) of each config on `nproc` ranks, interleaved over
-    `repeats` repetitions."""
+    """Tokens/s (and the other `FIGURES`) of each config on `nproc` ranks: after `WARMUP_STEPS`
+    each, the models take `turns` turns of `steps_per_turn` steps (A B C A B C ...)."""
+    from l3train.benchmarks.turns import ModelRanks
+
+    if steps_per_turn < 2 or turns < 1:
+        raise L3TrainError(f"need at least 2 steps per turn (the first is not counted) and 1 turn, "
+                           f"got {steps_per_turn} and {turns}")
     results = [Throughput(config, nproc) for config in configs]
-    common = [f"training.steps={steps}", "training.log_interval=1", f"training.eval_interval={steps + 1}",
-              f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1", *overrides]
-    with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
-        for repeat in range(repeats):
-            for index, result in enumerate(results):
-                run_dir = Path(scratch) / f"r{repeat}_m{index}"
-                run_trainer(result.config, nproc, run_dir, common)
-                result.runs.append(run_figures(run_dir))
+    total = WARMUP_STEPS + turns * steps_per_turn
+    common = [f"training.steps={total}", "training.log_interval=1", "optimizer.warmup_steps=1", *overrides]
+    with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch, contextlib.ExitStack() as stack:
+        models = [stack.enter_context(ModelRanks(config, nproc, Path(scratch) / f"m{index}", common, Path(scratch)))
+                  for index, config in enumerate(configs)]
+        for model in models:  # all start together; each is built before any trains
+            model.wait_for("ready")
+        for model in models:
+            model.train(WARMUP_STEPS)
+        for turn in range(turns):
+            for model in models:
+                model.train(steps_per_turn)
+            log(f"  {nproc} rank(s), turn {turn + 1}/{turns} done")
+        for model in models:
+            model.close()
+        for result, model in zip(results, models):
+            for turn in range(turns):
+                first = WARMUP_STEPS + turn * steps_per_turn + 1  # the turn's first step, as logged
+                result.runs.append(run_figures(model.run_dir, range(first + 1, first + steps_per_turn)))
                 result.tokens_per_s.append(result.runs[-1]["tokens_per_s"])
-                log(f"  {nproc} rank(s), repetition {repeat + 1}/{repeats}: {result.config} "
-                    f"{result.tokens_per_s[-1]:,.0f} tok/s")
     return results
 
 
@@ -150,10 +168,11 @@ def report_text(machine_line: str, args, table: list[str], units: list[str], npr
     l3train.benchmarks.exchange.report_lines, empty at one rank)."""
     report = [
         "# Benchmarks", "",
-        "Written by `tools/bench.py`; every figure of one table was measured in the same run, models",
-        "interleaved (A B C A B C ...), each figure the median over repetitions of the median tokens/s",
-        "after 3 warm-up steps. Ratios are medians of the per-repetition ratios.", "",
-        f"Machine: {machine_line}.", f"Settings: {args.steps} steps per run, {args.repeats} repetitions; "
+        "Written by `tools/bench.py`; every figure of one table was measured in the same run: every",
+        "model's ranks alive throughout, the models taking turns of a few steps (A B C A B C ...) after",
+        "3 warm-up steps each; a turn's figure is the median over its steps but the first, a model's the",
+        "median over its turns, a ratio the median of the per-turn ratios.", "",
+        f"Machine: {machine_line}.", f"Settings: {args.turns} turns of {args.steps} steps per model; "
         f"models {args.l3}, {args.dense}, {args.moe}"
         + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",
         "## Training throughput", "", *table, "",

@@ -216,6 +216,9 @@ def test_benchmark_reads_the_medians_after_warm_up(tmp_path):
     # Steps 4, 5, 6 count: medians at step 5; the peak memory is the run's largest.
     assert run_figures(tmp_path) == {"tokens_per_s": 500.0, "tokens_per_s_per_device": 250.0,
                                      "tflops_per_device": 2.5, "mfu": None, "peak_memory_gib": 7.0}
+    # A turn's steps (the benchmark passes all but the turn's first): steps 2 and 3 only.
+    assert run_figures(tmp_path, range(2, 4)) == {"tokens_per_s": 250.0, "tokens_per_s_per_device": 125.0,
+                                                  "tflops_per_device": 1.25, "mfu": None, "peak_memory_gib": 4.0}
 
 
 def test_benchmark_units_table_says_n_a_without_a_figure():

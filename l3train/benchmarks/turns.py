@@ -1,0 +1,149 @@
+"""Models taking turns on one machine: each keeps its trainer processes, one trains at a time.
+
+A shared machine's speed drifts. On the 2-core development machine one step of the same
+model took 160-260 ms from minute to minute, and ±15% from step to step, so whole runs of
+the models one after the other (A B C A B C ..., each ~15 s with its start-up) compare
+moments as much as models: their per-repetition L³ ÷ dense ratios spread over 0.83-1.05.
+Here every model's ranks stay alive (the real `Trainer`: its DeepSpeed engine, data,
+optimizer and monitor, its own processes and memory) and the models take turns of a few
+steps, every second or so; a model whose turn it is not waits on its command pipe and uses
+no CPU. A slow moment then hits the models within a second of each other.
+
+`ModelRanks` starts one model's ranks and hands them turns. Each rank is
+
+    python -m l3train.benchmarks.turns --config C --reply-fd N [key=value ...]
+
+started without torchrun (the rank environment set by hand, so that every rank reads its
+commands on stdin): it builds the trainer, answers "ready" on file descriptor N, then for
+each line "k" on stdin trains k steps (logging each to metrics.jsonl as training does) and
+answers "done"; it ends at the end of its input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from l3train.errors import L3TrainError
+
+# How long a rank that failed gets to write its error and exit before it is killed.
+EXIT_SECONDS = 30
+
+
+class ModelRanks:
+    """One model's `nproc` trainer processes on this machine, taking commands (a context
+    manager: leaving it ends them). Their output goes to `log_dir`."""
+
+    def __init__(self, config: str, nproc: int, run_dir: Path, overrides: list[str], log_dir: Path) -> None:
+        from l3train.distributed import free_port
+
+        self.config, self.run_dir = config, run_dir
+        self.what = f"benchmark run of {config} on {nproc} rank(s)"
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+                      "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": threads}
+        self.processes: list[subprocess.Popen] = []
+        self.replies = []
+        self.logs = [log_dir / f"{Path(config).stem}_rank{rank}.log" for rank in range(nproc)]
+        for rank, log_path in enumerate(self.logs):
+            read_end, write_end = os.pipe()
+            with open(log_path, "w") as log:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "l3train.benchmarks.turns", "--config", config, "--reply-fd",
+                     str(write_end), f"run_dir={run_dir}", *overrides],
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=(write_end,),
+                    env={**os.environ, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            os.close(write_end)
+            self.replies.append(os.fdopen(read_end))
+
+    def __enter__(self) -> ModelRanks:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close(kill=kind is not None)
+
+    def wait_for(self, answer: str) -> None:
+        """Until every rank answered `answer`; a rank that ended instead is reported by its
+        own error line."""
+        for rank, reply in enumerate(self.replies):
+            if reply.readline().strip() != answer:
+                raise L3TrainError(f"{self.what} failed: {self._cause(rank)}")
+
+    def train(self, steps: int) -> None:
+        """Every rank trains `steps` steps; returns when all have."""
+        for process in self.processes:
+            process.stdin.write(f"{steps}\n")
+            process.stdin.flush()
+        self.wait_for("done")
+
+    def close(self, kill: bool = False) -> None:
+        """End the ranks (their input ends; killed with `kill`) and wait for them."""
+        for process in self.processes:
+            if kill:
+                process.kill()
+            elif process.stdin and not process.stdin.closed:
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(timeout=EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for reply in self.replies:
+            reply.close()
+        failed = [rank for rank, process in enumerate(self.processes) if process.returncode != 0]
+        if failed and not kill:
+            raise L3TrainError(f"{self.what} failed: {self._cause(failed[0])}")
+
+    def _cause(self, rank: int) -> str:
+        """The rank's own one-line error (after it exited), else its last line of output."""
+        try:
+            self.processes[rank].wait(timeout=EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.processes[rank].kill()
+        lines = self.logs[rank].read_text(errors="replace").strip().splitlines() or ["no output"]
+        print("\n".join(lines[-40:]), file=sys.stderr)  # the cause, for a log
+        cause = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
+        return f"rank {rank}: {cause.removeprefix('error: ')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from l3train.config import load_config
+    from l3train.errors import CliArgumentParser
+
+    parser = CliArgumentParser(prog="python -m l3train.benchmarks.turns", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--reply-fd", type=int, required=True, help="file descriptor to answer on")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    replies = os.fdopen(args.reply_fd, "w", buffering=1)
+    from l3train.trainer.trainer import Trainer  # torch, DeepSpeed: after the config is known good
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.build()
+        replies.write("ready\n")
+        start = time.time()
+        for line in sys.stdin:
+            for _ in range(int(line)):
+                stats = trainer.train_step(trainer.batch(trainer.step))
+                trainer.monitor.record(stats, time.time() - start)
+            replies.write("done\n")
+        trainer.monitor.close()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from l3train.errors import run_cli
+
+    run_cli(main)
