@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from l3train.benchmarks.core import machine
-from l3train.benchmarks.exchange import measure_exchanges, report_lines
+from l3train.benchmarks.exchange import check_sharded_rows, measure_exchanges, report_lines
 from l3train.benchmarks.training import (PROFILED_STEPS, UNITS_HEADER, measure_throughput, profile_phases,
                                           report_text, units_rows, write_report)
+from l3train.config import load_config
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.l3, args.dense, args.moe):
         if not Path(path).is_file():
             raise L3TrainError(f"config {path} not found")
+    if max(args.ranks) > 1:  # before the training runs, not after them
+        check_sharded_rows(load_config(args.l3, []), args.l3)
 
     figures: dict = {"machine": machine(), "steps_per_turn": args.steps, "turns": args.turns, "training": {}}
     table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]

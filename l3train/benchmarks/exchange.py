@@ -132,6 +132,15 @@ def floor_ms_per_micro_batch(figures: dict) -> float:
             + 2 * layers * (collectives["positions out"]["median_ms"] + collectives["outputs back"]["median_ms"]))
 
 
+def check_sharded_rows(cfg, config: str) -> None:
+    """Refuse (one line) a config `config` whose model has no sharded L³ rows: no exchanges to time."""
+    from l3train.errors import L3TrainError
+
+    if not cfg.l3.after_blocks or not cfg.parallel.shard_l3_rows:
+        raise L3TrainError(f"{config} has no sharded L³ rows (l3.after_blocks is empty or "
+                           f"parallel.shard_l3_rows=false): it makes none of these exchanges; pass an L³ config")
+
+
 def measure_exchanges(config: str, nproc: int, iterations: int = 200, compute_ms: float = 1.0) -> dict:
     """Launch `nproc` local ranks (torchrun, one thread each on CPU) and return rank 0's figures."""
     from l3train.benchmarks.training import run_local_ranks
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from l3train.config import load_config
-    from l3train.errors import CliArgumentParser, L3TrainError
+    from l3train.errors import CliArgumentParser
 
     parser = CliArgumentParser(prog="python -m l3train.benchmarks.exchange", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="rank 0 writes its figures here (JSON)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [])
-    if not cfg.l3.after_blocks or not cfg.parallel.shard_l3_rows:
-        raise L3TrainError(f"{args.config} has no sharded L³ rows (l3.after_blocks is empty or "
-                           f"parallel.shard_l3_rows=false): it makes none of these exchanges; pass an L³ config")
+    check_sharded_rows(cfg, args.config)
     dist.init_process_group("nccl" if _cuda() else "gloo")
     try:
         figures = measure_on_world(cfg, args.iterations, args.compute_ms)

@@ -375,13 +375,20 @@ CASES = [
          lambda w: tool("report", run_dir_with_metrics(w, '{"train/loss": 5.0}\n{"step": 1, "train/loss": 5.0}\n'),
                         "--output", "rep"),
          "metrics.jsonl:1 is not a metrics record"),
-    # tools/model_stats.py, tools/bench_core.py, tools/bench_l3_gpu.py
+    # tools/model_stats.py, tools/bench_core.py, tools/bench_l3_gpu.py, tools/bench.py
     Case("model-stats-unknown-override", lambda w: tool("model_stats", "--config", w.config(), "model.d_modle=64"),
          "model.d_modle: unknown key"),
     Case("bench-core-missing-data-prefix",
          lambda w: tool("bench_core", "--data-prefix", "none", "--vocab-size", "512"), "no none.idx"),
     Case("bench-l3-gpu-bad-dtype", lambda w: tool("bench_l3_gpu", "--dtype", "float16"),
          "argument --dtype: invalid choice: 'float16'"),
+    # tools/bench.py: a dense model as the L³ one has no exchanges to time at 2 ranks; refused
+    # before minutes of training, not after them.
+    Case("bench-dense-as-l3", lambda w: tool("bench", "--l3", str(REPO / "configs" / "tiny_dense.yaml"),
+                                             "--dense", str(REPO / "configs" / "tiny_dense.yaml"),
+                                             "--moe", str(REPO / "configs" / "tiny_moe.yaml"),
+                                             "--skip-core", "--output", "report.md"),
+         "tiny_dense.yaml has no sharded L³ rows"),
     # launch/sweep.py
     Case("sweep-missing-file", lambda w: sweep("none.yaml", "--dry-run"), "sweep file none.yaml not found"),
     Case("sweep-invalid-yaml", lambda w: sweep(w.write("sweep.yaml", "configs: [a\n"), "--dry-run"),
