@@ -20,7 +20,7 @@
 Writes JSON (`--json`) and a markdown report with the machine's description (`--output`,
 default docs/benchmarks.md). The defaults use the quick start's data and configs:
 
-    python tools/bench.py                                   # ~6 min on 2 cores
+    python tools/bench.py                                   # ~4 min on 2 cores
     python tools/bench.py --turns 2 --skip-core             # a quick look
     python tools/bench.py --ranks 1 --skip-core parallel.zero_stage=0 --output /tmp/zero0.md
 """
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe", default=MOE, help=f"its iso-sparse MoE config (default {MOE})")
     parser.add_argument("--steps", type=int, default=5,
                         help="steps per turn (default 5; the first of each turn is not counted)")
-    parser.add_argument("--turns", type=int, default=6,
-                        help="turns per model, after 3 warm-up steps each (default 6)")
+    parser.add_argument("--turns", type=int, default=10,
+                        help="turns per model, after 3 warm-up steps each (default 10: one turn's L³ ÷ dense "
+                             "ratio can be 10%% off on a shared machine)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to measure")
     parser.add_argument("--data-prefix", default=DATA_PREFIX, help="indexed dataset for the core benchmarks")
     parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
