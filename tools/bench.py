@@ -3,9 +3,9 @@
 
 1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE
    (the real trainer, same batch, precision and threads; every model's ranks alive, the
-   models taking turns of a few steps: l3train.benchmarks.turns), on 1 rank and on 2 ranks
-   (sharded L³ rows, experts replicated); and each model in peers'
-   units, from its metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless
+   models taking turns of a few steps: l3train.benchmarks.turns; so all three models are in
+   memory at once), on 1 rank and on 2 ranks (sharded L³ rows, experts replicated); and each
+   model in peers' units, from its metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless
    the device's peak is known: a GPU in l3train/trainer/throughput.py's table, or a
    `training.peak_tflops=...` override; never on CPU without one) and peak memory.
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
