@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for every model, e.g. parallel.zero_stage=0")
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.turns < 1:
-        raise L3TrainError(f"--steps must be >= 2 (the first of a turn is not counted) and --turns >= 1, "
-                           f"got {args.steps}, {args.turns}")
     for path in (args.l3, args.dense, args.moe):
         if not Path(path).is_file():
             raise L3TrainError(f"config {path} not found")

@@ -61,7 +61,7 @@ def tokens_per_second(run_dir: Path) -> float:
     return run_figures(run_dir)["tokens_per_s"]
 
 
-# run_figures' keys: metrics.jsonl's train/<key>; medians after the warm-up, peak memory the largest.
+# run_figures' keys: metrics.jsonl's train/<key>; medians over the steps asked for, peak memory the largest.
 FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "peak_memory_gib")
 
 
@@ -91,7 +91,7 @@ class Throughput:
         return statistics.median(self.tokens_per_s)
 
     def figure(self, key: str) -> float | None:
-        """The median over repetitions of one of `FIGURES` (None where a run did not log it)."""
+        """The median over turns of one of `FIGURES` (None where a run did not log it)."""
         values = [run[key] for run in self.runs]
         return None if not values or None in values else statistics.median(values)
 
@@ -103,8 +103,8 @@ def measure_throughput(configs: list[str], nproc: int, steps_per_turn: int, turn
     from l3train.benchmarks.turns import ModelRanks
 
     if steps_per_turn < 2 or turns < 1:
-        raise L3TrainError(f"need at least 2 steps per turn (the first is not counted) and 1 turn, "
-                           f"got {steps_per_turn} and {turns}")
+        raise L3TrainError(f"steps per turn (--steps) must be >= 2, the first of a turn not being counted, and "
+                           f"turns (--turns) >= 1; got {steps_per_turn} and {turns}")
     results = [Throughput(config, nproc) for config in configs]
     total = WARMUP_STEPS + turns * steps_per_turn
     common = [f"training.steps={total}", "training.log_interval=1", "optimizer.warmup_steps=1", *overrides]
@@ -147,7 +147,7 @@ UNITS_HEADER = ["| ranks | model | tok/s/device | TFLOP/s/device | MFU | peak me
 
 def units_rows(nproc: int, models: dict[str, Throughput]) -> list[str]:
     """Markdown rows (under `UNITS_HEADER`) of each model's figures in peers' units: medians over
-    the repetitions; "n/a" for a figure the runs did not log (MFU without a known peak)."""
+    the turns; "n/a" for a figure the runs did not log (MFU without a known peak)."""
 
     def cell(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
