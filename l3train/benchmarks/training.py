@@ -31,6 +31,17 @@ WARMUP_STEPS = 3
 PROFILED_STEPS = 25  # steps of the profiled run; those after the warm-up are profiled
 
 
+def threads_per_rank(nproc: int) -> str:
+    """OMP_NUM_THREADS for each of `nproc` local ranks: as set, else the cores split between them."""
+    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+
+
+def error_line(lines: list[str]) -> str | None:
+    """A process's own one-line error (the last `error: ...` line, as run_cli prints it) in its
+    output `lines`, without the prefix; None if it printed none."""
+    return next((line.removeprefix("error: ") for line in reversed(lines) if line.startswith("error: ")), None)
+
+
 def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) -> None:
     """`python -m module arguments` on `nproc` local ranks (torchrun when more than one), the
     cores split between them (OMP_NUM_THREADS unless set); on failure its stderr's tail is
@@ -39,14 +50,13 @@ def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) ->
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                      "--master_port", str(free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+    env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc)}
     result = subprocess.run([*launcher, "-m", module, *arguments], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)  # the cause, for a log
         lines = result.stderr.strip().splitlines() or ["no output"]
         # A rank's own one-line error, not torchrun's summary of the failed children after it.
-        cause = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
-        raise L3TrainError(f"{what} failed: {cause.removeprefix('error: ')}")
+        raise L3TrainError(f"{what} failed: {error_line(lines) or lines[-1]}")
 
 
 def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:

@@ -43,13 +43,13 @@ class ModelRanks:
     manager: leaving it ends them). Rank r's output goes to `log_dir`/<run_dir's name>_rank<r>.log."""
 
     def __init__(self, config: str, nproc: int, run_dir: Path, overrides: list[str], log_dir: Path) -> None:
+        from l3train.benchmarks.training import threads_per_rank
         from l3train.distributed import free_port
 
-        self.config, self.run_dir = config, run_dir
+        self.run_dir = run_dir
         self.what = f"benchmark run of {config} on {nproc} rank(s)"
-        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-                      "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": threads}
+                      "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": threads_per_rank(nproc)}
         self.processes: list[subprocess.Popen] = []
         self.replies: list[TextIO] = []
         self.failed = False  # reported already: `close` does not report it again
@@ -125,6 +125,8 @@ class ModelRanks:
         """Why the model failed, rank `first` having ended first: once that rank exited, its own
         one-line error; else the first other rank's that has one (a rank can end first because
         it lost its peer, whose error line names the cause); else `first`'s last line of output."""
+        from l3train.benchmarks.training import error_line
+
         self.failed = True
         try:
             self.processes[first].wait(timeout=EXIT_SECONDS)
@@ -134,9 +136,8 @@ class ModelRanks:
                    for log in self.logs]
         print("\n".join(outputs[first][-40:]), file=sys.stderr)  # the details, for a log
         for rank in [first, *range(len(outputs))]:
-            error = next((line for line in reversed(outputs[rank]) if line.startswith("error: ")), None)
-            if error:
-                return f"rank {rank}: {error.removeprefix('error: ')}"
+            if error := error_line(outputs[rank]):
+                return f"rank {rank}: {error}"
         return f"rank {first}: {(outputs[first] or ['no output'])[-1]}"
 
 
