@@ -44,7 +44,7 @@ def clip_module_norm(model: nn.Module, parallel: ParallelState, max_norm: float)
 
 
 def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_local: list[RankLocalParameters],
-                     max_norm: float, clip_dense: bool = False) -> float:
+                     max_norm: float, clip_dense: bool = False, riders: torch.Tensor | None = None) -> float:
     """Make this step's clipping that of one process; returns the global norm before clipping.
 
     Call at the accumulation boundary between the last `engine.backward` and `engine.step()`.
@@ -55,6 +55,10 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     tensors get too (with their `gradient_scale`, in the same pass). With `clip_dense`
     (`deepspeed_adapter.clipped_by_l3train`: DeepSpeed's clipping is off) the dense gradients
     are multiplied by that coefficient here instead.
+
+    `riders`: other per-rank values (float32, on the gradients' device) to sum over the world
+    in the same all-reduce as the rank-local squares, summed in place: the trainer's step
+    agreement travels with the norm (`Trainer._clip_and_agree`).
     """
     for part in rank_local:
         part.prepare_gradients()
@@ -62,8 +66,11 @@ def clip_global_norm(engine, model: nn.Module, parallel: ParallelState, rank_loc
     local_squared = torch.zeros((), dtype=torch.float32, device=rank_local[0].params[0].device)
     for part in rank_local:
         local_squared += part.squared_grad_norm()
-    dist.all_reduce(local_squared)
-    total = (dense ** 2 + local_squared.item()) ** 0.5
+    packed = local_squared[None] if riders is None else torch.cat([local_squared[None], riders])
+    dist.all_reduce(packed)
+    if riders is not None:
+        riders.copy_(packed[1:])
+    total = (dense ** 2 + packed[0].item()) ** 0.5
     coefficient = min(max_norm / (total + _CLIP_EPS), 1.0) if max_norm > 0 else 1.0
     if max_norm > 0:
         if not clip_dense:

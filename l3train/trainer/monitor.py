@@ -45,6 +45,7 @@ class StepStats:
     micro_batches: int
     skipped: bool = False  # not applied: its loss or gradient was not finite
     skipped_steps: int = 0  # skipped steps of this run so far
+    stop: bool = False  # a rank had received a stop signal by this step's accumulation boundary
 
 
 def router_vector(router: dict[int, RouterStats]) -> Tensor | None:
@@ -148,56 +149,56 @@ class Monitor:
                   f"{flops.l3_rows / 1e6:.4g}M L³ rows (l3train.sizing.accounting.TrainingFlops); {peak}")
 
     def _reduce(self, steps: list[StepStats]) -> dict[str, float]:
-        parallel = self.parallel
-        # Each step's loss is averaged over the DP replicas (TP ranks of a replica hold the same).
-        losses = torch.stack([s.loss.float() for s in steps])
-        dist.all_reduce(losses, group=parallel.dp_group)
-        per_step = [value / parallel.dp_size for value in losses.tolist()]
+        """The interval's scalars over all ranks, in one all-reduce (a sum over the world):
+        each collective is a point where every rank waits for the slowest.
+
+        - losses: each step's averaged over the DP replicas; the TP ranks of a replica hold
+          the same loss, so the world's sum over the world size is the DP mean;
+        - each L³ layer's mean softmax entropy over the interval's micro-batches and all ranks
+          (TP ranks agree, except under sequence parallelism where each holds a slice);
+        - the MoE routers' statistics, averaged like the entropies;
+        - the largest peak memory of the ranks: a max, carried by the sum as every rank's own
+          value in its slot of a world-sized part (-1: it cannot tell).
+        """
+        world, blocks, micro_batches = dist.get_world_size(), sorted(steps[-1].l3_entropy), \
+            sum(s.micro_batches for s in steps)
+        losses = torch.stack([s.loss.double() for s in steps])
+        means = []  # summed over the interval's micro-batches: entropies per L³ layer, then router statistics
+        if blocks:
+            means.append(torch.stack([torch.stack([s.l3_entropy[b] for b in blocks]) for s in steps]).double().sum(0))
+        if steps[-1].router is not None:
+            means.append(torch.stack([s.router for s in steps]).double().sum(0))
+        own_peak = peak_memory_gib(self.device)
+        peaks = torch.zeros(world, dtype=torch.float64, device=self.device)
+        peaks[dist.get_rank()] = -1.0 if own_peak is None else own_peak
+        packed = torch.cat([losses, *means, peaks])
+        dist.all_reduce(packed)
+        values = packed.tolist()
+        per_step = [value / world for value in values[:len(steps)]]
+        averaged = [value / (world * micro_batches) for value in values[len(steps):len(values) - world]]
+        peak = max(values[len(values) - world:])
         seconds = sum(s.seconds for s in steps)
         scalars = {"train/loss": sum(per_step) / len(per_step), "train/lr": steps[-1].lr,
                    "train/tokens_per_s": self.tokens_per_step * len(steps) / max(seconds, 1e-9),
-                   **self._entropies(steps)}
+                   **{f"l3/entropy_after_block_{b}": value for b, value in zip(blocks, averaged)}}
         if steps[-1].router is not None:
-            summed = torch.stack([s.router for s in steps]).sum(0)
-            scalars.update(self._router_scalars(summed, sum(s.micro_batches for s in steps)))
+            scalars.update(self._router_scalars(averaged[len(blocks):]))
         if steps[-1].grad_norm is not None:
             scalars["train/grad_norm"] = steps[-1].grad_norm
         if steps[-1].skipped_steps:
             scalars["train/skipped_steps"] = steps[-1].skipped_steps
         if self.is_main:
-            scalars.update(throughput_scalars(scalars["train/tokens_per_s"], dist.get_world_size(),
-                                              self.flops.per_token, self.peak_tflops))
-        memory = self._peak_memory()
-        if memory is not None:
-            scalars["train/peak_memory_gib"] = memory
+            scalars.update(throughput_scalars(scalars["train/tokens_per_s"], world, self.flops.per_token,
+                                              self.peak_tflops))
+        if peak >= 0:
+            scalars["train/peak_memory_gib"] = peak
         return scalars
 
-    def _peak_memory(self) -> float | None:
-        """The largest peak memory of the ranks, in GiB (None where none can tell)."""
-        own = peak_memory_gib(self.device)
-        peak = torch.tensor(-1.0 if own is None else own, dtype=torch.float64, device=self.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return None if peak.item() < 0 else peak.item()
-
-    def _entropies(self, steps: list[StepStats]) -> dict[str, float]:
-        """Mean softmax entropy of each L³ layer over the interval's micro-batches and all ranks
-        (TP ranks agree, except under sequence parallelism where each holds a slice)."""
-        blocks = sorted(steps[-1].l3_entropy)
-        if not blocks:
-            return {}
-        values = torch.stack([torch.stack([s.l3_entropy[b] for b in blocks]) for s in steps]).float().sum(0)
-        dist.all_reduce(values)
-        values /= dist.get_world_size() * sum(s.micro_batches for s in steps)
-        return {f"l3/entropy_after_block_{b}": v for b, v in zip(blocks, values.tolist())}
-
-    def _router_scalars(self, summed: Tensor, count: int) -> dict[str, float]:
+    def _router_scalars(self, values: list[float]) -> dict[str, float]:
         """Per MoE block the two router losses, the dropped fraction (with a capacity factor),
         each expert's share of the assignments and the busiest expert's share over the mean
-        (1 = balanced), averaged over the micro-batches and DP ranks; and the router losses
-        averaged over blocks."""
-        summed = summed.clone()
-        dist.all_reduce(summed, group=self.parallel.dp_group)
-        values = (summed / (count * self.parallel.dp_size)).tolist()
+        (1 = balanced), from `values` (the `router_vector`s averaged over the micro-batches and
+        ranks); and the router losses averaged over blocks."""
         moe, scalars, aux, z = self.cfg.moe, {}, [], []
         width = 3 + moe.num_experts
         for position, index in enumerate(sorted(moe.blocks)):

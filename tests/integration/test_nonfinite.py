@@ -1,7 +1,9 @@
 """Non-finite loss on one rank: the step is skipped on every rank (dense weights, sharded L³
 rows, experts untouched), counted and logged; a run of them stops the run; a checkpoint is
-never written with non-finite weights. Runs the real Trainer under torchrun (worker:
-workers/nonfinite_worker.py)."""
+never written with non-finite weights. A stop signal on one rank: every rank stops after the
+same step. Both agreements, with the rank-local rows' squared norm, travel in the step's one
+all-reduce of the trainer; the monitor's logged scalars in one more. Runs the real Trainer
+under torchrun (worker: workers/nonfinite_worker.py)."""
 
 from __future__ import annotations
 
@@ -44,9 +46,22 @@ def test_a_non_finite_step_is_skipped_everywhere(layout, tmp_path, tiny_corpus, 
         # Rank 0's own loss was finite, yet it skipped too: the ranks agree.
         assert [s["changed"] for s in steps] == [True, True, True, False, True, True]
         assert steps[-1]["skipped_steps"] == 1 and report["finite_weights"]
+        # Rank 1 alone received the signal, before step index 4: both ranks stop after it.
+        assert [s["stop"] for s in steps] == [False, False, False, False, True, True]
+        assert [s["all_reduces"] for s in steps] == [1] * 6
+        assert report["monitor"]["all_reduces"] == 1
         assert "refusing to save a checkpoint of step 6" in report["save_error"]
         assert "is not finite" in report["save_error"]
     assert not reports[0]["steps"][3]["loss_finite"] or not reports[1]["steps"][3]["loss_finite"]
+    # What the monitor logs for the last step: the ranks' mean loss and entropies, the larger peak.
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [6]
+    own = [report["monitor"] for report in reports]
+    assert logged[0]["train/loss"] == pytest.approx((own[0]["own_loss"] + own[1]["own_loss"]) / 2, rel=1e-6)
+    for block in own[0]["own_entropy"]:
+        mean = (own[0]["own_entropy"][block] + own[1]["own_entropy"][block]) / 2
+        assert logged[0][f"l3/entropy_after_block_{block}"] == pytest.approx(mean, rel=1e-6)
+    assert logged[0]["train/peak_memory_gib"] == pytest.approx(max(o["own_peak"] for o in own), rel=1e-3)
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
 
 
