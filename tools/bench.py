@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """The benchmark suite: every figure a ratio measured side by side in one run.
 
-1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE
-   (the real trainer, same batch, precision and threads; every model's ranks alive, the
-   models taking turns of a few steps: l3train.benchmarks.turns; so all three models are in
-   memory at once), on 1 rank and on 2 ranks (sharded L³ rows, experts replicated); and each
-   model in peers' units, from its metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless
-   the device's peak is known: a GPU in l3train/trainer/throughput.py's table, or a
-   `training.peak_tflops=...` override; never on CPU without one) and peak memory.
+1. Training tokens/s of the L³ model ÷ its iso-FLOP dense model and ÷ its iso-sparse MoE, each
+   ratio with a 95% interval (the real trainer, same batch, precision and threads; all three
+   models' ranks alive at once, taking turns of a few steps: l3train.benchmarks.turns), on 1
+   and 2 ranks (sharded L³ rows, experts replicated); each model in peers' units from its
+   metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless the device's peak is
+   known: l3train/trainer/throughput.py's GPU table or `training.peak_tflops=...`), peak memory.
 2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
    2 ranks, from `training.profile_steps`: the next optimisation target; and what the
    sharded rows' exchanges cost at the L³ config's sizes (`l3train.benchmarks.exchange`):
@@ -35,8 +34,9 @@ import numpy as np
 
 from l3train.benchmarks.core import machine
 from l3train.benchmarks.exchange import check_sharded_rows, measure_exchanges, report_lines
-from l3train.benchmarks.training import (PROFILED_STEPS, UNITS_HEADER, measure_throughput, profile_phases,
-                                          report_text, units_rows, write_report)
+from l3train.benchmarks.training import (PROFILED_STEPS, THROUGHPUT_HEADER, UNITS_HEADER, measure_throughput,
+                                          median_interval, profile_phases, ratio_cell, report_text, units_rows,
+                                          write_report)
 from l3train.config import load_config
 from l3train.errors import CliArgumentParser, L3TrainError, run_cli
 from l3train.utils.atomic import atomic_write_text
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5,
                         help="steps per turn (default 5; the first of each turn is not counted)")
     parser.add_argument("--turns", type=int, default=10,
-                        help="turns per model, after 3 warm-up steps each (default 10: one turn's L³ ÷ dense "
-                             "ratio can be 10%% off on a shared machine)")
+                        help="turns per model, after 3 warm-up steps each (default 10: one turn's ratio can "
+                             "be 10-20%% off on a shared machine; the table gives each median's 95%% interval)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to measure")
     parser.add_argument("--data-prefix", default=DATA_PREFIX, help="indexed dataset for the core benchmarks")
     parser.add_argument("--skip-core", action="store_true", help="skip the LZW and layer benchmarks")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         check_sharded_rows(load_config(args.l3, []), args.l3)
 
     figures: dict = {"machine": machine(), "steps_per_turn": args.steps, "turns": args.turns, "training": {}}
-    table = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense | L³ ÷ MoE |", "|---|---|---|---|---|---|"]
+    table = list(THROUGHPUT_HEADER)
     units = list(UNITS_HEADER)
     for nproc in args.ranks:
         print(f"training throughput on {nproc} rank(s), {args.turns} turns of {args.steps} steps per model")
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios = {"l3_over_dense": [a / b for a, b in zip(l3.tokens_per_s, dense.tokens_per_s)],
                   "l3_over_moe": [a / b for a, b in zip(l3.tokens_per_s, moe.tokens_per_s)]}
         figures["training"][nproc] = {"l3": l3.tokens_per_s, "dense": dense.tokens_per_s, "moe": moe.tokens_per_s,
-                                      **ratios, "runs": {"l3": l3.runs, "dense": dense.runs, "moe": moe.runs}}
-        dense_ratio, moe_ratio = (float(np.median(ratios[key])) for key in ("l3_over_dense", "l3_over_moe"))
+                                      **ratios, **{f"{key}_interval": median_interval(ratios[key]) for key in ratios},
+                                      "runs": {"l3": l3.runs, "dense": dense.runs, "moe": moe.runs}}
         table.append(f"| {nproc} | {l3.median:,.0f} | {dense.median:,.0f} | {moe.median:,.0f} | "
-                     f"{dense_ratio:.2f}× | {moe_ratio:.2f}× |")
+                     f"{ratio_cell(ratios['l3_over_dense'])} | {ratio_cell(ratios['l3_over_moe'])} |")
         print(table[-1])
         units += units_rows(nproc, {"L³": l3, "dense": dense, "MoE": moe})
         print("\n".join(units[-3:]))

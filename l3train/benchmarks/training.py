@@ -7,14 +7,17 @@ the medians over its steps but the first (which finds the caches holding the oth
 data) of what that file logs: tokens/s (in all and per device), model TFLOP/s per device and
 MFU (where the run knows the device's peak: a GPU in l3train/trainer/throughput.py's table,
 or a `training.peak_tflops=` override), and the peak memory. A model's figure is the median
-over turns, and a ratio the median of the per-turn ratios. A separate profiled run of the
-first model gives its step time per phase (`training.profile_steps`).
+over turns, and a ratio the median of the per-turn ratios, reported with a distribution-free
+95% interval for that median (`median_interval`): on a shared machine one turn's ratio can be
+10-20% off, and the interval says how far the median itself can be. A separate profiled run
+of the first model gives its step time per phase (`training.profile_steps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,6 +60,30 @@ def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) ->
         lines = result.stderr.strip().splitlines() or ["no output"]
         # A rank's own one-line error, not torchrun's summary of the failed children after it.
         raise L3TrainError(f"{what} failed: {error_line(lines) or lines[-1]}")
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of the population `values` were drawn from:
+    the order statistics x_(j) and x_(n+1-j) (1-based), with the largest j whose interval covers
+    the median with probability >= `confidence` whatever the distribution (it does unless at
+    least n+1-j values fall on one side of the median: 1 - 2·P(Binomial(n, 1/2) <= j-1)).
+    None when even the full range covers it less often (n < 6 at 95%)."""
+    n, ordered = len(values), sorted(values)
+
+    def coverage(j: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0 ** n
+
+    if n == 0 or coverage(1) < confidence:
+        return None
+    j = max(j for j in range(1, (n + 1) // 2 + 1) if coverage(j) >= confidence)
+    return ordered[j - 1], ordered[n - j]
+
+
+def ratio_cell(ratios: list[float]) -> str:
+    """A table cell: the median of per-turn `ratios` and its 95% `median_interval`."""
+    interval = median_interval(ratios)
+    return f"{statistics.median(ratios):.2f}×" + ("" if interval is None else
+                                                 f" ({interval[0]:.2f}-{interval[1]:.2f})")
 
 
 def run_trainer(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> Path:
@@ -151,6 +178,8 @@ def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) ->
     return {name: times["host"] for name, times in phases.items()}
 
 
+THROUGHPUT_HEADER = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense (95% interval) | "
+                     "L³ ÷ MoE (95% interval) |", "|---|---|---|---|---|---|"]
 UNITS_HEADER = ["| ranks | model | tok/s/device | TFLOP/s/device | MFU | peak memory (GiB) |",
                 "|---|---|---|---|---|---|"]
 
@@ -181,7 +210,9 @@ def report_text(machine_line: str, args, table: list[str], units: list[str], npr
         "Written by `tools/bench.py`; every figure of one table was measured in the same run: every",
         "model's ranks alive throughout, the models taking turns of a few steps (A B C A B C ...) after",
         "3 warm-up steps each; a turn's figure is the median over its steps but the first, a model's the",
-        "median over its turns, a ratio the median of the per-turn ratios.", "",
+        "median over its turns, a ratio the median of the per-turn ratios, with a distribution-free 95%",
+        "interval for that median in brackets (the order statistics that cover it: l3train.benchmarks.",
+        "training.median_interval; none with fewer than 6 turns).", "",
         f"Machine: {machine_line}.", f"Settings: {args.turns} turns of {args.steps} steps per model; "
         f"models {args.l3}, {args.dense}, {args.moe}"
         + (f"; overrides {' '.join(args.overrides)}." if args.overrides else "."), "",

@@ -260,3 +260,18 @@ def test_exchange_benchmark_sizes_are_the_sharded_layers_hand_count():
                                                zip(sizes, (0.1, 0.2, 0.5, 0.7))}}
     # The route once; per layer positions out and outputs back, forward and backward.
     assert floor_ms_per_micro_batch(figures) == pytest.approx(0.1 + 0.2 + 2 * 2 * (0.5 + 0.7))
+
+
+def test_benchmark_ratio_interval_is_the_binomial_order_statistics():
+    from l3train.benchmarks.training import median_interval, ratio_cell
+
+    # n = 10: [x_(2), x_(9)] covers the median with probability 1 - 2·11/1024 = 97.9%; [x_(3), x_(8)]
+    # only 89.1%. n = 8: 1 - 2·9/256 = 93.0% < 95%, so the full range (99.2%).
+    assert median_interval([float(v) for v in range(10, 0, -1)]) == (2.0, 9.0)
+    assert median_interval([float(v) for v in range(1, 9)]) == (1.0, 8.0)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 1 - 2/32 = 93.8% even for the full range
+    assert median_interval([0.5, 0.9, 0.7, 0.8, 0.6, 1.0]) == (0.5, 1.0)  # 96.9%
+    assert median_interval(list(range(1, 101))) == (40, 61)  # n = 100: 96.5%; (41, 60) would give 94.3%
+    turns = [0.91, 0.88, 0.79, 0.93, 0.86, 0.9, 0.85, 0.95, 0.84, 0.87]
+    assert ratio_cell(turns) == "0.88× (0.84-0.93)"  # median 0.875
+    assert ratio_cell([1.1, 1.3]) == "1.20×"
