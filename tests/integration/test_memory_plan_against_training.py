@@ -192,23 +192,23 @@ def _worker(config: str, report: str, *overrides: str) -> None:
     trainer = Trainer(load_config(config, list(overrides)))
     trainer.build()
     censuses = {}
-    clip, reduce = trainer._grad_norm_and_clip, trainer.engine.allreduce_gradients
+    clip, reduce = trainer._clip_and_agree, trainer.engine.allreduce_gradients
     flatten_and_reduce, flat_bytes = trainer.engine.allreduce_bucket, [0]
 
     def measured_allreduce_bucket(bucket, *args, **kwargs):
         flat_bytes[0] = max(flat_bytes[0], sum(t.numel() * t.element_size() for t in bucket))
         return flatten_and_reduce(bucket, *args, **kwargs)
 
-    def census_then_clip():
+    def census_then_clip(*args):
         censuses["boundary"] = _census(trainer)
-        return clip()
+        return clip(*args)
 
     def census_then_reduce(*args, **kwargs):
         censuses["backward"] = _census(trainer)  # the last one: of the boundary micro-batch
         return reduce(*args, **kwargs)
 
     trainer.train_step(trainer.batch(trainer.step))  # the optimizer's state exists from here on
-    trainer._grad_norm_and_clip, trainer.engine.allreduce_gradients = census_then_clip, census_then_reduce
+    trainer._clip_and_agree, trainer.engine.allreduce_gradients = census_then_clip, census_then_reduce
     trainer.engine.allreduce_bucket = measured_allreduce_bucket
     trainer.train_step(trainer.batch(trainer.step))
     total = {when: {kind: sum(sizes.values()) for kind, sizes in kinds.items()} for when, kinds in censuses.items()}
