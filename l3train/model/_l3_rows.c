@@ -13,10 +13,12 @@
  * softmax, outputs and gradients are fp32 (the tables are fp32).
  *
  * Backward recomputes the scores (FlashAttention-style) from x and the saved log-sum-exp.
- * Each group accumulates its rows' gradients in place in the table-shaped gradient, and
- * zeroes the rows between its token's rows and the next group's (no token of the batch
- * owns them), so every row of the gradient is written exactly once per step: there is
- * no separate zero-filled buffer and no scatter-add pass.
+ * Each group accumulates its rows' gradients in place, either in a row-sparse gradient that
+ * holds only the rows the batch's tokens own (the groups' rows one after the other), or in
+ * the table-shaped gradient, where it also zeroes the rows between its token's rows and the
+ * next group's (no token of the batch owns them). Either way every row of the gradient is
+ * written exactly once per call: there is no separate zero-filled buffer and no scatter-add
+ * pass.
  */
 #include <math.h>
 #include <stdint.h>
@@ -296,18 +298,22 @@ static void zero_gap(const Groups *g, int64_t next_group, int64_t first, int64_t
     if (!tied) memset(grad_values + first * g->d_emb, 0, (size_t)((end - first) * g->d_emb) * sizeof(float));
 }
 
-/* grad_keys / grad_values: table-shaped (table_rows × width) gradients, written whole; the same
- * buffer for tied tables (keys == values), where both gradients add up. Groups must be in
- * token order (increasing row_start) for the gaps between them to be found. */
+/* grad_keys / grad_values: the same buffer for tied tables (keys == values), where both
+ * gradients add up. With `compact_start` NULL they are table-shaped (table_rows × width) and
+ * written whole: groups must then be in token order (increasing row_start) for the gaps
+ * between them to be found. Otherwise they hold only the groups' rows, group g's from row
+ * compact_start[g] of the buffer on (the row-sparse gradient: nothing is written for the
+ * rows no position of the batch owns). */
 int l3_rows_backward(int64_t groups, const int64_t *position_start, const int64_t *order, const int64_t *row_start,
                      const int64_t *row_count, const int64_t *schedule, int64_t max_rows, const float *x, int64_t d_in,
                      const float *keys, const float *values, int64_t d_emb, const float *out, const float *log_norm,
-                     const float *grad_out, int64_t table_rows, float *grad_x, float *grad_keys,
-                     float *grad_values, int threads) {
+                     const float *grad_out, int64_t table_rows, const int64_t *compact_start, float *grad_x,
+                     float *grad_keys, float *grad_values, int threads) {
     Groups g = {groups, position_start, order, row_start, row_count, schedule, max_rows, d_in, d_emb};
     int tied = grad_keys == grad_values;
     int failed = 0;
-    zero_gap(&g, 0, 0, table_rows, grad_keys, grad_values, tied); /* the rows before the first group's */
+    if (compact_start == NULL) /* the rows before the first group's */
+        zero_gap(&g, 0, 0, table_rows, grad_keys, grad_values, tied);
 #pragma omp parallel num_threads(threads)
     {
         float *probs = malloc((size_t)TILE * (size_t)g.max_rows * sizeof(float));
@@ -323,11 +329,13 @@ int l3_rows_backward(int64_t groups, const int64_t *position_start, const int64_
             int64_t rows = g.row_count[group];
             const float *k = keys + g.row_start[group] * g.d_in;
             const float *v = values + g.row_start[group] * g.d_emb;
-            float *gk = grad_keys + g.row_start[group] * g.d_in;
-            float *gv = grad_values + g.row_start[group] * g.d_emb;
+            int64_t first = compact_start == NULL ? g.row_start[group] : compact_start[group];
+            float *gk = grad_keys + first * g.d_in;
+            float *gv = grad_values + first * g.d_emb;
             memset(gk, 0, (size_t)(rows * g.d_in) * sizeof(float));
             if (!tied) memset(gv, 0, (size_t)(rows * g.d_emb) * sizeof(float));
-            zero_gap(&g, group + 1, g.row_start[group] + rows, table_rows, grad_keys, grad_values, tied);
+            if (compact_start == NULL)
+                zero_gap(&g, group + 1, g.row_start[group] + rows, table_rows, grad_keys, grad_values, tied);
             for (int64_t p = g.position_start[group]; p < g.position_start[group + 1]; p += TILE) {
                 const float *xs[TILE], *douts[TILE];
                 float *dxs[TILE];

@@ -259,7 +259,8 @@ IMPLEMENTATIONS = ("auto", "torch", "cpu")
 
 def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
                 max_elements_per_chunk: int = DEFAULT_MAX_ELEMENTS_PER_CHUNK,
-                table_dtype: torch.dtype = torch.float32, implementation: str = "auto") -> RowPlan:
+                table_dtype: torch.dtype = torch.float32, implementation: str = "auto",
+                row_sparse_gradients: bool = False) -> RowPlan:
     """Everything the row attention of `token_ids` needs that depends on the ids alone: the
     groups of the CPU kernel (CPU ids, fp32 tables of `table_dtype`), the kernels' work lists
     (Triton path, for CUDA ids when Triton is available), else the sort, the blocks and their
@@ -267,7 +268,9 @@ def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
     CPU kernel). Building it reads data-dependent sizes on the host (synchronising a GPU), so
     it is built once per micro-batch and shared by every L³ layer and by backward
     (l3train.model.l3_layer.LookupRoutes); `attend` then needs none. `feature_width` = d_in +
-    d_emb sizes the torch path's chunks (see `plan_blocks`)."""
+    d_emb sizes the torch path's chunks (see `plan_blocks`). `row_sparse_gradients`: the CPU
+    kernel gives the tables row-sparse gradients (for an optimizer that steps them,
+    l3train.row_adamw); the other paths always give table-shaped ones."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "cpu" and (token_ids.is_cuda or not cpu_kernel_available()):
@@ -275,7 +278,7 @@ def plan_lookup(token_ids: Tensor, bounds: Tensor, feature_width: int = 0,
                            "use implementation='auto'")
     if implementation == "cpu" or (implementation == "auto" and not token_ids.is_cuda
                                    and table_dtype == torch.float32 and cpu_kernel_available()):
-        return plan_cpu(token_ids, bounds)
+        return plan_cpu(token_ids, bounds, row_sparse_gradients)
     if token_ids.is_cuda and implementation == "auto":
         # Imported only here so CPU users never load Triton or compile its kernels.
         from l3train.model.l3_triton import plan_triton, triton_available

@@ -12,10 +12,12 @@ like the LZW trie, l3train.utils.c_library) does the same computation in one cal
   with no atomics, and each group's arithmetic has one fixed order: results are
   deterministic and do not depend on the thread count;
 - backward recomputes the scores from x and the saved log-sum-exp (FlashAttention-style),
-  and writes each row of the table-shaped gradient exactly once (a group's rows by the
-  group, the rows no position of the batch owns zeroed beside them): no zero-filled
-  buffer first, no scatter-add afterwards. The gradient stays table-shaped because the
-  optimizer (fused AdamW) steps every row, moments included, whether its token came or not.
+  and writes each row of the gradient exactly once: no zero-filled buffer first, no
+  scatter-add afterwards. Two layouts: table-shaped (a group's rows by the group, the rows
+  no position of the batch owns zeroed beside them), for tables that DeepSpeed or a torch
+  optimizer steps; or, with `plan_cpu(row_sparse=True)`, row-sparse: only the rows of the
+  batch's tokens, as a sparse COO gradient (`row_sparse_gradient`), for the sharded rows,
+  whose AdamW steps that form directly (l3train.row_adamw).
 
 fp32 throughout (scores, softmax, accumulation); other dtypes take the torch path, which
 stays the reference and the fallback (also when no C compiler is found). A token must own
@@ -57,7 +59,7 @@ def _library() -> ctypes.CDLL | None:
     library.l3_rows_backward.restype = ctypes.c_int
     library.l3_rows_backward.argtypes = [size, pointer, pointer, pointer, pointer, pointer, size, pointer, size,
                                          pointer, pointer, size, pointer, pointer, pointer, size, pointer, pointer,
-                                         pointer, ctypes.c_int]
+                                         pointer, pointer, ctypes.c_int]
     return library
 
 
@@ -82,6 +84,8 @@ class CpuPlan:
     schedule: Tensor  # (groups,) groups by decreasing work, the order threads take them (load balance)
     max_rows: int
     scores: int  # Σ over groups of positions × rows: the work, in score entries
+    # Backward gives the tables row-sparse gradients (`row_sparse_gradient`), not table-shaped ones.
+    row_sparse: bool = False
 
     def threads(self, feature_width: int) -> int:
         """Threads worth starting: one for small work (a decode step), where waking a thread team
@@ -95,9 +99,18 @@ class CpuPlan:
     def groups(self) -> int:
         return len(self.row_start)
 
+    def touched_rows(self) -> tuple[Tensor, Tensor]:
+        """The rows of the groups' tokens in token (= row) order, and where each group's rows start
+        in that list: the layout of a row-sparse gradient."""
+        compact_start = torch.cumsum(self.row_count, 0) - self.row_count
+        rows = torch.repeat_interleave(self.row_start - compact_start, self.row_count) + torch.arange(
+            int(self.row_count.sum()))
+        return rows, compact_start
 
-def plan_cpu(token_ids: Tensor, bounds: Tensor) -> CpuPlan:
-    """Group the positions of `token_ids` (N,) by token; reads sizes on the host (CPU tensors)."""
+
+def plan_cpu(token_ids: Tensor, bounds: Tensor, row_sparse: bool = False) -> CpuPlan:
+    """Group the positions of `token_ids` (N,) by token; reads sizes on the host (CPU tensors).
+    `row_sparse`: backward gives the tables row-sparse gradients (`row_sparse_gradient`)."""
     token_ids = token_ids.reshape(-1)
     sorted_ids, order = torch.sort(token_ids, stable=True)
     unique_ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
@@ -111,7 +124,8 @@ def plan_cpu(token_ids: Tensor, bounds: Tensor) -> CpuPlan:
     return CpuPlan(num_positions=token_ids.numel(), order=order.contiguous(),
                    position_start=torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
                    row_start=row_start.contiguous(), row_count=row_count.contiguous(), schedule=schedule,
-                   max_rows=int(row_count.max()) if len(row_count) else 0, scores=int(work.sum()))
+                   max_rows=int(row_count.max()) if len(row_count) else 0, scores=int(work.sum()),
+                   row_sparse=row_sparse)
 
 
 def _groups(plan: CpuPlan) -> list:
@@ -147,14 +161,29 @@ class _CpuRowAttention(torch.autograd.Function):
         plan, tied = ctx.plan, ctx.tied
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)  # every position belongs to one group, which writes it
-        grad_keys = torch.empty_like(keys)  # every row written once by the kernel
-        grad_values = grad_keys if tied else torch.empty_like(values)
-        _check(_library().l3_rows_backward(*_groups(plan), x.data_ptr(), x.shape[1], keys.data_ptr(),
-                                           values.data_ptr(), values.shape[1], out.data_ptr(), log_norm.data_ptr(),
-                                           grad_out.data_ptr(), keys.shape[0], grad_x.data_ptr(),
-                                           grad_keys.data_ptr(), grad_values.data_ptr(),
-                                           plan.threads(x.shape[1] + values.shape[1])))
+        rows, compact_start = plan.touched_rows() if plan.row_sparse else (None, None)
+        grad_rows = keys.shape[0] if rows is None else len(rows)  # every one written once by the kernel
+        grad_keys = keys.new_empty(grad_rows, keys.shape[1])
+        grad_values = grad_keys if tied else values.new_empty(grad_rows, values.shape[1])
+        # Row-sparse with no groups: no rows to write (and an empty compact_start's pointer may be NULL).
+        if rows is None or plan.groups:
+            _check(_library().l3_rows_backward(*_groups(plan), x.data_ptr(), x.shape[1], keys.data_ptr(),
+                                               values.data_ptr(), values.shape[1], out.data_ptr(), log_norm.data_ptr(),
+                                               grad_out.data_ptr(), keys.shape[0],
+                                               None if rows is None else compact_start.data_ptr(), grad_x.data_ptr(),
+                                               grad_keys.data_ptr(), grad_values.data_ptr(),
+                                               plan.threads(x.shape[1] + values.shape[1])))
+        if rows is not None:
+            grad_keys = row_sparse_gradient(rows, grad_keys, keys.shape)
+            grad_values = grad_keys if tied else row_sparse_gradient(rows, grad_values, values.shape)
         return grad_x, grad_keys, None if tied else grad_values, None
+
+
+def row_sparse_gradient(rows: Tensor, values: Tensor, shape: torch.Size) -> Tensor:
+    """A table's gradient that holds only `rows` (increasing, distinct): a coalesced sparse COO
+    tensor of `shape` with one dense row of `values` per index. Autograd accumulates it over
+    micro-batches like a dense one (as an `nn.Embedding(sparse=True)` gradient)."""
+    return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=False)
 
 
 def cpu_attend(x: Tensor, keys: Tensor, values: Tensor, plan: CpuPlan) -> tuple[Tensor, Tensor]:

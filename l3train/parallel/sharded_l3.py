@@ -40,6 +40,9 @@ in place at the accumulation boundary together with the clipping coefficient
 (`ShardedRows.scale_gradients`): one pass over them per step, where scaling in backward
 cost a table-sized copy per micro-batch. They must not be all-reduced or partitioned over
 DP by ZeRO (their shapes even differ between ranks).
+On CPUs the kernel gives the tables row-sparse gradients (only the rows of the tokens this
+rank served: l3train.model.l3_cpu.row_sparse_gradient), coalesced as micro-batches add up,
+and their AdamW steps that form (l3train.row_adamw): no table-shaped gradient exists.
 So the sharded tables are not parameters of the layer at all: `shard_lookup_layer` swaps
 the layer's row backend for a `ShardedRowTable`, which keeps this rank's tables in a plain
 `RankLocalTables` holder (not a module), so no ZeRO stage, hook or checkpoint of the
@@ -128,6 +131,8 @@ class ShardedRowTable(nn.Module):
         self.register_buffer("local_bounds", bounds_from_rows(plan.local_rows_per_token(routing.shard)).to(device),
                              persistent=False)
         self.local, self.routing = local, routing
+        for table in local.tensors():  # row-sparse gradients (the CPU kernel's) summed as they arrive
+            table.register_post_accumulate_grad_hook(_coalesce_gradient)
         # d_in + d_emb: sizes the torch path's chunks.
         self.feature_width = local.keys.shape[1] + (local.keys if local.values is None else local.values).shape[1]
         # Layers of one shard plan and placement share a route.
@@ -156,8 +161,10 @@ class ShardedRowTable(nn.Module):
         send, recv = counts[:route.dp_size], counts[route.dp_size:]
         positions = order[:sum(send)]
         remote_ids = exchange(token_ids[positions], send, recv, route.dp_group)
+        # Row-sparse gradients on the CPU kernel: this rank's optimizer steps them (sharded_optim).
         return ShardedRoute(positions, send, recv, plan_lookup(remote_ids, self.local_bounds, self.feature_width,
-                                                                    table_dtype=self.local.keys.dtype))
+                                                                    table_dtype=self.local.keys.dtype,
+                                                                    row_sparse_gradients=True))
 
     def forward(self, x: Tensor, route: ShardedRoute) -> tuple[Tensor, Tensor]:
         """Same contract as `LocalRowTable`, on this rank's own tables (`local_bounds`)."""
@@ -180,6 +187,23 @@ class ShardedRowTable(nn.Module):
             out = SumOverGroup.apply(out, group.tp_group)
             dist.all_reduce(entropy, group=group.tp_group)
         return out, entropy
+
+
+def _coalesce_gradient(table: Tensor) -> None:
+    """After autograd accumulates a micro-batch's row-sparse gradient into `table.grad` (by
+    concatenation: sparse + sparse), sum the rows that came twice, so that the gradient never
+    holds more than the rows the step's micro-batches touched (at most the table). A first
+    micro-batch's gradient is the kernel's, whose rows are increasing and distinct, but
+    autograd's shallow copy drops its coalesced flag: checked (strictly increasing rows) and
+    set back, without coalesce()'s sort and copy."""
+    grad = table.grad
+    if grad is None or not grad.is_sparse or grad.is_coalesced():
+        return
+    rows = grad._indices()[0]
+    if bool((rows[1:] > rows[:-1]).all()):
+        grad._coalesced_(True)
+    else:
+        table.grad = grad.coalesce()
 
 
 def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: ParallelState,

@@ -41,9 +41,15 @@ from l3train.parallel.expert_parallel import ExpertParallelExperts
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.sharded_l3 import ShardedRowTable
 from l3train.parallel.state import ParallelState
+from l3train.row_adamw import row_sparse_adamw_step
 
 
 RESHARD_HINT = "(or move the checkpoint to this layout with tools/convert_checkpoint.py reshard)"
+
+
+def _stored_rows(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient's stored values: a dense gradient itself, a (coalesced) row-sparse one's rows."""
+    return grad._values() if grad.is_sparse else grad
 
 
 def rank_file(kind: str, rank: int) -> str:
@@ -71,10 +77,14 @@ class RankLocalParameters(ABC):
 
     def prepare_gradients(self) -> None:
         """At the accumulation boundary: a tensor that received no gradient gets zeros, as its
-        rows or experts would in one process (where they are slices of a larger gradient)."""
+        rows or experts would in one process (where they are slices of a larger gradient). A
+        row-sparse gradient (the sharded rows' on CPUs) accumulated over micro-batches is
+        coalesced (a row's parts summed), which the norm, the scaling and the step expect."""
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+            elif param.grad.is_sparse and not param.grad.is_coalesced():
+                param.grad = param.grad.coalesce()
 
     def squared_grad_norm(self) -> torch.Tensor:
         """This rank's share of the world's Σ of squared gradients, with `gradient_scale` applied
@@ -83,7 +93,7 @@ class RankLocalParameters(ABC):
         for param in self.params:
             # Row norms, then their squares summed: one pass without a table-sized temporary,
             # as exact as square().sum() (a row's 128-odd products, then a cascade over rows).
-            grad = param.grad.detach().float()
+            grad = _stored_rows(param.grad).detach().float()
             total += torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).square().sum()
         return total * self.gradient_scale ** 2 / self.copies
 
@@ -93,13 +103,19 @@ class RankLocalParameters(ABC):
         factor = coefficient * self.gradient_scale
         if factor != 1.0:
             for param in self.params:
-                param.grad.mul_(factor)
+                _stored_rows(param.grad).mul_(factor)
 
     def step(self, skip: bool = False) -> None:
         """AdamW step (none when `skip`: the step's loss or gradient was not finite) and LR
-        schedule, then clear the gradients."""
+        schedule, then clear the gradients. Row-sparse gradients take `row_sparse_adamw_step`
+        (AdamW's update of every row, on the same optimizer state), dense ones the AdamW."""
         if not skip:
+            sparse = {param: param.grad for param in self.params if param.grad.is_sparse}
+            for param in sparse:
+                param.grad = None  # torch's AdamW steps the dense ones, and skips these
             self.optimizer.step()
+            if sparse:
+                row_sparse_adamw_step(self.optimizer, sparse)
         self.scheduler.step()
         self.optimizer.zero_grad()  # to None: the next backward hands its fresh gradients over, no add into zeros
 

@@ -21,7 +21,9 @@ A rank holds, in bytes:
 - Rank-local tensors, outside DeepSpeed (l3train.parallel.sharded_optim): the sharded L³ rows
   (the fullest shard of the allocation's shard plan; without the allocation, v/(TP·DP) rows)
   and expert-parallel experts, 16 bytes per element in any precision (fp32 weights and
-  gradients, fused AdamW's two fp32 moments). Unsharded tables (one rank, or
+  gradients, fused AdamW's two fp32 moments). On CPUs the sharded rows' gradient is
+  row-sparse (the rows a step touched, with an 8-byte index each): the plan counts the worst
+  case, every row. Unsharded tables (one rank, or
   parallel.shard_l3_rows=false) are ordinary DeepSpeed parameters.
 - Activations of one micro-batch: see `activation_estimate`.
 

@@ -199,12 +199,15 @@ def row_accumulation(tied: bool, world, parallel, log) -> dict:
         old, _ = row_attention_with_entropy(flat_x.to(world.device), flat_ids.to(world.device), bounds, keys16,
                                             values16)
         old.backward(flat_grad.to(world.device))
+    # On a CPU the micro-batches' row-sparse gradients were summed as they arrived: each row once.
+    for table in backend.local.tensors():
+        assert not table.grad.is_sparse or (table.grad.is_coalesced() and table.grad._nnz() <= table.shape[0])
     # At the accumulation boundary the rows' optimizer applies their share of the DP average.
     ShardedRows([backend], plan, _config(world.size, 0, max_norm=0.0)[0]).scale_gradients(1.0)
     tables = [(backend.local.keys, exact_keys, old_keys)]
     if not tied:
         tables.append((backend.local.values, exact_values, old_values))
-    got = [t.grad for t, _, _ in tables]
+    got = [t.grad.to_dense() for t, _, _ in tables]  # (row-sparse on CPUs: the kernel's gradient)
     want = [e.grad[own] for _, e, _ in tables]
     figures = {"error": relative_error(got, want), "old_error": relative_error([o.grad[own] for _, _, o in tables],
                                                                               want),
@@ -243,7 +246,7 @@ def clipped_step(stage: int, max_norm: float, world, parallel) -> dict:
             total = clip_global_norm(engine, engine.module, parallel, [sharded], max_norm)
         engine.step()
     step = [b - a for b, a in zip(before, _master_weights(params))]
-    row_grads = [p.grad.detach().clone() for p in sharded.params]
+    row_grads = [p.grad.detach().to_dense().clone() for p in sharded.params]  # (row-sparse on CPUs)
     engine.destroy()
     return {"total": total, "dense_step": step, "row_grads": row_grads}
 

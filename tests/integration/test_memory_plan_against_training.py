@@ -93,14 +93,20 @@ def test_planned_memory_matches_what_the_trainer_holds(tmp_path, tiny_corpus, ti
     plan = planned(config, RUNS[ranks], ranks)
     print(json.dumps({"ranks": ranks, "planned": plan, "measured": largest}))
     for key, want in plan.items():
+        if key == "rows_gradients" and ranks > 1:
+            # Sharded rows on a CPU: a row-sparse gradient, the rows this step touched (with an
+            # 8-byte index each); the plan is the worst case, every row touched.
+            assert 0.2 * want < largest[key] <= (1 + TOLERANCE) * want, (key, plan, largest)
+            continue
         assert abs(largest[key] - want) <= TOLERANCE * max(want, 1), (key, plan, largest)
 
 
 def _storages(tensors) -> dict[int, int]:
     """Bytes by storage of `tensors`; None entries and meta tensors (no memory: DeepSpeed keeps
     some as shape records) are skipped."""
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
-            if t is not None and not t.is_meta}
+    parts = [part for t in tensors if t is not None and not t.is_meta
+             for part in ((t._indices(), t._values()) if t.is_sparse else (t,))]  # a row-sparse gradient: both
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts}
 
 
 _NOT_STATE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, type)

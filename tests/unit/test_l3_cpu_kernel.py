@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from l3train.model.l3_attention import BlockPlan, plan_lookup, row_attention, row_attention_loop, row_attention_with_entropy
+from l3train.model.l3_attention import (BlockPlan, attend, plan_lookup, row_attention, row_attention_loop,
+                                        row_attention_with_entropy)
 from l3train.model.l3_cpu import CpuPlan
 from l3train.model.l3_layer import bounds_from_rows
 from tests.unit.test_l3_layer import assert_close_relative, make_case, outputs_and_grads
@@ -74,6 +75,33 @@ def test_rows_no_position_uses_get_zero_gradient():
     used[3:5] = used[9:10] = True
     assert torch.equal(grad_keys[~used], torch.zeros(int((~used).sum()), 6))
     assert (grad_keys[used].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_row_sparse_gradient_holds_the_table_shaped_one_rows(tied):
+    """With `row_sparse_gradients` (the sharded rows' plans) the tables' gradients hold only the
+    rows of the batch's tokens, bitwise those of the table-shaped gradient, which is zero
+    elsewhere; x's gradient is unchanged. Also for a batch with no positions (no rows)."""
+    x, ids, bounds, keys, values = fp32(make_case(seed=5, dtype=torch.float64, tied=tied))
+    ids = ids.remainder(20)  # tokens 20-39 absent: rows the gradient leaves out
+
+    def grads(row_sparse: bool, ids=ids, x=x):
+        plan = plan_lookup(ids, bounds, implementation="cpu", row_sparse_gradients=row_sparse)
+        return outputs_and_grads(lambda x, _i, _b, k, v: attend(x, k, v, plan)[0], x, ids, bounds, keys, values, tied)
+
+    dense, sparse = grads(False), grads(True)
+    assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
+    owned = torch.cat([torch.arange(int(bounds[t]), int(bounds[t + 1])) for t in torch.unique(ids)])
+    for table_dense, table_sparse in zip(dense[2:], sparse[2:]):
+        assert table_sparse.is_sparse and table_sparse.is_coalesced()
+        assert torch.equal(table_sparse._indices()[0], owned)  # increasing: token order is row order
+        assert torch.equal(table_sparse._values(), table_dense[owned])
+        assert torch.equal(table_sparse.to_dense(), table_dense)
+        absent = ~torch.isin(torch.arange(len(table_dense)), owned)
+        assert absent.sum() > 100 and not table_dense[absent].any()
+    no_ids, no_x = torch.zeros(0, dtype=torch.long), torch.zeros(0, x.shape[1])
+    for table, gradient in zip([keys, values], grads(True, no_ids, no_x)[2:]):
+        assert gradient.is_sparse and gradient._nnz() == 0 and gradient.shape == table.shape
 
 
 def test_deterministic_and_independent_of_threads():

@@ -1,0 +1,114 @@
+"""The row-sparse AdamW step (l3train.row_adamw) against torch's AdamW on the same gradient
+made dense (zeros in the rows not listed), and against AdamW's formula in fp64."""
+
+import copy
+
+import pytest
+import torch
+
+from l3train.model.l3_cpu import row_sparse_gradient
+from l3train.row_adamw import row_sparse_adamw_step
+
+ROWS, WIDTH = 300, 20
+HYPER = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+# The rows each step's gradient holds: some every step, some sometimes, rows 250+ never; one
+# step has none at all (its moments still decay and its weights still move).
+STEP_ROWS = [torch.arange(0, 200, 2), torch.arange(0, 120), torch.tensor([], dtype=torch.long),
+             torch.tensor([0, 1, 7, 199, 249]), torch.arange(100, 250)]
+LRS = [1e-3, 3e-3, 2e-3, 5e-4, 1e-3]
+
+
+def _gradients(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [row_sparse_gradient(rows, torch.randn(len(rows), WIDTH, generator=gen), torch.Size([ROWS, WIDTH]))
+            for rows in STEP_ROWS]
+
+
+def _run(gradients, sparse: bool, table: torch.Tensor) -> tuple[torch.Tensor, torch.optim.AdamW]:
+    param = torch.nn.Parameter(table.clone())
+    optimizer = torch.optim.AdamW([param], lr=LRS[0], fused=True, **HYPER)
+    for lr, grad in zip(LRS, gradients):
+        optimizer.param_groups[0]["lr"] = lr  # as the LR schedule sets it
+        if sparse:
+            row_sparse_adamw_step(optimizer, {param: grad})
+        else:
+            param.grad = grad.to_dense()
+            optimizer.step()
+    return param.detach(), optimizer
+
+
+def _fp64_reference(gradients, table: torch.Tensor) -> torch.Tensor:
+    """AdamW (decoupled weight decay, bias-corrected moments) over every element, in fp64."""
+    (beta1, beta2), eps, decay = HYPER["betas"], HYPER["eps"], HYPER["weight_decay"]
+    param, m, v = table.double(), torch.zeros(ROWS, WIDTH, dtype=torch.float64), torch.zeros(ROWS, WIDTH,
+                                                                                             dtype=torch.float64)
+    for step, (lr, grad) in enumerate(zip(LRS, gradients), start=1):
+        g = grad.to_dense().double()
+        param = param * (1 - lr * decay)
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        param = param - lr / (1 - beta1 ** step) * m / ((v / (1 - beta2 ** step)).sqrt() + eps)
+    return param
+
+
+def test_every_row_moves_as_in_torchs_adamw_on_the_dense_gradient():
+    table = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(1))
+    gradients = _gradients()
+    sparse, sparse_optimizer = _run(gradients, True, table)
+    dense, dense_optimizer = _run(gradients, False, table)
+    reference = _fp64_reference(gradients, table)
+    # Both within fp32 rounding of the fp64 formula, and of each other.
+    torch.testing.assert_close(sparse.double(), reference, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(dense.double(), reference, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(sparse, dense, rtol=2e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(sparse_optimizer.state[sparse_optimizer.param_groups[0]["params"][0]][key],
+                                   dense_optimizer.state[dense_optimizer.param_groups[0]["params"][0]][key],
+                                   rtol=2e-6, atol=1e-7)  # (values ~0.1-1; a few cancel to ~1e-3)
+    # Rows no gradient ever held only decay (weight decay); rows absent from the last step
+    # still move by their moments, unlike a lazy (SparseAdam) update.
+    never = torch.arange(250, ROWS)
+    torch.testing.assert_close(sparse[never], table[never] * torch.tensor(
+        [1 - lr * HYPER["weight_decay"] for lr in LRS]).prod(), rtol=1e-6, atol=0)
+    before_last, _ = _run(gradients[:-1], True, table)
+    decayed_only = before_last[:100] * (1 - LRS[-1] * HYPER["weight_decay"])
+    assert ((sparse[:100] - decayed_only).abs().amax(1) > 1e-5).all()  # rows 0-99: not in the last step's gradient
+
+
+def test_state_is_torchs_adamw_state():
+    """A checkpoint of the optimizer after row-sparse steps resumes in a plain torch AdamW (and
+    the other way round) with the same result as continuing."""
+    table = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(2))
+    gradients = _gradients(seed=3)
+    param = torch.nn.Parameter(table.clone())
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True, **HYPER)
+    for grad in gradients[:3]:
+        row_sparse_adamw_step(optimizer, {param: grad})
+    state = copy.deepcopy(optimizer.state_dict())  # as a checkpoint holds it (state_dict() shares the tensors)
+    assert state["state"][0]["step"].dtype == torch.float32 and float(state["state"][0]["step"]) == 3
+    resumed = torch.nn.Parameter(param.detach().clone())
+    dense = torch.optim.AdamW([resumed], lr=1e-3, fused=True, **HYPER)
+    dense.load_state_dict(state)
+    for grad in gradients[3:]:
+        row_sparse_adamw_step(optimizer, {param: grad})
+        resumed.grad = grad.to_dense()
+        dense.step()
+    torch.testing.assert_close(param.detach(), resumed.detach(), rtol=2e-6, atol=1e-7)
+
+
+def test_deterministic_and_independent_of_threads():
+    table = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(4))
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            runs.append(_run(_gradients(), True, table)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], run) for run in runs[1:])
+
+
+def test_amsgrad_is_refused():
+    param = torch.nn.Parameter(torch.zeros(4, 3))
+    optimizer = torch.optim.AdamW([param], amsgrad=True)
+    with pytest.raises(Exception, match="neither amsgrad nor maximize"):
+        row_sparse_adamw_step(optimizer, {param: row_sparse_gradient(torch.tensor([1]), torch.ones(1, 3), param.shape)})
