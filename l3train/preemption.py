@@ -3,9 +3,11 @@
 SLURM sends SIGTERM at preemption and, with `--signal=USR1@<seconds>`, SIGUSR1 before the
 time limit. The handler only sets a flag; each optimizer step reads it at its accumulation
 boundary, where the ranks agree on it in the step's one all-reduce of flags (beside the
-skip check), so that every rank finishes that step, saves and stops after it. The trainer
-then exits with `EXIT_REQUEUE` (75, EX_TEMPFAIL), which launch/slurm/pretrain.sbatch turns
-into `scontrol requeue`.
+skip check), so that every rank finishes that step, saves and stops after it. A signal that
+arrives after a step's boundary (during its optimizer step, logging, validation or a save)
+is agreed at the next step's: allow a step and a validation more in `--signal=USR1@<seconds>`
+and in SLURM's KillWait. The trainer then exits with `EXIT_REQUEUE` (75, EX_TEMPFAIL), which
+launch/slurm/pretrain.sbatch turns into `scontrol requeue`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ The moments stay in the `torch.optim.AdamW`'s state (`step`, `exp_avg`, `exp_avg
 its fused implementation keeps them), so checkpoints, resumes and conversions see an
 ordinary AdamW, and a dense gradient (the torch and Triton paths) is stepped by that AdamW.
 The arithmetic per element is fused AdamW's (decoupled weight decay, bias-corrected moments,
-fp32); it agrees with `torch.optim.AdamW` on a zero-filled dense gradient to fp32 rounding.
+fp32); it agrees with `torch.optim.AdamW` on a zero-filled dense gradient to fp32 rounding
+(not bitwise: a few elements in ten thousand differ by an ulp after a few steps, where
+torch's vectorised lerp rounds differently).
 """
 
 from __future__ import annotations
@@ -47,16 +49,18 @@ def _library() -> ctypes.CDLL:
     return library
 
 
-def _float_table(tensor: Tensor, what: str) -> None:
-    if tensor.is_cuda or tensor.dtype != torch.float32 or not tensor.is_contiguous():
-        raise L3TrainError(f"the row-sparse AdamW step takes contiguous fp32 CPU tensors; {what} is "
-                           f"{tensor.dtype} on {tensor.device}")
+def _float_table(tensor: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tensor.is_cuda or tensor.dtype != torch.float32 or not tensor.is_contiguous() or tuple(tensor.shape) != shape:
+        raise L3TrainError(f"the row-sparse AdamW step takes contiguous fp32 CPU tensors; {what} is a "
+                           f"{tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}, expected "
+                           f"{shape}")
 
 
 def row_sparse_adamw_step(optimizer: torch.optim.AdamW, gradients: dict[nn.Parameter, Tensor]) -> None:
     """One AdamW step of the parameters in `gradients` (2-D tables of `optimizer`), each with a
-    coalesced row-sparse gradient (`row_sparse_gradient`: a sparse COO tensor of the table's
-    shape with dense rows), with `optimizer`'s hyperparameters and state."""
+    row-sparse gradient (`row_sparse_gradient`: a sparse COO tensor of the table's shape with
+    one dense row per index; coalesced here if it is not), with `optimizer`'s hyperparameters
+    and state."""
     for group in optimizer.param_groups:
         if group.get("amsgrad") or group.get("maximize"):
             raise L3TrainError("the row-sparse AdamW step supports neither amsgrad nor maximize")
@@ -65,17 +69,24 @@ def row_sparse_adamw_step(optimizer: torch.optim.AdamW, gradients: dict[nn.Param
             if param not in gradients:
                 continue
             grad = gradients[param]
-            _float_table(param, "a table")
+            if not grad.is_sparse or grad.sparse_dim() != 1 or grad.shape != param.shape or param.dim() != 2:
+                raise L3TrainError(f"the row-sparse AdamW step takes a 2-D table's gradient with sparse rows and "
+                                   f"dense columns; got a {grad.layout} gradient of shape {tuple(grad.shape)} "
+                                   f"(sparse dims {grad.sparse_dim() if grad.is_sparse else 0}) for a table of "
+                                   f"shape {tuple(param.shape)}")
+            grad = grad if grad.is_coalesced() else grad.coalesce()  # increasing, distinct rows
+            rows, values = grad._indices()[0].contiguous(), grad._values().contiguous()
+            _float_table(param, tuple(param.shape), "the table")
+            _float_table(values, (len(rows), param.shape[1]), "the gradient's rows")
             state = optimizer.state[param]
             if not state:  # as torch's fused AdamW initialises it
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            for key in ("exp_avg", "exp_avg_sq"):
+                _float_table(state[key], tuple(param.shape), f"the optimizer's {key}")
             state["step"] += 1
-            rows, values = grad._indices()[0].contiguous(), grad._values().contiguous()
-            _float_table(values, "the gradient")
             _library().row_adamw_step(
-                param.shape[0], param[0].numel() if param.shape[0] else 0, param.data_ptr(),
-                state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(), rows.data_ptr(), values.data_ptr(),
-                len(rows), float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                float(state["step"]), torch.get_num_threads())
+                param.shape[0], param.shape[1], param.data_ptr(), state["exp_avg"].data_ptr(),
+                state["exp_avg_sq"].data_ptr(), rows.data_ptr(), values.data_ptr(), len(rows), float(group["lr"]),
+                beta1, beta2, group["eps"], group["weight_decay"], float(state["step"]), torch.get_num_threads())

@@ -65,13 +65,14 @@ def run_local_ranks(module: str, arguments: list[str], nproc: int, what: str) ->
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
     """A distribution-free interval for the median of the population `values` were drawn from:
     the order statistics x_(j) and x_(n+1-j) (1-based), with the largest j whose interval covers
-    the median with probability >= `confidence` whatever the distribution (it does unless at
-    least n+1-j values fall on one side of the median: 1 - 2·P(Binomial(n, 1/2) <= j-1)).
-    None when even the full range covers it less often (n < 6 at 95%)."""
+    the median with probability >= `confidence` for independent draws from any continuous
+    distribution (it does unless at least n+1-j values fall on one side of the median:
+    1 - 2·P(Binomial(n, 1/2) <= j-1)). None when even the full range covers it less often
+    (n < 6 at 95%)."""
     n, ordered = len(values), sorted(values)
 
     def coverage(j: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0 ** n
+        return 1.0 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n  # exact integers: any n
 
     if n == 0 or coverage(1) < confidence:
         return None

@@ -99,9 +99,11 @@ class CpuPlan:
     def groups(self) -> int:
         return len(self.row_start)
 
+    @functools.cached_property
     def touched_rows(self) -> tuple[Tensor, Tensor]:
         """The rows of the groups' tokens in token (= row) order, and where each group's rows start
-        in that list: the layout of a row-sparse gradient."""
+        in that list: the layout of a row-sparse gradient (made once per plan: the layers and
+        micro-batch share it)."""
         compact_start = torch.cumsum(self.row_count, 0) - self.row_count
         rows = torch.repeat_interleave(self.row_start - compact_start, self.row_count) + torch.arange(
             int(self.row_count.sum()))
@@ -161,7 +163,7 @@ class _CpuRowAttention(torch.autograd.Function):
         plan, tied = ctx.plan, ctx.tied
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)  # every position belongs to one group, which writes it
-        rows, compact_start = plan.touched_rows() if plan.row_sparse else (None, None)
+        rows, compact_start = plan.touched_rows if plan.row_sparse else (None, None)
         grad_rows = keys.shape[0] if rows is None else len(rows)  # every one written once by the kernel
         grad_keys = keys.new_empty(grad_rows, keys.shape[1])
         grad_values = grad_keys if tied else values.new_empty(grad_rows, values.shape[1])

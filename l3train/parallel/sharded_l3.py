@@ -191,8 +191,8 @@ class ShardedRowTable(nn.Module):
 
 def _coalesce_gradient(table: Tensor) -> None:
     """After autograd accumulates a micro-batch's row-sparse gradient into `table.grad` (by
-    concatenation: sparse + sparse), sum the rows that came twice, so that the gradient never
-    holds more than the rows the step's micro-batches touched (at most the table). A first
+    concatenation: sparse + sparse), sum the rows that came twice, so that between
+    micro-batches the gradient holds only the rows they touched (at most the table). A first
     micro-batch's gradient is the kernel's, whose rows are increasing and distinct, but
     autograd's shallow copy drops its coalesced flag: checked (strictly increasing rows) and
     set back, without coalesce()'s sort and copy."""

@@ -22,8 +22,9 @@ A rank holds, in bytes:
   (the fullest shard of the allocation's shard plan; without the allocation, v/(TP·DP) rows)
   and expert-parallel experts, 16 bytes per element in any precision (fp32 weights and
   gradients, fused AdamW's two fp32 moments). On CPUs the sharded rows' gradient is
-  row-sparse (the rows a step touched, with an 8-byte index each): the plan counts the worst
-  case, every row. Unsharded tables (one rank, or
+  row-sparse (the rows a step touched, with an 8-byte index each): the plan counts a dense
+  gradient, every row, and leaves out the indices (3% at 128 columns) and the moment in
+  backward when, over several micro-batches, the sum and its summands coexist. Unsharded tables (one rank, or
   parallel.shard_l3_rows=false) are ordinary DeepSpeed parameters.
 - Activations of one micro-batch: see `activation_estimate`.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,9 +25,6 @@ from l3train.model.moe import RouterStats
 from l3train.sizing.accounting import training_flops
 from l3train.trainer.throughput import device_peak_tflops, peak_memory_gib, throughput_scalars
 from l3train.utils.atomic import atomic_write_text
-
-if TYPE_CHECKING:  # megatron-core is slow to import: the trainer imports this before its checks
-    from l3train.parallel.state import ParallelState
 
 
 @dataclass
@@ -83,11 +79,11 @@ def format_line(step: int, cfg: Config, scalars: dict[str, float], elapsed: floa
 class Monitor:
     """Accumulates `StepStats` between log steps; reduces and writes them on log steps."""
 
-    def __init__(self, cfg: Config, parallel: ParallelState, is_main: bool, start_step: int,
+    def __init__(self, cfg: Config, is_main: bool, start_step: int,
                  mean_rows_per_token: float | None = None) -> None:
         """`mean_rows_per_token`: the allocation's corpus mean d_t, for the model FLOPs (None:
         read from `l3.allocation` when the model has L³ layers)."""
-        self.cfg, self.parallel, self.is_main = cfg, parallel, is_main
+        self.cfg, self.is_main = cfg, is_main
         self.pending: list[StepStats] = []
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
         self.wandb = None

@@ -118,7 +118,7 @@ class Trainer:
             for part in self.parts.rank_local:
                 apply_hyperparameters(part.optimizer.param_groups, part.scheduler, cfg)
         self.step = self.start_step = resumed.step if resumed else 0
-        self.monitor = Monitor(cfg, self.parallel, self.world.is_main, self.start_step)
+        self.monitor = Monitor(cfg, self.world.is_main, self.start_step)
         if self.world.is_main:
             atomic_write_text(Path(cfg.run_dir) / "config.yaml", cfg.to_yaml())
         if cleared:

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from l3train.errors import L3TrainError
 from l3train.model.l3_cpu import row_sparse_gradient
 from l3train.row_adamw import row_sparse_adamw_step
 
@@ -93,6 +94,15 @@ def test_state_is_torchs_adamw_state():
         resumed.grad = grad.to_dense()
         dense.step()
     torch.testing.assert_close(param.detach(), resumed.detach(), rtol=2e-6, atol=1e-7)
+    # The other way round: torch's AdamW's state, continued by row-sparse steps.
+    back = torch.nn.Parameter(resumed.detach().clone())
+    sparse = torch.optim.AdamW([back], lr=1e-3, fused=True, **HYPER)
+    sparse.load_state_dict(copy.deepcopy(dense.state_dict()))
+    for grad in gradients[:2]:
+        row_sparse_adamw_step(sparse, {back: grad})
+        resumed.grad = grad.to_dense()
+        dense.step()
+    torch.testing.assert_close(back.detach(), resumed.detach(), rtol=2e-6, atol=1e-7)
 
 
 def test_deterministic_and_independent_of_threads():
@@ -107,8 +117,54 @@ def test_deterministic_and_independent_of_threads():
     assert all(torch.equal(runs[0], run) for run in runs[1:])
 
 
+def test_a_gradient_of_another_layout_is_refused_and_an_uncoalesced_one_summed():
+    table = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    param = torch.nn.Parameter(table.clone())
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=True, **HYPER)
+    for wrong in (torch.ones(6, 3).to_sparse(), torch.ones(6, 3), row_sparse_gradient(
+            torch.tensor([1]), torch.ones(1, 2), torch.Size([6, 2]))):
+        with pytest.raises(L3TrainError, match="row-sparse AdamW step takes a 2-D table's gradient"):
+            row_sparse_adamw_step(optimizer, {param: wrong})
+    assert not optimizer.state  # a refused call steps nothing
+    # Row 2 twice and out of order: summed (coalesced) first, as one gradient row.
+    uncoalesced = torch.sparse_coo_tensor(torch.tensor([[2, 1, 2]]), torch.ones(3, 3), (6, 3))
+    row_sparse_adamw_step(optimizer, {param: uncoalesced})
+    reference = torch.nn.Parameter(table.clone())
+    reference.grad = uncoalesced.to_dense()
+    torch.optim.AdamW([reference], lr=1e-3, fused=True, **HYPER).step()
+    torch.testing.assert_close(param.detach(), reference.detach(), rtol=2e-6, atol=1e-7)
+
+
 def test_amsgrad_is_refused():
     param = torch.nn.Parameter(torch.zeros(4, 3))
     optimizer = torch.optim.AdamW([param], amsgrad=True)
-    with pytest.raises(Exception, match="neither amsgrad nor maximize"):
+    with pytest.raises(L3TrainError, match="neither amsgrad nor maximize"):
         row_sparse_adamw_step(optimizer, {param: row_sparse_gradient(torch.tensor([1]), torch.ones(1, 3), param.shape)})
+
+
+def test_micro_batches_row_sparse_gradients_are_summed_as_they_arrive():
+    """The sharded rows' hook (l3train.parallel.sharded_l3): the first micro-batch's gradient
+    keeps its rows (autograd's copy flagged coalesced again), later ones are summed in, each
+    row once, as the dense sum would be."""
+    from l3train.parallel.sharded_l3 import _coalesce_gradient
+
+    table = torch.nn.Parameter(torch.zeros(ROWS, WIDTH))
+    table.register_post_accumulate_grad_hook(_coalesce_gradient)
+    gradients, total = _gradients(seed=6), torch.zeros(ROWS, WIDTH)
+
+    class Lookup(torch.autograd.Function):  # a backward that returns a given row-sparse gradient
+        @staticmethod
+        def forward(ctx, weights, grad):
+            ctx.grad = grad
+            return weights.sum()
+
+        @staticmethod
+        def backward(ctx, _):
+            return ctx.grad, None
+
+    for grad in gradients:
+        Lookup.apply(table, grad).backward()
+        total += grad.to_dense()
+        assert table.grad.is_sparse and table.grad.is_coalesced()
+        assert torch.equal(table.grad._indices()[0], torch.nonzero(total.abs().sum(1)).flatten())
+        torch.testing.assert_close(table.grad.to_dense(), total)

@@ -9,7 +9,6 @@ import struct
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,9 +82,10 @@ def test_the_peak_comes_from_the_flag_or_the_gpu_table_and_not_on_cpu():
 
 @pytest.fixture
 def one_rank(tmp_path):
+    """A one-process world: the monitor's reduction is a collective."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        yield SimpleNamespace(dp_group=None, dp_size=1, tp_size=1)
+        yield
     finally:
         dist.destroy_process_group()
 
@@ -95,8 +95,8 @@ def _steps(cfg, seconds: float) -> list[StepStats]:
                       l3_entropy={}, router=None, micro_batches=1) for step in range(1, cfg.training.steps + 1)]
 
 
-def _monitor_run(cfg, parallel) -> list[dict]:
-    monitor = Monitor(cfg, parallel, is_main=True, start_step=0, mean_rows_per_token=MEAN_ROWS)
+def _monitor_run(cfg) -> list[dict]:
+    monitor = Monitor(cfg, is_main=True, start_step=0, mean_rows_per_token=MEAN_ROWS)
     for stats in _steps(cfg, seconds=0.5):
         monitor.record(stats, elapsed=1.0)
     monitor.close()
@@ -108,7 +108,7 @@ def test_monitor_logs_throughput_in_peers_units(tmp_path, one_rank, capsys):
     common = [*HAND, "training.steps=2", "training.log_interval=1", "training.global_batch_size=4",
               "training.micro_batch_size=4"]
     cfg = config_from_dict({}, [*common, f"run_dir={tmp_path / 'cpu'}"])
-    rows = _monitor_run(cfg, one_rank)
+    rows = _monitor_run(cfg)
     assert [row["step"] for row in rows] == [1, 2]
     assert rows[-1]["train/tokens_per_s"] == rows[-1]["train/tokens_per_s_per_device"] == 64
     assert rows[-1]["train/tflops_per_device"] == pytest.approx(64 * 2088 / 1e12)
@@ -120,7 +120,7 @@ def test_monitor_logs_throughput_in_peers_units(tmp_path, one_rank, capsys):
     assert not [line for line in out.splitlines() if line.startswith("step") and "MFU" in line]
 
     flagged = config_from_dict({}, [*common, f"run_dir={tmp_path / 'flag'}", "training.peak_tflops=1e-6"])
-    rows = _monitor_run(flagged, one_rank)
+    rows = _monitor_run(flagged)
     assert rows[-1]["train/mfu"] == pytest.approx(64 * 2088 / 1e12 / 1e-6)  # 13.4%
     assert "MFU 13.4%" in capsys.readouterr().out
 
@@ -156,7 +156,7 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, one_rank, monkeypa
     cfg = config_from_dict({}, [*HAND, "training.steps=2", "training.log_interval=1", "logging.wandb=true",
                                 "logging.wandb_mode=offline", f"run_dir={tmp_path / 'run'}",
                                 "training.peak_tflops=1e-6"])
-    rows = _monitor_run(cfg, one_rank)
+    rows = _monitor_run(cfg)
     (log,) = (tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb")
     # wandb.finish() returns before W&B's own process has written everything: wait for the
     # run's last record ("exit").
