@@ -168,3 +168,35 @@ def test_micro_batches_row_sparse_gradients_are_summed_as_they_arrive():
         assert table.grad.is_sparse and table.grad.is_coalesced()
         assert torch.equal(table.grad._indices()[0], torch.nonzero(total.abs().sum(1)).flatten())
         torch.testing.assert_close(table.grad.to_dense(), total)
+
+
+def test_rank_local_step_takes_row_sparse_and_dense_gradients_together():
+    """`RankLocalParameters.step` (l3train.parallel.sharded_optim): a row-sparse gradient goes to
+    the row step, a dense one (the torch and Triton paths) to the AdamW, in one step; the same
+    as torch's AdamW with both dense."""
+    from l3train.config import config_from_dict
+    from l3train.parallel.sharded_optim import RankLocalParameters
+
+    class Tables(RankLocalParameters):
+        kind = "tables"
+
+        def layout(self) -> dict:
+            return {}
+
+    cfg = config_from_dict({}, ["optimizer.warmup_steps=0", "optimizer.weight_decay=0.1"])
+    tables = [torch.nn.Parameter(torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(seed)))
+              for seed in (7, 8)]
+    reference = [torch.nn.Parameter(table.detach().clone()) for table in tables]
+    local = Tables(tables, "dense", cfg)
+    expected = torch.optim.AdamW(reference, fused=True, **{key: local.optimizer.param_groups[0][key]
+                                                           for key in ("lr", "betas", "eps", "weight_decay")})
+    for grad in _gradients(seed=9)[:3]:
+        tables[0].grad, tables[1].grad = grad, grad.to_dense() * 2
+        reference[0].grad, reference[1].grad = grad.to_dense(), grad.to_dense() * 2
+        expected.param_groups[0]["lr"] = local.optimizer.param_groups[0]["lr"]
+        local.prepare_gradients()
+        local.step()
+        expected.step()
+        assert tables[0].grad is None and tables[1].grad is None
+    for got, want in zip(tables, reference):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=2e-6, atol=1e-7)
