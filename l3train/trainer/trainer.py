@@ -208,8 +208,7 @@ class Trainer:
         The agreement is one sum over the world of two flags, and with rank-local tensors it
         rides in the all-reduce of their squared norms (`clip_global_norm`). Each collective
         is a point where every rank waits for the slowest: one here instead of three (an
-        all-reduce each for the rows' norm, the skip and the stop) halves what the sharded
-        L³ model's step pays outside its exchanges beside the dense model's."""
+        all-reduce each for the rows' norm, the skip and the stop; two for the dense model)."""
         from l3train.trainer.clipping import clip_global_norm, clip_module_norm, module_grad_norm
 
         flags = torch.stack([(~torch.isfinite(step_loss)).float(),
