@@ -127,7 +127,8 @@ class TrainingConfig:
     # in a row stop the run.
     max_skipped_steps: int = 10
     # [first, last): profile these steps (torch.profiler): a Chrome trace per rank and the
-    # time per phase (data, forward, backward, optimizer, all_to_all) under run_dir/profile/.
+    # time per phase (data, forward, backward, optimizer, all_to_all) under run_dir/profile/;
+    # with several ranks, each collective's transfer and waiting (collectives.md).
     profile_steps: list[int] = field(default_factory=list)
     # The device's peak TFLOP/s, the denominator of the logged MFU (train/mfu). null: from
     # the table of known GPUs in l3train/trainer/throughput.py for training.precision; on

@@ -7,8 +7,8 @@
    and 2 ranks (sharded L³ rows, experts replicated); each model in peers' units from its
    metrics.jsonl: tokens/s and model TFLOP/s per device, MFU (n/a unless the device's peak is
    known: l3train/trainer/throughput.py's GPU table or `training.peak_tflops=...`), peak memory.
-2. The L³ model's step time per phase (data, forward, backward, optimizer, all_to_all) on
-   2 ranks, from `training.profile_steps`: the next optimisation target; and what the
+2. The L³ model's step time per phase on 2 ranks and where its steps wait (each collective's
+   transfer and waiting for a later rank), from `training.profile_steps`; and what the
    sharded rows' exchanges cost at the L³ config's sizes (`l3train.benchmarks.exchange`):
    each collective with the ranks aligned, and whether an exchange overlaps computation.
 3. The core library (`l3train.benchmarks.core`, as tools/bench_core.py): fast LZW ÷ the
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         units += units_rows(nproc, {"L³": l3, "dense": dense, "MoE": moe})
         print("\n".join(units[-3:]))
     nproc = max(args.ranks)
-    phases = profile_phases(args.l3, nproc, PROFILED_STEPS, args.overrides)
-    figures["phases_ms_per_step"] = {"ranks": nproc, **phases}
+    phases, waits = profile_phases(args.l3, nproc, PROFILED_STEPS, args.overrides)
+    figures["phases_ms_per_step"], figures["collective_waits"] = {"ranks": nproc, **phases}, waits
     phase_line = ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())
-    print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}")
+    print(f"L³ step on {nproc} rank(s), rank 0: {phase_line}", *waits, sep="\n")
     exchanges = []
     if nproc > 1:
         figures["exchanges"] = measure_exchanges(args.l3, nproc)
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["core"] = core
     print("\n".join(core))
 
-    write_report(args.output, report_text(figures["machine"], args, table, units, nproc, phases, exchanges,
-                                              core))
+    write_report(args.output, report_text(figures["machine"], args, table, units, nproc, phases, waits,
+                                              exchanges, core))
     if args.json:
         atomic_write_text(args.json, json.dumps(figures, indent=1))
     print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))

@@ -167,8 +167,9 @@ def measure_throughput(configs: list[str], nproc: int, steps_per_turn: int, turn
     return results
 
 
-def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) -> dict[str, float]:
-    """Host milliseconds per step of each phase on rank 0 (`training.profile_steps`)."""
+def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Host milliseconds per step of each phase on rank 0 (`training.profile_steps`), and with
+    several ranks the report of the steps' collectives (l3train.trainer.collective_trace)."""
     first = WARMUP_STEPS + 1
     with tempfile.TemporaryDirectory(prefix="l3train-bench-") as scratch:
         run_dir = Path(scratch) / "profiled"
@@ -176,7 +177,9 @@ def profile_phases(config: str, nproc: int, steps: int, overrides: list[str]) ->
                                         f"checkpoint.save_interval={steps + 1}", "optimizer.warmup_steps=1",
                                         f"training.profile_steps=[{first},{steps}]", *overrides])
         phases = json.loads((run_dir / "profile" / "phases_rank00000.json").read_text())["ms_per_step"]
-    return {name: times["host"] for name, times in phases.items()}
+        waits = run_dir / "profile" / "collectives.md"
+        return ({name: times["host"] for name, times in phases.items()},
+                waits.read_text().splitlines() if waits.is_file() else [])
 
 
 THROUGHPUT_HEADER = ["| ranks | L³ tok/s | dense tok/s | MoE tok/s | L³ ÷ dense (95% interval) | "
@@ -203,9 +206,10 @@ KEEP_MARKER = "<!-- the sections below are not written by tools/bench.py: it kee
 
 
 def report_text(machine_line: str, args, table: list[str], units: list[str], nproc: int,
-                phases: dict[str, float], exchanges: list[str], core: list[str]) -> str:
-    """tools/bench.py's markdown report (`args`: its parsed arguments; `exchanges`: the lines of
-    l3train.benchmarks.exchange.report_lines, empty at one rank)."""
+                phases: dict[str, float], waits: list[str], exchanges: list[str], core: list[str]) -> str:
+    """tools/bench.py's markdown report (`args`: its parsed arguments; `waits`: the profiled
+    steps' collectives, and `exchanges`: the lines of l3train.benchmarks.exchange.report_lines,
+    both empty at one rank)."""
     report = [
         "# Benchmarks", "",
         "Written by `tools/bench.py`; every figure of one table was measured in the same run: every",
@@ -227,6 +231,10 @@ def report_text(machine_line: str, args, table: list[str], units: list[str], npr
         "| " + " | ".join(f"{ms:.1f}" for ms in phases.values()) + " |", "",
         "`all_to_all` is part of forward and backward.", "",
     ]
+    if waits:
+        report += [f"## Where the profiled L³ steps wait ({nproc} ranks: l3train.trainer.collective_trace)", "",
+                   "A collective's transfer is the least time any rank spent in it (the last to arrive); the",
+                   "rest of a rank's time in it is waiting for a later rank.", "", *waits, ""]
     if exchanges:
         report += [f"## The sharded rows' exchanges ({nproc} ranks, {args.l3}'s sizes, rank 0)", "", *exchanges, ""]
     if core:
