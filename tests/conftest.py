@@ -110,6 +110,19 @@ def shared_runs(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: TinyCorpu
     assert not changed, f"tests changed shared runs instead of copies of them: {changed}"
 
 
+@pytest.fixture
+def one_rank(tmp_path: Path):
+    """A one-process gloo world in this test's process, for code that makes collectives (the
+    monitor's reduction, the profiler's collective trace)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'gloo_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The session's two-node SLURM cluster, started and stopped by the README's own command lines

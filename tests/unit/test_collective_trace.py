@@ -4,20 +4,10 @@ report in tests/integration/test_profile.py."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed as dist
 
 from l3train.trainer.collective_trace import CollectiveTrace, wait_report
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_trace_records_each_collective_per_step_and_restores_torch(one_rank):

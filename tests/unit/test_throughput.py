@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from l3train.config import config_from_dict
 from l3train.errors import L3TrainError
@@ -78,16 +77,6 @@ def test_the_peak_comes_from_the_flag_or_the_gpu_table_and_not_on_cpu():
     assert table_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156.0
     assert table_peak_tflops("NVIDIA A100 80GB PCIe", "fp32", tf32=False) == 19.5
     assert table_peak_tflops("Tesla T4", "bf16", tf32=False) is None
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process world: the monitor's reduction is a collective."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _steps(cfg, seconds: float) -> list[StepStats]:
