@@ -18,9 +18,9 @@ up (`dist.all_reduce(...)`, as l3train, DeepSpeed and megatron-core call them), 
 the two that DeepSpeed's communication backend keeps references to from its start-up (its
 ZeRO all-gather and reduce-scatter). A step's collectives are those from its start to the
 next step's (its logging comes after it; the last profiled step's is not recorded). A
-collective called inside another one
-(all_gather_object's all_gather) counts once, as the outer one; an asynchronous one
-(async_op=True) counts only its launch.
+wrapped collective that calls another wrapped one counts once, as the outer one; an
+asynchronous one (async_op=True) counts only its launch; torch's object collectives
+(all_gather_object, ...) are not recorded.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class CollectiveTrace:
         self.steps: list[Step] = []
         self._originals: list[tuple[Any, str, Callable]] = []  # (holder, attribute, function)
         self._since = 0  # perf_counter_ns when the last collective returned (or the step began)
-        self._depth = 0  # collectives in progress on this thread (nested calls count once)
+        self._depth = 0  # wrapped collectives in progress (a nested call counts once, as the outer one)
 
     def start(self) -> None:
         wrapped = [(dist, name, name) for name in TRACED]
