@@ -310,8 +310,10 @@ def _validate(cfg: Config) -> None:
         (0 <= opt.min_lr <= opt.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={opt.lr}], got {opt.min_lr}"),
         (0 <= opt.warmup_steps <= tr.steps, "optimizer.warmup_steps",
          f"must be in [0, training.steps={tr.steps}], got {opt.warmup_steps}"),
-        (not tr.profile_steps or (len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0] < tr.profile_steps[1]),
-         "training.profile_steps", f"must be [] or [first, last) with 0 <= first < last, got {tr.profile_steps}"),
+        (not tr.profile_steps or (len(tr.profile_steps) == 2
+                                  and 0 <= tr.profile_steps[0] < tr.profile_steps[1] <= tr.steps),
+         "training.profile_steps", f"must be [] or [first, last) with 0 <= first < last <= training.steps="
+                                   f"{tr.steps}, got {tr.profile_steps}"),
         (cfg.parallel.collective_timeout_minutes > 0, "parallel.collective_timeout_minutes",
          f"must be > 0, got {cfg.parallel.collective_timeout_minutes}"),
         (opt.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 disables clipping), got {opt.grad_clip}"),

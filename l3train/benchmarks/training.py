@@ -233,8 +233,8 @@ def report_text(machine_line: str, args, table: list[str], units: list[str], npr
     ]
     if waits:
         report += [f"## Where the profiled L³ steps wait ({nproc} ranks: l3train.trainer.collective_trace)", "",
-                   "A collective's transfer is the least time any rank spent in it (the last to arrive); the",
-                   "rest of a rank's time in it is waiting for a later rank.", "", *waits, ""]
+                   "A collective's transfer is the least time any rank of its group spent in it (the last to",
+                   "arrive); the rest of a rank's time in it is waiting for a later rank.", "", *waits, ""]
     if exchanges:
         report += [f"## The sharded rows' exchanges ({nproc} ranks, {args.l3}'s sizes, rank 0)", "", *exchanges, ""]
     if core:

@@ -51,7 +51,7 @@ class StepProfiler:
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             if dist.is_initialized() and dist.get_world_size() > 1:
-                self.collectives = CollectiveTrace()
+                self.collectives = CollectiveTrace(torch.cuda.synchronize if self.device.type == "cuda" else None)
                 self.collectives.start()
         if self.collectives is not None:
             self.collectives.step_begins()
@@ -60,6 +60,8 @@ class StepProfiler:
         """After a step; `completed` steps are done. Writes the results at the end of the range."""
         if self.profiler is None or completed < self.last:
             return
+        if self.collectives is not None:
+            self.collectives.stop()  # before the profiler's own shutdown, which is not the step's
         self.profiler.__exit__(None, None, None)
         waits = self._collective_waits()
         steps = completed - self.first
@@ -83,11 +85,25 @@ class StepProfiler:
         step), as `wait_report`'s lines there; [] elsewhere or with one rank."""
         if self.collectives is None:
             return []
-        self.collectives.stop()
         gathered = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(self.collectives.steps, gathered, dst=0)
         self.collectives = None
         return wait_report(gathered) if self.rank == 0 else []
+
+
+    def close(self) -> None:
+        """After training: a range that did not end (the run stopped before its last step) is
+        dropped, with one line, and the collectives are unwrapped."""
+        if self.profiler is None:
+            return
+        if self.collectives is not None:
+            self.collectives.stop()
+            self.collectives = None
+        self.profiler.__exit__(None, None, None)
+        self.profiler = None
+        if self.rank == 0:
+            self.log(f"profile of steps {self.first}-{self.last - 1} not written: the run stopped before step "
+                     f"{self.last} (training.profile_steps)")
 
 
 def phase_times(profiler: torch.profiler.profile, steps: int) -> dict[str, dict[str, float]]:

@@ -311,11 +311,13 @@ class Trainer:
             if preempted:
                 self.monitor.info(f"stop signal ({self.stop.signal_name or 'on another rank'}) at step {done}: "
                                   f"checkpoint saved, exiting with status {EXIT_REQUEUE} for requeue")
+                profiler.close()
                 self.monitor.close()
                 return EXIT_REQUEUE
             if exiting:
                 self.monitor.info(f"exiting after {self.exit_after_steps} steps as asked; continue with --resume")
                 break
+        profiler.close()
         self.monitor.close()
         dist.barrier()
         return 0

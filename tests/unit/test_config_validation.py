@@ -27,6 +27,8 @@ CASES = [
      "parallel.sequence_parallel: needs data.seq_length (127) divisible by parallel.tensor_parallel (2)"),
     (["parallel.sequence_parallel=true", "parallel.tensor_parallel=2", *MOE],
      "parallel.sequence_parallel: does not support MoE blocks"),
+    (["training.steps=12", "optimizer.warmup_steps=2", "training.profile_steps=[10,13]"],  # never ends: no profile
+     "training.profile_steps: must be [] or [first, last) with 0 <= first < last <= training.steps=12"),
 ]
 
 
