@@ -119,19 +119,20 @@ class CollectiveTrace:
                 bound = signature.bind(*args, **kwargs).arguments
             except TypeError:  # torch's own error, untimed
                 return original(*args, **kwargs)
+            launch_only = bool(bound.get("async_op"))
             if self.synchronize is not None:
                 self.synchronize()
             begin = time.perf_counter_ns()
             self._depth += 1
             try:
                 result = original(*args, **kwargs)
-                if self.synchronize is not None:
+                if self.synchronize is not None and not launch_only:  # an async call's completion is its wait()'s
                     self.synchronize()
                 return result
             finally:
                 self._depth -= 1
                 end = time.perf_counter_ns()
-                label = name + (ASYNC if bound.get("async_op") else "")
+                label = name + (ASYNC if launch_only else "")
                 self.steps[-1]["collectives"].append((label, (begin - self._since) / 1e6, (end - begin) / 1e6,
                                                       self._ranks(bound.get("group"))))
                 self._since = end
