@@ -1,4 +1,4 @@
-"""Ending a process: the one place that knows how (imports nothing of l3train)."""
+"""Ending a process, and telling whether one still runs (imports nothing of l3train)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ def exit_process(status: int) -> NoReturn:
     if record_dir:
         Path(record_dir, f"rank_{os.environ.get('RANK', '0')}").write_text(f"{status}\n")
     os._exit(status)
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether process `pid` of this host exists and has not ended. A zombie (dead, not yet
+    collected by its parent, as a killed rank is until its launcher reaps it) has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: whether the pid exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by another user
+        return True
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")  # the state follows the command name

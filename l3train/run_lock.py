@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from l3train.errors import L3TrainError
+from l3train.process import process_is_running
 
 LOCK_NAME = ".lock"
 # A lock file is written right after it is created: a reader that finds it empty or
@@ -56,16 +57,6 @@ def _process_start_ticks(pid: int) -> int | None:
 def _slurm_job() -> tuple[str | None, int]:
     """This process's SLURM job id (None outside SLURM) and restart count."""
     return os.environ.get("SLURM_JOB_ID") or None, int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-
-
-def _pid_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def _warn_on_stderr(message: str) -> None:
@@ -192,7 +183,7 @@ class RunDirLock:
         if holder.get("host") != socket.gethostname():
             return None
         pid = holder["pid"]
-        if not _pid_is_alive(pid):
+        if not process_is_running(pid):
             return "no such process"
         recorded, current = holder.get("process_start_ticks"), _process_start_ticks(pid)
         if recorded is not None and current is not None and recorded != current:

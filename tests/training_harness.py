@@ -104,6 +104,9 @@ def kill_tree(process: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.send_signal(signal.SIGKILL)
     process.wait()
+    # The ranks are not the launcher's children once it is dead: wait until they are gone too,
+    # or a --resume started at once finds the killed rank 0 still holding the run's lock.
+    psutil.wait_procs(victims, timeout=30)
 
 
 

@@ -8,7 +8,9 @@ config's micro-batch gives (positions split evenly over the ranks, as a balanced
 does on average):
 
 - each collective's time when all ranks enter it together (a barrier first): the floor
-  the exchanges cost per step, before any waiting for a slower rank;
+  the exchanges cost per step, before any waiting for a slower rank; on CPUs through the
+  transport training uses between ranks of one host (shared memory:
+  l3train.parallel.shared_memory) and through gloo, side by side;
 - whether an exchange overlaps with computation: the positions' all-to-all started
   asynchronously while this rank runs `compute_ms` of matrix products, against the same
   all-to-all followed by the same work. The overlap pays where the transport has cores of
@@ -70,7 +72,9 @@ def measure_on_world(cfg, iterations: int, compute_ms: float) -> dict:
     import torch
     import torch.distributed as dist
 
+    from l3train.parallel import collectives
     from l3train.parallel.collectives import exchange
+    from l3train.parallel.shared_memory import enable_shared_memory
 
     world, rank = dist.get_world_size(), dist.get_rank()
     positions, sizes = exchange_sizes(cfg, world)
@@ -84,11 +88,14 @@ def measure_on_world(cfg, iterations: int, compute_ms: float) -> dict:
     ids = torch.randint(0, cfg.model.vocab_size, (positions,), device=device)
     counts = torch.tensor(split, device=device)
     received = torch.empty_like(counts)
-    runs = {"route sizes": lambda: dist.all_to_all_single(received, counts),
+    runs = {"route sizes": lambda: collectives.all_to_all_single(received, counts),
             "route token ids": lambda: exchange(ids, split, split, None),
             "positions out": lambda: exchange(x, split, split, None),
             "outputs back": lambda: exchange(packed, split, split, None)}
-    median_ms = {name: _timed(run, iterations, synchronize) for name, run in runs.items()}
+    backend_ms = {name: _timed(run, iterations, synchronize) for name, run in runs.items()}
+    # Then as training exchanges on this device (sharded_l3 enables shared memory on CPUs).
+    shared = device.type == "cpu" and enable_shared_memory(dist.group.WORLD)
+    median_ms = {name: _timed(run, iterations, synchronize) for name, run in runs.items()} if shared else backend_ms
 
     matrix = torch.randn(256, 256, device=device)
     products = _products_for(compute_ms, matrix, synchronize)
@@ -109,9 +116,11 @@ def measure_on_world(cfg, iterations: int, compute_ms: float) -> dict:
                "exchange overlapped with compute": _timed(overlapped, iterations, synchronize)}
     layers = len(cfg.l3.after_blocks)
     return {"rank": rank, "world_size": world, "device": device.type, "backend": dist.get_backend(),
+            "transport": "shared memory" if shared else dist.get_backend(),
             "positions_per_rank": positions, "l3_layers": layers,
             "collectives_per_micro_batch": ROUTE_COLLECTIVES + COLLECTIVES_PER_LAYER * layers,
-            "collectives": {name: {**sizes[name], "median_ms": median_ms[name]} for name in runs},
+            "collectives": {name: {**sizes[name], "median_ms": median_ms[name], "backend_ms": backend_ms[name]}
+                            for name in runs},
             "overlap_ms": overlap}
 
 
@@ -155,14 +164,18 @@ def measure_exchanges(config: str, nproc: int, iterations: int = 200, compute_ms
 
 def report_lines(figures: dict) -> list[str]:
     """Markdown: the collectives' sizes and times, the floor per micro-batch, the overlap test."""
-    lines = ["| collective | rows sent to other ranks | bytes | ms (ranks aligned) |", "|---|---|---|---|"]
+    transport, backend = figures["transport"], figures["backend"]
+    lines = [f"| collective | rows sent to other ranks | bytes | ms through {transport} (ranks aligned) | "
+             f"ms through {backend} |", "|---|---|---|---|---|"]
     for name, entry in figures["collectives"].items():
-        lines.append(f"| {name} | {entry['rows']:,} | {entry['bytes']:,} | {entry['median_ms']:.3f} |")
+        lines.append(f"| {name} | {entry['rows']:,} | {entry['bytes']:,} | {entry['median_ms']:.3f} | "
+                     f"{entry['backend_ms']:.3f} |")
     overlap = figures["overlap_ms"]
     gain = overlap["exchange, then compute"] / overlap["exchange overlapped with compute"]
     lines += ["", f"{figures['collectives_per_micro_batch']} collectives per micro-batch "
-              f"({figures['l3_layers']} L³ layers): at least {floor_ms_per_micro_batch(figures):.1f} ms with no rank "
-              f"ever late. Overlap ({figures['backend']}, {figures['device']}): compute alone "
+              f"({figures['l3_layers']} L³ layers), through {transport} as training makes them: at least "
+              f"{floor_ms_per_micro_batch(figures):.1f} ms with no rank ever late. Overlap (asynchronous "
+              f"{backend}, {figures['device']}): compute alone "
               f"{overlap['compute alone']:.3f} ms, the positions' exchange then that compute "
               f"{overlap['exchange, then compute']:.3f} ms, the exchange started asynchronously under it "
               f"{overlap['exchange overlapped with compute']:.3f} ms ({gain:.2f}× the sequential speed)."]

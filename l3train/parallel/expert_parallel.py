@@ -32,7 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from l3train.model.moe import Experts, MoEFeedForward, run_experts
+from l3train.parallel import collectives
 from l3train.parallel.collectives import ScaleGradient, exchange
+from l3train.parallel.shared_memory import enable_shared_memory
 from l3train.parallel.state import ParallelState
 
 
@@ -64,7 +66,7 @@ class ExpertParallelExperts(nn.Module):
         local = self.num_experts // ep_size
         send_by_expert = torch.tensor(counts, dtype=torch.long, device=x.device)
         recv_by_expert = torch.empty_like(send_by_expert)  # (source, local expert), flattened
-        dist.all_to_all_single(recv_by_expert, send_by_expert, group=group)
+        collectives.all_to_all_single(recv_by_expert, send_by_expert, group=group)
         send = send_by_expert.view(ep_size, local).sum(1).tolist()
         received_counts = recv_by_expert.view(ep_size, local)
         recv = received_counts.sum(1).tolist()
@@ -100,6 +102,8 @@ def shard_experts(layer: MoEFeedForward, parallel: ParallelState,
         raise ValueError(f"{layer.num_experts} experts cannot be split over {parallel.ep_size} ranks")
     local = layer.num_experts // parallel.ep_size
     device = device or experts.w1.device
+    if device.type == "cpu":
+        enable_shared_memory(parallel.ep_group)  # the exchanges skip gloo's TCP between ranks of one host
 
     def mine(weight: Tensor) -> nn.Parameter:
         rows = weight.detach()[parallel.ep_rank * local:(parallel.ep_rank + 1) * local]

@@ -65,8 +65,10 @@ from torch import Tensor, nn
 
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
 from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_rows
+from l3train.parallel import collectives
 from l3train.parallel.collectives import ReplicatedInput, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
+from l3train.parallel.shared_memory import enable_shared_memory, shared_memory_exchange
 from l3train.parallel.state import ParallelState
 
 
@@ -140,6 +142,12 @@ class ShardedRowTable(nn.Module):
         # The rows' share of the replica average: 1/DP, applied by their optimizer (see the module docstring).
         self.gradient_scale = gradient_scale
 
+    @property
+    def transport(self) -> str:
+        """What the exchanges go through: shared memory (ranks of one host) or the DP group's backend."""
+        group = self.routing.dp_group
+        return "shared memory" if shared_memory_exchange(group) else dist.get_backend(group)
+
     def tables(self) -> list[nn.Parameter]:
         """This rank's row tensors (the key table, plus the value table when untied)."""
         return self.local.tensors()
@@ -156,7 +164,7 @@ class ShardedRowTable(nn.Module):
         send_counts = torch.zeros(route.dp_size + 1, dtype=torch.long, device=key.device).index_add_(
             0, key, torch.ones_like(key))[:-1]
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=route.dp_group)
+        collectives.all_to_all_single(recv_counts, send_counts, group=route.dp_group)
         counts = torch.cat([send_counts, recv_counts]).tolist()  # the one host read
         send, recv = counts[:route.dp_size], counts[route.dp_size:]
         positions = order[:sum(send)]
@@ -222,6 +230,8 @@ def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: Paral
     routing = RowRouting.of(parallel, sequence_parallel)
     deferred = full.key_table.is_meta
     device = device or (torch.device("cpu") if deferred else full.key_table.device)
+    if device.type == "cpu":
+        enable_shared_memory(routing.dp_group)  # the exchanges skip gloo's TCP between ranks of one host
     rows = torch.as_tensor(plan.global_row_indices(routing.shard), dtype=torch.long)
 
     def local(index: int, table: Tensor) -> nn.Parameter:

@@ -159,7 +159,7 @@ class ShardedRows(RankLocalParameters):
     kind = "l3_rows"
 
     def __init__(self, backends: list[ShardedRowTable], plan: ShardPlan, cfg: Config) -> None:
-        self.plan, self.shard = plan, backends[0].routing.shard
+        self.plan, self.shard, self.transport = plan, backends[0].routing.shard, backends[0].transport
         super().__init__([table for backend in backends for table in backend.tables()], "l3_rows", cfg,
                          gradient_scale=backends[0].gradient_scale)
 

@@ -18,7 +18,8 @@ is paid: the sharded L³ rows exchange positions four times per layer and step
 How: while tracing, the torch.distributed collectives are wrapped where callers look them
 up (`dist.all_reduce(...)`, as l3train, DeepSpeed and megatron-core call them), and so are
 those that DeepSpeed's communication backend and megatron-core's sequence-parallel mappings
-keep references to from their import (all-gathers and reduce-scatters). A step's collectives
+keep references to from their import (all-gathers and reduce-scatters), and l3train's own
+all-to-all, which may not reach torch.distributed at all (shared memory). A step's collectives
 are those from its start to the next step's (its logging comes after it; the last profiled
 step's is not recorded). A wrapped collective that calls another wrapped one counts once, as
 the outer one; torch's object collectives (all_gather_object, ...) are not recorded.
@@ -48,6 +49,8 @@ BOUND_ELSEWHERE = (
     ("deepspeed.comm.comm", "cdb.reduce_scatter_function", "reduce_scatter_tensor"),
     ("megatron.core.tensor_parallel.mappings", "dist_all_gather_func", "all_gather_into_tensor"),
     ("megatron.core.tensor_parallel.mappings", "dist_reduce_scatter_func", "reduce_scatter_tensor"),
+    # Through shared memory between ranks of one host, else torch.distributed's (l3train.parallel.shared_memory).
+    ("l3train.parallel.collectives", "all_to_all_single", "all_to_all_single"),
 )
 ASYNC = " (async: launch only)"
 

@@ -141,7 +141,8 @@ class Trainer:
         sequence = ", sequence parallel" if cfg.parallel.sequence_parallel else ""
         where = f" (TP={layout.tensor_parallel}{sequence} × DP={layout.data_parallel})" if layout.tensor_parallel > 1 else ""
         if parts.rows is not None:
-            where += f", L³ rows sharded over {parts.rows.plan.num_shards} ranks"
+            where += (f", L³ rows sharded over {parts.rows.plan.num_shards} ranks "
+                      f"(exchanged through {parts.rows.transport})")
         if parts.experts is not None:
             where += f", experts split over {layout.expert_parallel} ranks (EP)"
         per_rank = " per rank" if layout.tensor_parallel > 1 or parts.rank_local else ""

@@ -46,6 +46,8 @@ def runs(shared_runs):
     def run(nproc: int, tp: int, stage: int, sequence_parallel: bool = False) -> Path:
         trained = shared_runs.get("equivalence", *parallel_layout(tp, stage, sequence_parallel), nproc=nproc)
         assert f"L³ rows sharded over {nproc} ranks" in trained.stdout
+        if nproc // tp > 1 or sequence_parallel:  # an all-to-all over several ranks of this host
+            assert "(exchanged through shared memory)" in trained.stdout
         return trained.run_dir
 
     return run

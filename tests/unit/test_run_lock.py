@@ -98,6 +98,21 @@ def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsy
     lock.release()
 
 
+def test_a_zombie_holder_is_dead(tmp_path):
+    """A killed trainer its launcher has not reaped yet (a zombie) holds nothing."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while not open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].startswith(" Z"):
+            assert time.time() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        write_lock(tmp_path / "run", pid=process.pid)
+        warning = RunDirLock(tmp_path / "run", log=lambda _: None).acquire()
+        assert warning and f"dead process {process.pid}" in warning
+    finally:
+        process.wait()
+
+
 def test_a_reused_pid_is_told_apart_by_its_start_time(tmp_path):
     # In a container a restarted trainer can get the dead one's pid: here, this process's.
     write_lock(tmp_path / "run", pid=os.getpid(), process_start_ticks=1)

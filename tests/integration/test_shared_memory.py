@@ -1,0 +1,28 @@
+"""The shared-memory all-to-all (l3train.parallel.shared_memory) on 3 real gloo ranks of this host."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from training_harness import REPO, free_port, trainer_env
+
+WORKER = Path(__file__).parent / "workers" / "shared_memory_worker.py"
+
+
+def test_shared_memory_all_to_all_equals_gloo_and_fails_like_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(WORKER), str(tmp_path)],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["failures"] == [], report["failures"]
+        timeout, lost = report["timeout"], report["lost"]
+        # Rank 1 sleeps 4 s: the 1 s timeout fires first, and names who was late.
+        assert 0.9 < timeout["seconds"] < 3.5 and "timed out" in timeout["message"], timeout
+        assert "rank 1 " in timeout["message"], timeout
+        # Then rank 1 exits: noticed within a few 50 ms checks of its exit, not after the 60 s timeout.
+        assert lost["seconds"] < 10 and "rank 1 " in lost["message"] and "exited" in lost["message"], lost
+        assert report["left_in_shm"] == []  # every segment unlinked once mapped
