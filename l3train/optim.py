@@ -9,6 +9,7 @@ from torch import nn
 
 from l3train.config import Config
 from l3train.model.roles import ParamRole, parameter_roles
+from l3train.row_adamw import row_sparse_adamw_step
 
 
 GROUP_NAMES = ("dense", "no_decay", "l3_rows")
@@ -55,10 +56,16 @@ def apply_hyperparameters(param_groups: list[dict], scheduler: torch.optim.lr_sc
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be cancelled: DeepSpeed's optimizers (ZeRO 0-3, bf16) call
-    the client optimizer's `step()` on the master weights and then copy them to the model, so
-    cancelling it here skips a step whose loss or gradient was not finite without touching
-    DeepSpeed's bookkeeping (gradients are still cleared, the LR schedule still advances)."""
+    """AdamW whose next step can be cancelled, and which steps row-sparse gradients too.
+
+    Cancelling: DeepSpeed's optimizers (ZeRO 0-3, bf16) call the client optimizer's `step()`
+    on the master weights and then copy them to the model, so cancelling it here skips a step
+    whose loss or gradient was not finite without touching DeepSpeed's bookkeeping (gradients
+    are still cleared, the LR schedule still advances).
+
+    Row-sparse gradients (the L³ tables' on CPUs, where this optimizer receives them as they
+    are: l3train.model.l3_cpu.row_sparse_gradient) take `row_sparse_adamw_step`, AdamW's own
+    update of every row on the same state; the dense ones torch's (fused) AdamW."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -68,7 +75,19 @@ class SkippableAdamW(torch.optim.AdamW):
         if self.skip_next_step:
             self.skip_next_step = False
             return None
-        return super().step(closure)
+        sparse = {param: param.grad for group in self.param_groups for param in group["params"]
+                  if param.grad is not None and param.grad.is_sparse}
+        if not sparse:
+            return super().step(closure)
+        for param in sparse:
+            param.grad = None  # torch's AdamW steps the dense ones, and skips these
+        try:
+            loss = super().step(closure)
+            row_sparse_adamw_step(self, sparse)
+        finally:
+            for param, grad in sparse.items():
+                param.grad = grad  # for whoever clears them (DeepSpeed's engine, zero_grad)
+        return loss
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> SkippableAdamW:

@@ -1,4 +1,5 @@
-"""AdamW for tables whose gradient is row-sparse (the sharded L³ rows on CPUs).
+"""AdamW for tables whose gradient is row-sparse (the L³ tables on CPUs: sharded rows, and one
+process's tables at ZeRO-0 in fp32; l3train.optim.SkippableAdamW calls it).
 
 Why: a step's positions reach only some of an L³ table's rows (about 64% of them at a step
 of 16 × 128 tokens of the quick start's corpus, fewer at larger vocabularies and smaller

@@ -14,10 +14,11 @@ like the LZW trie, l3train.utils.c_library) does the same computation in one cal
 - backward recomputes the scores from x and the saved log-sum-exp (FlashAttention-style),
   and writes each row of the gradient exactly once: no zero-filled buffer first, no
   scatter-add afterwards. Two layouts: table-shaped (a group's rows by the group, the rows
-  no position of the batch owns zeroed beside them), for tables that DeepSpeed or a torch
-  optimizer steps; or, with `plan_cpu(row_sparse=True)`, row-sparse: only the rows of the
-  batch's tokens, as a sparse COO gradient (`row_sparse_gradient`), for the sharded rows,
-  whose AdamW steps that form directly (l3train.row_adamw).
+  no position of the batch owns zeroed beside them), for tables whose gradients DeepSpeed
+  reduces or copies into flat buffers; or, with `plan_cpu(row_sparse=True)`, row-sparse:
+  only the rows of the batch's tokens, as a sparse COO gradient (`row_sparse_gradient`),
+  for the sharded rows and one process's tables at ZeRO-0 in fp32, whose AdamW steps that
+  form directly (l3train.optim.SkippableAdamW, l3train.row_adamw).
 
 fp32 throughout (scores, softmax, accumulation); other dtypes take the torch path, which
 stays the reference and the fallback (also when no C compiler is found). A token must own
@@ -186,6 +187,38 @@ def row_sparse_gradient(rows: Tensor, values: Tensor, shape: torch.Size) -> Tens
     tensor of `shape` with one dense row of `values` per index. Autograd accumulates it over
     micro-batches like a dense one (as an `nn.Embedding(sparse=True)` gradient)."""
     return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=False)
+
+
+def coalesce_row_sparse_gradient(table: Tensor) -> None:
+    """After autograd adds a micro-batch's row-sparse gradient into `table.grad` (sparse +
+    sparse), leave it coalesced, each row once, in tensors of exactly the rows the micro-
+    batches touched (at most the table). Autograd's sum merges two coalesced gradients into
+    storages sized for both, or concatenates them (rows twice; `coalesce()` would keep the
+    concatenation's storage): more than the whole table once the micro-batches reach most
+    rows. A first micro-batch's gradient is the kernel's, whose rows are increasing and
+    distinct, but autograd's shallow copy drops its coalesced flag: checked (strictly
+    increasing rows) and set back, without a sort or a copy."""
+    grad = table.grad
+    if grad is None or not grad.is_sparse:
+        return
+    rows, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced():
+        if values.untyped_storage().nbytes() > values.nbytes:  # a sum of coalesced gradients, merged
+            table.grad = row_sparse_gradient(rows.clone(), values.clone(), grad.shape)
+        return
+    if bool((rows[1:] > rows[:-1]).all()):
+        grad._coalesced_(True)
+        return
+    touched, where = torch.unique(rows, sorted=True, return_inverse=True)
+    # In the concatenation's order: a row's parts are added micro-batch by micro-batch (deterministic).
+    summed = values.new_zeros(len(touched), *values.shape[1:]).index_add_(0, where, values)
+    table.grad = row_sparse_gradient(touched, summed, grad.shape)
+
+
+def gradient_rows(grad: Tensor) -> Tensor:
+    """The values a gradient holds: a dense gradient itself, a coalesced row-sparse one's rows
+    (a view: scaling them in place scales the gradient and keeps it coalesced)."""
+    return grad._values() if grad.is_sparse else grad
 
 
 def cpu_attend(x: Tensor, keys: Tensor, values: Tensor, plan: CpuPlan) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from l3train.allocation.allocation import allocation_hash
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
+from l3train.model.l3_cpu import coalesce_row_sparse_gradient
 from l3train.model.norms import make_norm
 from l3train.model.roles import ParamRole
 
@@ -105,13 +106,26 @@ class LocalRowTable(nn.Module):
         self.key_table = nn.Parameter(torch.empty(num_rows, d_in, device=device))
         self.value_table = None if tied_kv else nn.Parameter(torch.empty(num_rows, d_emb, device=device))
         self.routing_key = ("all rows", d_in + d_emb)  # the torch path's chunks depend on the widths
+        self.row_sparse_gradients = False  # see `give_row_sparse_gradients`
 
     def tables(self) -> tuple[Tensor, Tensor]:
         """(K, V); the same tensor twice when tied."""
         return self.key_table, self.key_table if self.value_table is None else self.value_table
 
+    def give_row_sparse_gradients(self) -> None:
+        """From now on the CPU kernel gives the tables row-sparse gradients (only the rows of a
+        micro-batch's tokens, coalesced as micro-batches add up), for an optimizer that steps
+        them as they are (l3train.optim.SkippableAdamW); the torch and Triton paths still give
+        table-shaped ones. Set by the trainer where nothing between backward and the optimizer
+        needs a table-shaped gradient."""
+        if not self.row_sparse_gradients:
+            self.row_sparse_gradients = True
+            for table in [self.key_table] + ([] if self.value_table is None else [self.value_table]):
+                table.register_post_accumulate_grad_hook(coalesce_row_sparse_gradient)
+
     def route(self, token_ids: Tensor, bounds: Tensor) -> RowPlan:
-        return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.key_table.dtype)
+        return plan_lookup(token_ids, bounds, self.routing_key[1], table_dtype=self.key_table.dtype,
+                           row_sparse_gradients=self.row_sparse_gradients)
 
     def forward(self, x: Tensor, route: RowPlan) -> tuple[Tensor, Tensor]:
         keys, values = self.tables()

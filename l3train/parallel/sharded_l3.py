@@ -64,6 +64,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from l3train.model.l3_attention import RowPlan, attend, plan_lookup
+from l3train.model.l3_cpu import coalesce_row_sparse_gradient
 from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_rows
 from l3train.parallel import collectives
 from l3train.parallel.collectives import ReplicatedInput, SumOverGroup, exchange
@@ -134,7 +135,7 @@ class ShardedRowTable(nn.Module):
                              persistent=False)
         self.local, self.routing = local, routing
         for table in local.tensors():  # row-sparse gradients (the CPU kernel's) summed as they arrive
-            table.register_post_accumulate_grad_hook(_coalesce_gradient)
+            table.register_post_accumulate_grad_hook(coalesce_row_sparse_gradient)
         # d_in + d_emb: sizes the torch path's chunks.
         self.feature_width = local.keys.shape[1] + (local.keys if local.values is None else local.values).shape[1]
         # Layers of one shard plan and placement share a route.
@@ -195,23 +196,6 @@ class ShardedRowTable(nn.Module):
             out = SumOverGroup.apply(out, group.tp_group)
             dist.all_reduce(entropy, group=group.tp_group)
         return out, entropy
-
-
-def _coalesce_gradient(table: Tensor) -> None:
-    """After autograd accumulates a micro-batch's row-sparse gradient into `table.grad` (by
-    concatenation: sparse + sparse), sum the rows that came twice, so that between
-    micro-batches the gradient holds only the rows they touched (at most the table). A first
-    micro-batch's gradient is the kernel's, whose rows are increasing and distinct, but
-    autograd's shallow copy drops its coalesced flag: checked (strictly increasing rows) and
-    set back, without coalesce()'s sort and copy."""
-    grad = table.grad
-    if grad is None or not grad.is_sparse or grad.is_coalesced():
-        return
-    rows = grad._indices()[0]
-    if bool((rows[1:] > rows[:-1]).all()):
-        grad._coalesced_(True)
-    else:
-        table.grad = grad.coalesce()
 
 
 def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: ParallelState,

@@ -36,20 +36,15 @@ from torch import nn
 
 from l3train.config import Config
 from l3train.errors import L3TrainError
-from l3train.optim import build_scheduler, group_hyperparameters
+from l3train.model.l3_cpu import gradient_rows
+from l3train.optim import SkippableAdamW, build_scheduler, group_hyperparameters
 from l3train.parallel.expert_parallel import ExpertParallelExperts
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.sharded_l3 import ShardedRowTable
 from l3train.parallel.state import ParallelState
-from l3train.row_adamw import row_sparse_adamw_step
 
 
 RESHARD_HINT = "(or move the checkpoint to this layout with tools/convert_checkpoint.py reshard)"
-
-
-def _stored_rows(grad: torch.Tensor) -> torch.Tensor:
-    """The gradient's stored values: a dense gradient itself, a (coalesced) row-sparse one's rows."""
-    return grad._values() if grad.is_sparse else grad
 
 
 def rank_file(kind: str, rank: int) -> str:
@@ -71,8 +66,8 @@ class RankLocalParameters(ABC):
         self.gradient_scale = gradient_scale
         # Fused like the dense optimizer (l3train.optim.build_optimizer): the same arithmetic as
         # the rows get in one process.
-        self.optimizer = torch.optim.AdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}],
-                                           fused=True)
+        self.optimizer = SkippableAdamW([{"name": group, "params": params, **group_hyperparameters(group, cfg)}],
+                                        fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def prepare_gradients(self) -> None:
@@ -93,7 +88,7 @@ class RankLocalParameters(ABC):
         for param in self.params:
             # Row norms, then their squares summed: one pass without a table-sized temporary,
             # as exact as square().sum() (a row's 128-odd products, then a cascade over rows).
-            grad = _stored_rows(param.grad).detach().float()
+            grad = gradient_rows(param.grad).detach().float()
             total += torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).square().sum()
         return total * self.gradient_scale ** 2 / self.copies
 
@@ -103,19 +98,13 @@ class RankLocalParameters(ABC):
         factor = coefficient * self.gradient_scale
         if factor != 1.0:
             for param in self.params:
-                _stored_rows(param.grad).mul_(factor)
+                gradient_rows(param.grad).mul_(factor)
 
     def step(self, skip: bool = False) -> None:
-        """AdamW step (none when `skip`: the step's loss or gradient was not finite) and LR
-        schedule, then clear the gradients. Row-sparse gradients take `row_sparse_adamw_step`
-        (AdamW's update of every row, on the same optimizer state), dense ones the AdamW."""
+        """AdamW step (none when `skip`: the step's loss or gradient was not finite; row-sparse
+        gradients included: `SkippableAdamW`) and LR schedule, then clear the gradients."""
         if not skip:
-            sparse = {param: param.grad for param in self.params if param.grad.is_sparse}
-            for param in sparse:
-                param.grad = None  # torch's AdamW steps the dense ones, and skips these
             self.optimizer.step()
-            if sparse:
-                row_sparse_adamw_step(self.optimizer, sparse)
         self.scheduler.step()
         self.optimizer.zero_grad()  # to None: the next backward hands its fresh gradients over, no add into zeros
 

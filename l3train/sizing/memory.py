@@ -25,7 +25,8 @@ A rank holds, in bytes:
   row-sparse (the rows a step touched, with an 8-byte index each): the plan counts a dense
   gradient, every row, and leaves out the indices (3% at 128 columns) and the moment in
   backward when, over several micro-batches, the sum and its summands coexist. Unsharded tables (one rank, or
-  parallel.shard_l3_rows=false) are ordinary DeepSpeed parameters.
+  parallel.shard_l3_rows=false) are ordinary DeepSpeed parameters; alone at ZeRO-0 in fp32 their
+  gradient on a CPU is row-sparse too (`deepspeed_adapter.hands_gradients_over`), planned as dense.
 - Activations of one micro-batch: see `activation_estimate`.
 
 The total adds every peak as if they coincided (the gradient bucket lives in backward, when

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from l3train.model.l3_cpu import gradient_rows
 from l3train.parallel.sharded_optim import RankLocalParameters
 from l3train.parallel.state import ParallelState
 from l3train.trainer import deepspeed_adapter
@@ -23,13 +24,14 @@ def module_grad_norm(model: nn.Module, parallel: ParallelState) -> float:
         from l3train.parallel.tensor_parallel import tensor_parallel_grad_norm
 
         return tensor_parallel_grad_norm(model, parallel)
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    norms = [gradient_rows(p.grad).detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
 def scale_module_gradients(model: nn.Module, coefficient: float) -> None:
-    """Multiply every gradient of `model` by `coefficient` (one fused pass per dtype and device)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    """Multiply every gradient of `model` by `coefficient` (one fused pass per dtype and device;
+    a row-sparse gradient's rows in place, so that it stays coalesced)."""
+    grads = [gradient_rows(p.grad) for p in model.parameters() if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, coefficient)
 

@@ -66,6 +66,14 @@ def clipped_by_l3train(zero_stage: int, precision: str) -> bool:
     return zero_stage == 0 and precision == "fp32"
 
 
+def hands_gradients_over(layout: WorldLayout, precision: str) -> bool:
+    """Whether the engine gives the client optimizer the parameters' gradients as autograd
+    left them, so that the L³ tables' may be row-sparse (l3train.optim.SkippableAdamW steps
+    them): alone in the world (`initialize_engine` switches the all-reduce off) at ZeRO-0 in
+    fp32 (no flat fp32 master copies, and l3train clips: `clipped_by_l3train`)."""
+    return layout.world_size == 1 and clipped_by_l3train(layout.zero_stage, precision)
+
+
 def gradient_data_types(zero_stage: int) -> dict:
     """DeepSpeed config entries that accumulate a bf16 run's gradients over micro-batches, and
     reduce them over data parallelism, in fp32.

@@ -110,6 +110,9 @@ class Trainer:
         self.engine, self.scheduler = deepspeed_adapter.initialize_engine(
             self.parts.model, self.optimizer, build_scheduler(self.optimizer, cfg),
             deepspeed_adapter.engine_config(cfg, self.layout), DeepSpeedMPU() if self.parallel.tp_size > 1 else None)
+        if deepspeed_adapter.hands_gradients_over(self.layout, tr.precision):
+            for layer in self.parts.model.l3_layers():  # no table-shaped gradient (on CPUs: the kernel's)
+                layer.rows.give_row_sparse_gradients()
         resumed = load_latest_checkpoint(self.engine, cfg, self.identity, self.parts, self.world.rank,
                                          self.world.size, self.allow_config_change) if self.resume else None
         if resumed and resumed.config_changes:

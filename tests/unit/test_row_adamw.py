@@ -143,13 +143,13 @@ def test_amsgrad_is_refused():
 
 
 def test_micro_batches_row_sparse_gradients_are_summed_as_they_arrive():
-    """The sharded rows' hook (l3train.parallel.sharded_l3): the first micro-batch's gradient
+    """The tables' hook (`coalesce_row_sparse_gradient`): the first micro-batch's gradient
     keeps its rows (autograd's copy flagged coalesced again), later ones are summed in, each
-    row once, as the dense sum would be."""
-    from l3train.parallel.sharded_l3 import _coalesce_gradient
+    row once, as the dense sum would be, in tensors of just those rows."""
+    from l3train.model.l3_cpu import coalesce_row_sparse_gradient
 
     table = torch.nn.Parameter(torch.zeros(ROWS, WIDTH))
-    table.register_post_accumulate_grad_hook(_coalesce_gradient)
+    table.register_post_accumulate_grad_hook(coalesce_row_sparse_gradient)
     gradients, total = _gradients(seed=6), torch.zeros(ROWS, WIDTH)
 
     class Lookup(torch.autograd.Function):  # a backward that returns a given row-sparse gradient
@@ -168,6 +168,9 @@ def test_micro_batches_row_sparse_gradients_are_summed_as_they_arrive():
         assert table.grad.is_sparse and table.grad.is_coalesced()
         assert torch.equal(table.grad._indices()[0], torch.nonzero(total.abs().sum(1)).flatten())
         torch.testing.assert_close(table.grad.to_dense(), total)
+        # No storage of the micro-batches' concatenation kept (coalesce() would keep one).
+        values, rows = table.grad._values(), table.grad._indices()
+        assert values.untyped_storage().nbytes() == values.nbytes and rows.untyped_storage().nbytes() == rows.nbytes
 
 
 def test_rank_local_step_takes_row_sparse_and_dense_gradients_together():
