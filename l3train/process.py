@@ -36,9 +36,7 @@ def process_is_running(pid: int) -> bool:
     collected by its parent, as a killed rank is until its launcher reaps it) has ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc here: whether the pid exists at all
+    except OSError:  # no /proc, or another user's process hidden in it (hidepid): does the pid exist?
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -50,6 +50,17 @@ def _library() -> ctypes.CDLL:
     return library
 
 
+@functools.lru_cache(maxsize=None)
+def row_sparse_adamw_available() -> bool:
+    """Whether the row-sparse AdamW step can be built here (compiled on the first call). Where
+    it cannot (no C compiler), the tables keep table-shaped gradients, which torch's AdamW steps."""
+    try:
+        _library()
+    except (L3TrainError, OSError):
+        return False
+    return True
+
+
 def _float_table(tensor: Tensor, shape: tuple[int, ...], what: str) -> None:
     if tensor.is_cuda or tensor.dtype != torch.float32 or not tensor.is_contiguous() or tuple(tensor.shape) != shape:
         raise L3TrainError(f"the row-sparse AdamW step takes contiguous fp32 CPU tensors; {what} is a "

@@ -71,6 +71,7 @@ from l3train.parallel.collectives import ReplicatedInput, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
 from l3train.parallel.shared_memory import enable_shared_memory, shared_memory_exchange
 from l3train.parallel.state import ParallelState
+from l3train.row_adamw import row_sparse_adamw_available
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class ShardedRowTable(nn.Module):
         # Row-sparse gradients on the CPU kernel: this rank's optimizer steps them (sharded_optim).
         return ShardedRoute(positions, send, recv, plan_lookup(remote_ids, self.local_bounds, self.feature_width,
                                                                     table_dtype=self.local.keys.dtype,
-                                                                    row_sparse_gradients=True))
+                                                                    row_sparse_gradients=row_sparse_adamw_available()))
 
     def forward(self, x: Tensor, route: ShardedRoute) -> tuple[Tensor, Tensor]:
         """Same contract as `LocalRowTable`, on this rank's own tables (`local_bounds`)."""

@@ -9,9 +9,9 @@ from the ranks computing beside them: the same training step took 154 ms with th
 segment, and every rank copies what it receives straight from the senders' segments.
 
 Protocol, per group (`enable_shared_memory`, collective, once): every rank maps every
-rank's segment (a file in /dev/shm, unlinked once all ranks have mapped it, so a crash
-leaves nothing behind): a header, then two buffers used alternately by the group's
-exchanges. Exchange n:
+rank's segment (a file in /dev/shm, unlinked by its rank once all ranks have mapped it, or
+when setting up fails; only a rank killed in between leaves its file behind): a header,
+then two buffers used alternately by the group's exchanges. Exchange n:
 
 1. each rank copies its input into its buffer n mod 2 and writes, beside it in the header,
    its byte count and where each destination's rows start; then publishes n in its header's
@@ -31,8 +31,9 @@ once, as a lost connection fails gloo's) and ends with a timeout error after the
 collective timeout (`parallel.collective_timeout_minutes`), as gloo does; both raise
 `torch.distributed.DistError`, which the trainer reports in one line.
 
-Used only where it can be: a gloo group whose ranks share one host, boot and process
-namespace, on Linux, with a C compiler and room in /dev/shm; otherwise the group's
+Used only where it can be: a gloo group whose ranks share one host, boot, process
+namespace and /dev/shm (each rank reads back a random number every other rank wrote into
+its segment), on Linux, with a C compiler and room in /dev/shm; otherwise the group's
 all-to-alls stay with gloo (`l3train.parallel.collectives.all_to_all_single` chooses).
 """
 
@@ -59,7 +60,8 @@ from l3train.utils.c_library import load_c_library
 
 _SOURCE = Path(__file__).with_name("_shm_signal.c")
 SHM_DIR = Path("/dev/shm")
-HEADER_BYTES = 4096  # the sequence word (bytes 0-3), then int64 fields from byte 64
+HEADER_BYTES = 4096  # the sequence word (bytes 0-3), the segment's random number (8-15), int64 fields from 64
+NONCE_OFFSET = 8
 FIELDS_OFFSET = 64
 MAX_RANKS = (HEADER_BYTES - FIELDS_OFFSET) // 8 // 2 - 2  # two parities of (bytes, P + 1 offsets)
 MIN_CAPACITY = 1 << 20  # bytes per buffer at first
@@ -83,12 +85,19 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _usable_here() -> bool:
     if not sys.platform.startswith("linux") or not os.access(SHM_DIR, os.W_OK):
         return False
     try:
         _library()
-    except L3TrainError:
+    except (L3TrainError, OSError):
         return False
     return True
 
@@ -108,45 +117,68 @@ class SharedMemoryExchange:
 
     def build(self, capacity: int) -> bool:
         """(Re)make every rank's segment with buffers of `capacity` bytes (collective). False,
-        with every rank agreeing, where some rank could not make its own."""
+        with every rank agreeing, where some rank could not make its own or map another's (a
+        full /dev/shm; ranks whose /dev/shm differ, seen by a random number each writes into
+        its segment and the others must read back). Every rank unlinks its file before it
+        returns or raises: once mapped, the segments need no name."""
         self.segments, self.fields = [], []
         capacity = -(-capacity // 4096) * 4096
+        total = HEADER_BYTES + 2 * capacity
         path = SHM_DIR / f"l3train-{os.getpid()}-{id(self):x}-{capacity}"
+        nonce = int.from_bytes(os.urandom(7), "little")
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
-                os.posix_fallocate(descriptor, 0, HEADER_BYTES + 2 * capacity)  # no SIGBUS later: the room is taken now
-            finally:
-                os.close(descriptor)
-            made = str(path)
-        except OSError as err:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    os.posix_fallocate(descriptor, 0, total)  # no SIGBUS later: the room is taken now
+                finally:
+                    os.close(descriptor)
+                mine = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+                mine[NONCE_OFFSET:NONCE_OFFSET + 8].view(torch.int64)[0] = nonce
+                # The next exchange publishes count + 1: a fresh word must not look published already.
+                mine[:4].numpy().view(np.uint32)[0] = self.count & 0xFFFFFFFF
+                made = ""
+            except OSError as err:
+                made = f"no room for a shared-memory segment ({path}: {err})"
+            offers: list = [None] * self.size
+            dist.all_gather_object(offers, (path.name, nonce, made), group=self.group)
+            problem = next((error for _, _, error in offers if error), "")
+            if not problem:
+                problem = self._map([(other, other_nonce) for other, other_nonce, _ in offers], total)
+            agreed = torch.tensor(0 if problem else 1)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)  # also: every rank has mapped
+        finally:
             path.unlink(missing_ok=True)
-            made = f"error: {path}: {err}"
-        paths: list[str] = [""] * self.size
-        dist.all_gather_object(paths, made, group=self.group)
-        failed = [p for p in paths if p.startswith("error: ")]
-        if not failed:
-            for other in paths:
-                segment = torch.from_file(other, shared=True, size=HEADER_BYTES + 2 * capacity, dtype=torch.uint8)
-                self.segments.append(segment)
-                self.fields.append(segment[FIELDS_OFFSET:HEADER_BYTES].view(torch.int64).numpy())
-        dist.barrier(group=self.group)  # every rank has mapped every segment (or given up)
-        path.unlink(missing_ok=True)
-        if failed:
+        if not agreed.item():
             self.segments, self.fields = [], []
-            warnings.warn(f"all-to-alls stay with gloo: no room for a shared-memory segment ({failed[0][7:]})",
+            warnings.warn(f"all-to-alls stay with gloo: {problem or 'another rank could not use shared memory'}",
                           stacklevel=2)
             return False
         self.capacity = capacity
         return True
 
+    def _map(self, offers: list[tuple[str, int]], total: int) -> str:
+        """Map every rank's segment (by its name, in this rank's /dev/shm); what went wrong, or
+        "" (see `build`)."""
+        for name, nonce in offers:
+            other = str(SHM_DIR / name)
+            try:
+                os.close(os.open(other, os.O_RDWR))  # exists here (torch.from_file would create it)
+                segment = torch.from_file(other, shared=True, size=total, dtype=torch.uint8)
+            except (OSError, RuntimeError) as err:
+                return f"cannot map another rank's segment ({err}); do the ranks share {SHM_DIR}?"
+            if int(segment[NONCE_OFFSET:NONCE_OFFSET + 8].view(torch.int64)[0]) != nonce:
+                return f"{other} is not the segment another rank wrote: the ranks do not share {SHM_DIR}"
+            self.segments.append(segment)
+            self.fields.append(segment[FIELDS_OFFSET:HEADER_BYTES].view(torch.int64).numpy())
+        return ""
+
     def _buffer(self, rank: int, parity: int) -> Tensor:
         start = HEADER_BYTES + parity * self.capacity
         return self.segments[rank][start:start + self.capacity]
 
-    def _wait(self, rank: int, n: int) -> None:
+    def _wait(self, rank: int, n: int, deadline: float) -> None:
         library, word = _library(), self.segments[rank].data_ptr()
-        deadline = time.monotonic() + self.timeout_seconds
         while not library.shm_wait(word, n & 0xFFFFFFFF, WAIT_SLICE_NS):
             who = f"rank {self.global_ranks[rank]} (pid {self.pids[rank]})"
             if not process_is_running(self.pids[rank]):
@@ -169,6 +201,10 @@ class SharedMemoryExchange:
         out_row = math.prod(output.shape[1:]) * output.element_size()
         in_splits = input_split_sizes or [input.shape[0] // size] * size
         out_splits = output_split_sizes or [output.shape[0] // size] * size
+        if sum(in_splits) != input.shape[0] or sum(out_splits) != output.shape[0]:  # as gloo refuses them
+            raise ValueError(f"all-to-all split sizes {in_splits} -> {out_splits} do not cover the input's "
+                             f"{input.shape[0]} and the output's {output.shape[0]} rows")
+        deadline = time.monotonic() + self.timeout_seconds
         self.count += 1
         n, parity = self.count, self.count & 1
         base = parity * (size + 2)  # this exchange's fields: bytes, then size + 1 offsets
@@ -179,7 +215,7 @@ class SharedMemoryExchange:
             mine[base + 1:base + size + 2] = np.cumsum([0, *in_splits]) * in_row
         _library().shm_publish(self.segments[me].data_ptr(), n & 0xFFFFFFFF)
         for step in range(1, size):
-            self._wait((me + step) % size, n)
+            self._wait((me + step) % size, n, deadline)
         largest = max(int(fields[base]) for fields in self.fields)
         if largest > self.capacity:  # every rank sees the same byte counts: all take this branch
             dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=self.group)
@@ -206,12 +242,12 @@ def enable_shared_memory(group: dist.ProcessGroup) -> bool:
         return True
     if dist.get_backend(group) != "gloo" or not 1 < dist.get_world_size(group) <= MAX_RANKS:
         return False
-    identity = (socket.gethostname(), _boot_id(), os.getpid(), _usable_here())
+    identity = (socket.gethostname(), _boot_id(), _pid_namespace(), os.getpid(), _usable_here())
     identities: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(identities, identity, group=group)
-    pids = [pid for _, _, pid, _ in identities]
+    pids = [pid for *_, pid, _ in identities]
     # One host, and one process namespace: a waiting rank checks the others' liveness by pid.
-    shared = (len({(host, boot) for host, boot, _, _ in identities}) == 1 and all(usable for *_, usable in identities)
+    shared = (len({tuple(where) for *where, _, _ in identities}) == 1 and all(usable for *_, usable in identities)
               and all(process_is_running(pid) for pid in pids))
     verdict = torch.tensor(int(shared))
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)  # one rank may not see another's pid

@@ -82,7 +82,7 @@ class Trainer:
             refuse_existing_checkpoints(cfg)
         self.world = init_distributed(cfg.parallel.collective_timeout_minutes)
         if self.world.device.type == "cpu":
-            keep_freed_memory()  # each step's table-sized gradients reuse the last step's pages
+            keep_freed_memory()  # each step's gradients (and activations) reuse the last step's pages
         if self.world.size != self.layout.world_size:
             raise L3TrainError(f"{self.world.size} ranks joined, but the launcher announced {self.layout.world_size} "
                                f"(WORLD_SIZE or SLURM_NTASKS); start the trainers with torchrun or srun")
@@ -91,6 +91,7 @@ class Trainer:
         from l3train.optim import apply_hyperparameters, build_optimizer, build_scheduler
         from l3train.parallel.parallelize import parallelize
         from l3train.parallel.state import DeepSpeedMPU, initialize_parallel
+        from l3train.row_adamw import row_sparse_adamw_available
 
         self.parallel = initialize_parallel(self.layout.tensor_parallel, self.layout.expert_parallel)
         # Sharded rows are created by each rank for itself (never the whole tables), unless
@@ -110,7 +111,7 @@ class Trainer:
         self.engine, self.scheduler = deepspeed_adapter.initialize_engine(
             self.parts.model, self.optimizer, build_scheduler(self.optimizer, cfg),
             deepspeed_adapter.engine_config(cfg, self.layout), DeepSpeedMPU() if self.parallel.tp_size > 1 else None)
-        if deepspeed_adapter.hands_gradients_over(self.layout, tr.precision):
+        if deepspeed_adapter.hands_gradients_over(self.layout, tr.precision) and row_sparse_adamw_available():
             for layer in self.parts.model.l3_layers():  # no table-shaped gradient (on CPUs: the kernel's)
                 layer.rows.give_row_sparse_gradients()
         resumed = load_latest_checkpoint(self.engine, cfg, self.identity, self.parts, self.world.rank,

@@ -19,6 +19,10 @@ def test_shared_memory_all_to_all_equals_gloo_and_fails_like_it(tmp_path):
     for rank in (0, 2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["failures"] == [], report["failures"]
+        # Each rank alone in its /dev/shm: all refuse, say why, and leave nothing.
+        private = report["private"]
+        assert private["enabled"] is False and private["left"] == [], private
+        assert any("all-to-alls stay with gloo" in w for w in private["warnings"]), private
         timeout, lost = report["timeout"], report["lost"]
         # Rank 1 sleeps 4 s: the 1 s timeout fires first, and names who was late.
         assert 0.9 < timeout["seconds"] < 3.5 and "timed out" in timeout["message"], timeout

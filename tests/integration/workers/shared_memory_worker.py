@@ -1,5 +1,7 @@
 """torchrun worker (3 ranks): the shared-memory all-to-all against gloo's, and how it fails.
 
+0. Ranks that do not share their /dev/shm (each given a directory of its own): every rank
+   refuses shared memory for that group, with a warning, and leaves no file behind.
 1. `enable_shared_memory` on the world; then exchanges of several dtypes and widths with
    uneven split sizes (zeros included), empty inputs, and one too large for the first
    segments (it goes through gloo and the segments grow): each output must equal
@@ -8,8 +10,9 @@
    (shortened) timeout.
 3. Rank 1 exits: ranks 0 and 2 fail at the next exchange within seconds, naming it.
 
-Each rank writes REPORT_DIR/rank<r>.json: its failures, the seconds and messages of the two
-errors, and the shared-memory files left under /dev/shm by any rank of this world.
+Each rank writes REPORT_DIR/rank<r>.json: its failures, what step 0 gave, the seconds and
+messages of the two errors, and the shared-memory files left under /dev/shm by any rank of
+this world.
 
 Usage: shared_memory_worker.py REPORT_DIR
 """
@@ -19,12 +22,13 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from l3train.parallel import collectives
+from l3train.parallel import collectives, shared_memory
 from l3train.parallel.shared_memory import MIN_CAPACITY, SHM_DIR, enable_shared_memory, shared_memory_exchange
 from l3train.process import exit_process
 
@@ -59,6 +63,14 @@ def main() -> None:
     report = {"failures": []}
     failures = report["failures"]
     try:
+        private = report_dir / f"shm_rank{rank}"
+        private.mkdir()
+        shared_memory.SHM_DIR = private  # where this rank makes and looks for segments
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report["private"] = {"enabled": enable_shared_memory(dist.new_group(list(range(size)))),
+                                 "left": os.listdir(private), "warnings": [str(w.message) for w in caught]}
+        shared_memory.SHM_DIR = SHM_DIR
         if not enable_shared_memory(dist.group.WORLD):
             failures.append("enable_shared_memory refused three ranks of one host")
         exchange = shared_memory_exchange(None)
