@@ -54,6 +54,16 @@ def exchange_both_ways(rank: int, size: int, rows_by_destination: list[int], wid
         failures.append(f"{dtype} width {width} splits {rows_by_destination}: outputs differ")
 
 
+def failed_exchange(x: torch.Tensor) -> dict | None:
+    """How an exchange that cannot complete fails: seconds until it raised, and its message."""
+    start = time.monotonic()
+    try:
+        collectives.all_to_all_single(torch.empty_like(x), x)
+    except dist.DistError as err:
+        return {"seconds": time.monotonic() - start, "message": str(err)}
+    return None
+
+
 def main() -> None:
     report_dir = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -93,19 +103,9 @@ def main() -> None:
         if rank == 1:
             time.sleep(4)
             os._exit(0)  # and then it is gone
-        start = time.monotonic()
-        try:
-            collectives.all_to_all_single(torch.empty_like(x), x)
-            failures.append("no timeout")
-        except dist.DistError as err:
-            report["timeout"] = {"seconds": time.monotonic() - start, "message": str(err)}
+        report["timeout"] = failed_exchange(x)
         exchange.timeout_seconds = 60.0
-        start = time.monotonic()
-        try:
-            collectives.all_to_all_single(torch.empty_like(x), x)
-            failures.append("no error when rank 1 exited")
-        except dist.DistError as err:
-            report["lost"] = {"seconds": time.monotonic() - start, "message": str(err)}
+        report["lost"] = failed_exchange(x)  # rank 1 exits meanwhile
         time.sleep(0.5)
         report["left_in_shm"] = sorted(path.name for path in SHM_DIR.iterdir()
                                        if any(path.name.startswith(f"l3train-{pid}-") for pid in pids))
