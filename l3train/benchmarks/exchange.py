@@ -198,14 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [])
     check_sharded_rows(cfg, args.config)
     dist.init_process_group("nccl" if _cuda() else "gloo")
-    try:
-        figures = measure_on_world(cfg, args.iterations, args.compute_ms)
-        if figures["rank"] == 0:
-            from l3train.utils.atomic import atomic_write_text
+    figures = measure_on_world(cfg, args.iterations, args.compute_ms)
+    if figures["rank"] == 0:
+        from l3train.utils.atomic import atomic_write_text
 
-            atomic_write_text(args.out, json.dumps(figures, indent=1))
-    finally:
-        dist.destroy_process_group()
+        atomic_write_text(args.out, json.dumps(figures, indent=1))
+    # Every rank past its last collective; run_cli then ends the process without interpreter
+    # finalization, which can abort a gloo process ("terminate called without an active
+    # exception": l3train.process.exit_process). Destroying the group first did not prevent it.
+    dist.barrier()
     return 0
 
 
