@@ -162,6 +162,9 @@ class ParallelConfig:
     # A collective that waits longer than this fails instead of hanging (a rank that froze);
     # a rank that died is noticed at once through its closed connections.
     collective_timeout_minutes: float = 10.0
+    # All-to-alls between CPU ranks of one host (sharded L³ rows, expert parallelism) through
+    # /dev/shm instead of gloo's TCP (l3train.parallel.shared_memory); false keeps them on gloo.
+    shared_memory_exchange: bool = True
 
 
 @dataclass

@@ -93,7 +93,7 @@ def measure_on_world(cfg, iterations: int, compute_ms: float) -> dict:
             "positions out": lambda: exchange(x, split, split, None),
             "outputs back": lambda: exchange(packed, split, split, None)}
     backend_ms = {name: _timed(run, iterations, synchronize) for name, run in runs.items()}
-    # Then as training exchanges on this device (sharded_l3 enables shared memory on CPUs).
+    # Then as training exchanges on this device (parallelize enables shared memory on CPUs).
     shared = device.type == "cpu" and enable_shared_memory(dist.group.WORLD)
     median_ms = {name: _timed(run, iterations, synchronize) for name, run in runs.items()} if shared else backend_ms
 

@@ -26,6 +26,7 @@ _FIXED_KEYS = {"parallel.tensor_parallel", "parallel.zero_stage", "parallel.shar
 FREE_KEYS = {"run_dir", "l3.allocation", "training.eval_interval", "training.eval_batches",
              "training.log_interval", "training.max_skipped_steps", "training.profile_steps", "training.recompute",
              "checkpoint.save_interval", "checkpoint.keep_last", "parallel.collective_timeout_minutes",
+             "parallel.shared_memory_exchange",
              "training.peak_tflops", "logging.wandb", "logging.wandb_project", "logging.wandb_entity",
              "logging.wandb_name", "logging.wandb_mode"}
 

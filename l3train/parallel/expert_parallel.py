@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from l3train.model.moe import Experts, MoEFeedForward, run_experts
 from l3train.parallel import collectives
 from l3train.parallel.collectives import ScaleGradient, exchange
-from l3train.parallel.shared_memory import enable_shared_memory
 from l3train.parallel.state import ParallelState
 
 
@@ -102,8 +101,6 @@ def shard_experts(layer: MoEFeedForward, parallel: ParallelState,
         raise ValueError(f"{layer.num_experts} experts cannot be split over {parallel.ep_size} ranks")
     local = layer.num_experts // parallel.ep_size
     device = device or experts.w1.device
-    if device.type == "cpu":
-        enable_shared_memory(parallel.ep_group)  # the exchanges skip gloo's TCP between ranks of one host
 
     def mine(weight: Tensor) -> nn.Parameter:
         rows = weight.detach()[parallel.ep_rank * local:(parallel.ep_rank + 1) * local]

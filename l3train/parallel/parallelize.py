@@ -5,6 +5,7 @@ outside and in this order,
 1. tensor (and sequence) parallelism of the backbone: megatron-core layers swapped in;
 2. sharded L³ rows: every L³ layer's row backend becomes a `ShardedRowTable`;
 3. expert parallelism: every MoE layer's expert backend becomes an `ExpertParallelExperts`;
+   for both, on CPUs, the all-to-alls between ranks of one host go through shared memory;
 4. activation recomputation of the blocks `training.recompute` selects;
 and returns the tensors that now live on this rank only, grouped with their optimizers
 (`ShardedRows`, `ShardedExperts`), for the trainer to step, clip and checkpoint.
@@ -24,6 +25,7 @@ from l3train.parallel.recompute import apply_recompute
 from l3train.parallel.shard_plan import plan_shards
 from l3train.parallel.sharded_l3 import shard_lookup_layer
 from l3train.parallel.sharded_optim import RankLocalParameters, ShardedExperts, ShardedRows
+from l3train.parallel.shared_memory import enable_shared_memory
 from l3train.parallel.state import ParallelState
 from l3train.parallel.tensor_parallel import parallelize_tensor
 
@@ -39,6 +41,13 @@ class ParallelModel:
         return [part for part in (self.rows, self.experts) if part is not None]
 
 
+def _exchange_through_shared_memory(group, cfg: Config, device: torch.device) -> None:
+    """On CPUs, `group`'s all-to-alls skip gloo's TCP between ranks of one host
+    (`parallel.shared_memory_exchange`; l3train.parallel.shared_memory decides where it can)."""
+    if device.type == "cpu" and cfg.parallel.shared_memory_exchange:
+        enable_shared_memory(group)
+
+
 def parallelize(model: DecoderLM, allocation: Allocation | None, cfg: Config, layout: WorldLayout,
                 parallel: ParallelState, device: torch.device) -> ParallelModel:
     """Apply `layout` to `model` (built identically on every rank) before DeepSpeed wraps it."""
@@ -49,9 +58,11 @@ def parallelize(model: DecoderLM, allocation: Allocation | None, cfg: Config, la
         plan = plan_shards(allocation.rows_per_token, allocation.token_frequencies, parallel.tp_size * parallel.dp_size)
         backends = [shard_lookup_layer(layer, plan, parallel, cfg.parallel.sequence_parallel, device)
                     for layer in model.l3_layers()]
+        _exchange_through_shared_memory(backends[0].routing.dp_group, cfg, device)
         rows = ShardedRows(backends, plan, cfg)
     if layout.experts_split:
         experts = ShardedExperts([shard_experts(layer, parallel, device) for layer in model.moe_layers().values()],
                                  parallel, cfg)
+        _exchange_through_shared_memory(parallel.ep_group, cfg, device)
     apply_recompute(model, cfg.training.recompute)
     return ParallelModel(model, rows, experts)

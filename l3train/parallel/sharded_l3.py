@@ -69,7 +69,7 @@ from l3train.model.l3_layer import LargeLookupLayer, LocalRowTable, bounds_from_
 from l3train.parallel import collectives
 from l3train.parallel.collectives import ReplicatedInput, SumOverGroup, exchange
 from l3train.parallel.shard_plan import ShardPlan
-from l3train.parallel.shared_memory import enable_shared_memory, shared_memory_exchange
+from l3train.parallel.shared_memory import shared_memory_exchange
 from l3train.parallel.state import ParallelState
 from l3train.row_adamw import row_sparse_adamw_available
 
@@ -215,8 +215,6 @@ def shard_lookup_layer(layer: LargeLookupLayer, plan: ShardPlan, parallel: Paral
     routing = RowRouting.of(parallel, sequence_parallel)
     deferred = full.key_table.is_meta
     device = device or (torch.device("cpu") if deferred else full.key_table.device)
-    if device.type == "cpu":
-        enable_shared_memory(routing.dp_group)  # the exchanges skip gloo's TCP between ranks of one host
     rows = torch.as_tensor(plan.global_row_indices(routing.shard), dtype=torch.long)
 
     def local(index: int, table: Tensor) -> nn.Parameter:

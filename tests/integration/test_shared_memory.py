@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training_harness import REPO, free_port, trainer_env
+from training_harness import REPO, free_port, run_trainer, tiny_l3_config, trainer_env, write_config
 
 WORKER = Path(__file__).parent / "workers" / "shared_memory_worker.py"
 
@@ -30,3 +30,13 @@ def test_shared_memory_all_to_all_equals_gloo_and_fails_like_it(tmp_path):
         # Then rank 1 exits: noticed within a few 50 ms checks of its exit, not after the 60 s timeout.
         assert lost["seconds"] < 10 and "rank 1 " in lost["message"] and "exited" in lost["message"], lost
         assert report["left_in_shm"] == []  # every segment unlinked once mapped
+
+
+def test_the_config_keeps_the_exchanges_on_gloo(tmp_path, tiny_corpus, tiny_allocation):
+    """`parallel.shared_memory_exchange=false`: a 2-rank run with sharded rows exchanges through
+    gloo and says so (the default, shared memory, is asserted by tests/integration/test_sharded_training.py)."""
+    tree = tiny_l3_config(tmp_path / "run", tiny_corpus, tiny_allocation)
+    tree["training"].update(steps=2, eval_interval=100)
+    tree["parallel"]["shared_memory_exchange"] = False
+    result = run_trainer(write_config(tmp_path / "config.yaml", tree), nproc=2)
+    assert "L³ rows sharded over 2 ranks (exchanged through gloo)" in result.stdout
