@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 import sys
 import time
@@ -132,9 +133,33 @@ def node_layout(environ: Mapping[str, str], visible_gpus: int) -> NodeLayout:
     return NodeLayout(trainers, max(1, cpus // trainers), source)
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out to connections and `bind(0)` (Linux: ip_local_port_range)."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port free on this host now (for a local rendezvous)."""
-    with socket.socket() as sock:
+    """A TCP port free on this host now, for a local rendezvous that binds it a moment later.
+
+    Drawn at random below the ephemeral range where there is room: a port the kernel chose
+    (`bind(0)`) is free now but is also where every connection's local port comes from,
+    and ranks of concurrent jobs (tests on several workers) open many; once, one took the
+    port before the launcher bound it (EADDRINUSE)."""
+    ephemeral = _ephemeral_ports()
+    candidates = range(20000, ephemeral.start) if ephemeral.start > 21000 else range(0)
+    # OS entropy, not the random module: processes that seeded it alike would draw alike.
+    for port in random.SystemRandom().sample(candidates, min(50, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -128,3 +128,17 @@ def test_node_layout_from_the_environment(environ, visible, expected):
 def test_node_layout_refusals(environ, visible, message):
     with pytest.raises(L3TrainError, match="^" + re.escape(message)):
         node_layout(environ, visible)
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
+    """Ports the kernel gives connections never collide with a rendezvous port drawn here."""
+    import socket
+
+    from l3train.distributed import _ephemeral_ports, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # drawn, not one fixed port
+    for port in ports:
+        assert port not in _ephemeral_ports()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
